@@ -1,0 +1,60 @@
+"""Facts about the machine and the software under test, recorded in results.json."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from bench.targets import lbproxy_available, tool_version
+
+PINNING = {
+    "proxy": "CPU 1 (taskset -c 1)",
+    "generator": "CPU 0 (taskset -c 0)",
+    "backend": "CPU 0 (taskset -c 0)",
+    "bench driver": "CPU 0 (sched_setaffinity)",
+}
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "missing"
+
+
+def machine_info(gcc: str, command: str, quick: bool, repeat: int) -> dict[str, object]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ok, lbproxy_version = lbproxy_available()
+    return {
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count() or 0,
+        "kernel": platform.release(),
+        "os": platform.platform(),
+        "python": sys.version.split()[0],
+        "nginx": tool_version(["nginx", "-v"]),
+        "haproxy": tool_version(["haproxy", "-v"]),
+        "gcc": tool_version([gcc, "--version"]),
+        "uvloop": package_version("uvloop"),
+        "lbproxy": lbproxy_version if ok else f"unavailable: {lbproxy_version}",
+        "taskset": shutil.which("taskset") or "missing",
+        "pinning": dict(PINNING),
+        "fd_limit": f"{soft}/{hard}",
+        "load_avg_start": [round(v, 2) for v in os.getloadavg()],
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": command,
+        "quick": quick,
+        "repeat": repeat,
+    }

@@ -1,0 +1,131 @@
+"""PNG plots of a run (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench.scenarios import Cdf, Metrics
+from bench.targets import TARGETS
+
+COLORS = {"direct": "#999999", "lbproxy": "#d62728", "nginx": "#2ca02c", "haproxy": "#1f77b4"}
+UNITS = {
+    "rps": "requests/s",
+    "conn_per_s": "connections/s",
+    "msgs_per_s": "messages/s",
+    "mb_per_s": "MB/s (payload, one way)",
+    "bytes_per_conn": "bytes per idle websocket",
+    "storm_s": "seconds until all reconnected",
+    "proxy_cpu_us": "proxy CPU-µs per op",
+}
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _targets(values: dict[str, Metrics], key: str) -> list[str]:
+    return [t for t in TARGETS if t in values and key in values[t]]
+
+
+def bar_grid(
+    results: dict[str, dict[str, Metrics]], keys: dict[str, str], title: str, path: Path
+) -> Path | None:
+    """One bar chart per scenario of ``keys[scenario]`` across targets."""
+    panels = [(s, keys[s]) for s in results if s in keys and _targets(results[s], keys[s])]
+    if not panels:
+        return None
+    plt = _pyplot()
+    cols = min(3, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    for ax, (scenario, key) in zip(axes.flat, panels, strict=False):
+        names = _targets(results[scenario], key)
+        vals = [results[scenario][t][key] for t in names]
+        bars = ax.bar(names, vals, color=[COLORS[t] for t in names])
+        ax.bar_label(bars, labels=[f"{v:,.4g}" for v in vals], fontsize=8)
+        ax.set_title(scenario, fontsize=10)
+        ax.set_ylabel(UNITS.get(key, key), fontsize=8)
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def latency_bars(results: dict[str, dict[str, Metrics]], path: Path) -> Path | None:
+    """p50 and p99 (ms) side by side per target, one panel per scenario that has them."""
+    panels = [s for s in results if _targets(results[s], "p99_ms")]
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, scenario in zip(axes.flat, panels, strict=False):
+        names = _targets(results[scenario], "p99_ms")
+        xs = range(len(names))
+        p50 = [results[scenario][t]["p50_ms"] for t in names]
+        p99 = [results[scenario][t]["p99_ms"] for t in names]
+        ax.bar([x - 0.2 for x in xs], p50, width=0.4, label="p50", color="#8fbbd9")
+        ax.bar([x + 0.2 for x in xs], p99, width=0.4, label="p99", color="#1f4e79")
+        ax.set_xticks(list(xs), names, fontsize=8)
+        ax.set_title(scenario, fontsize=10)
+        ax.set_ylabel("ms", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle("Latency p50 / p99 (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def cdf_plot(cdfs: dict[str, dict[str, Cdf]], path: Path) -> Path | None:
+    """Latency CDF per scenario (loadgen histogram quantiles), log-scale x."""
+    panels = [s for s in cdfs if cdfs[s]]
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, scenario in zip(axes.flat, panels, strict=False):
+        for target in TARGETS:
+            points = cdfs[scenario].get(target)
+            if not points:
+                continue
+            xs = [max(ms, 0.001) for _, ms in points]
+            ax.plot(xs, [q for q, _ in points], label=target, color=COLORS[target], marker=".")
+        ax.set_xscale("log")
+        ax.set_title(scenario, fontsize=10)
+        ax.set_xlabel("latency ms (log)", fontsize=8)
+        ax.set_ylabel("fraction", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Latency CDF")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def make_plots(
+    results: dict[str, dict[str, Metrics]],
+    cdfs: dict[str, dict[str, Cdf]],
+    main_metric: dict[str, str],
+    out: Path,
+) -> list[Path]:
+    cpu_keys = {s: "proxy_cpu_us" for s in results}
+    made = [
+        bar_grid(results, main_metric, "Main metric per scenario", out / "main_metrics.png"),
+        bar_grid(
+            results, cpu_keys, "Proxy CPU-µs per operation (lower is better)", out / "proxy_cpu.png"
+        ),
+        latency_bars(results, out / "latency.png"),
+        cdf_plot(cdfs, out / "latency_cdf.png"),
+    ]
+    return [p for p in made if p is not None]

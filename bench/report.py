@@ -1,0 +1,188 @@
+"""results.json and report.md."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from bench.runner import MAIN_METRIC, RunOutcome
+from bench.scenarios import Metrics, Settings
+from bench.targets import TARGETS
+
+HIGHER_BETTER = {"rps", "conn_per_s", "msgs_per_s", "mb_per_s", "reconnected"}
+LOWER_BETTER = {
+    "p50_ms",
+    "p99_ms",
+    "proxy_cpu_us",
+    "backend_cpu_us",
+    "proxy_cpu_ms_per_gb",
+    "bytes_per_conn",
+    "bytes_per_conn_from_start",
+    "storm_s",
+    "errors",
+    "failed",
+    "dropped",
+    "setup_p50_ms",
+    "setup_p99_ms",
+}
+METHOD = """\
+- Every (scenario, target) pair runs with fresh processes: the C backend (`bench/native/backend.c`,
+  HTTP 200 + websocket echo on one port) pinned to CPU 0, the proxy pinned to CPU 1, the C load
+  generator (`bench/native/loadgen.c`) pinned to CPU 0; all with `taskset`, all on 127.0.0.1,
+  all stopped by PID at the end. `direct` = the generator talks to the backend, no proxy.
+- CPU: utime+stime from `/proc/PID/stat` (the proxy's whole process tree) sampled when the
+  generator prints MEASURE_START / MEASURE_END; `proxy_cpu_us` = proxy CPU-µs per operation
+  (request, connection, message echoed, idle websocket opened, reconnection) — **lower is
+  better**. `*_cpu_pct` = CPU used by that process over the window (100 = one core), and
+  `cpu0_busy_pct`/`cpu1_busy_pct` = whole-core busy from `/proc/stat` (includes other load on
+  the machine), so a reader can see whether the generator side (CPU 0) saturated.
+- `http_rps`: closed loop of keep-alive `GET /` on {http_conns} connections, one in flight each.
+- `ws_connect_rate`: {connect_slots} concurrent slots each repeating connect, websocket handshake,
+  one {small_size} B message + echo, close frame, wait for the server's close and FIN.
+- `ws_echo_small`: {small_conns} websockets, {small_size} B binary messages, one in flight each.
+- `ws_echo_bulk`: {bulk_conns} websockets, {bulk_size} B messages, one in flight each; MB/s of
+  payload one way (1 MB = 1e6 B). NGINX runs with `proxy_buffer_size 64k`, HAProxy with
+  `tune.bufsize 65536` for this scenario only (the tuned-for-bulk variants of perf-baseline).
+- `idle_ws_memory`: {idle_conns} websockets (handshake + one {small_size} B exchange each) opened
+  in two halves; `bytes_per_conn` = RSS growth of the proxy between {idle_half} and
+  {idle_conns} connections divided by the connections added (each holds 2 fds in the proxy).
+  For `direct` the figure is the C backend's RSS growth (there is no proxy).
+- `reconnect_storm`: {storm_clients} websockets open; the clients close them (client side, TCP
+  close); the bench waits until the proxy (backend for `direct`) has released their fds; then
+  all {storm_clients} clients reconnect at once (connect() for all in one loop; each does the
+  handshake + one echo; a failed attempt is retried after 10-100 ms). `storm_s` = time until
+  the last client had its echo; p50/p99 = per-client time from the storm start.
+- Each timed scenario measures {duration:g} s after a {warmup:g} s warm-up; `--repeat N` reports
+  the median of each metric over N runs.
+"""
+
+
+def write_results_json(out: Path, machine: dict[str, object], outcome: RunOutcome) -> Path:
+    path = out / "results.json"
+    data = {"machine": machine, "scenarios": outcome.results}
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    (out / "latency_cdf.json").write_text(json.dumps(outcome.cdfs, indent=1) + "\n")
+    return path
+
+
+def fmt(value: float) -> str:
+    if value == 0:
+        return "0"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def direction(metric: str) -> str:
+    if metric in HIGHER_BETTER:
+        return " ↑"
+    if metric in LOWER_BETTER:
+        return " ↓"
+    return ""
+
+
+def ratio(row: Metrics | None, other: Metrics | None, metric: str) -> str:
+    if row is None or other is None or metric not in row or metric not in other:
+        return "—"
+    if other[metric] == 0:
+        return "—"
+    return f"{row[metric] / other[metric]:.2f}"
+
+
+def scenario_table(scenario: str, per_target: dict[str, Metrics]) -> list[str]:
+    targets = [t for t in TARGETS if t in per_target]
+    metrics: list[str] = []
+    for t in targets:
+        metrics.extend(k for k in per_target[t] if k not in metrics)
+    main = MAIN_METRIC[scenario]
+    metrics.sort(key=lambda k: (k != main, k not in HIGHER_BETTER | LOWER_BETTER))
+    head = ["metric", *targets, "lbproxy/nginx", "lbproxy/haproxy"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lb = per_target.get("lbproxy")
+    for m in metrics:
+        cells = [fmt(per_target[t][m]) if m in per_target[t] else "—" for t in targets]
+        ratios = [ratio(lb, per_target.get("nginx"), m), ratio(lb, per_target.get("haproxy"), m)]
+        lines.append(f"| {m}{direction(m)} | " + " | ".join(cells + ratios) + " |")
+    return lines
+
+
+def summary_table(outcome: RunOutcome) -> list[str]:
+    head = ["scenario", "metric", *TARGETS, "lbproxy/nginx", "lbproxy/haproxy"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for scenario, per_target in outcome.results.items():
+        for metric in (MAIN_METRIC[scenario], "proxy_cpu_us"):
+            if not any(metric in m for m in per_target.values()):
+                continue
+            cells = [
+                fmt(per_target[t][metric]) if metric in per_target.get(t, {}) else "—"
+                for t in TARGETS
+            ]
+            lb = per_target.get("lbproxy")
+            ratios = [
+                ratio(lb, per_target.get("nginx"), metric),
+                ratio(lb, per_target.get("haproxy"), metric),
+            ]
+            lines.append(
+                f"| {scenario} | {metric}{direction(metric)} | " + " | ".join(cells + ratios) + " |"
+            )
+    return lines
+
+
+def copy_configs(outcome: RunOutcome, out: Path) -> list[Path]:
+    conf_dir = out / "configs"
+    conf_dir.mkdir(exist_ok=True)
+    copied = []
+    for name, src in sorted(outcome.configs.items()):
+        if src.exists():
+            copied.append(Path(shutil.copyfile(src, conf_dir / name)))
+    return copied
+
+
+def method_text(settings: Settings) -> str:
+    return METHOD.format(idle_half=settings.idle_conns // 2, **vars(settings))
+
+
+def write_report(
+    out: Path,
+    machine: dict[str, object],
+    outcome: RunOutcome,
+    settings: Settings,
+    plots: list[Path],
+    configs: list[Path],
+) -> Path:
+    lines = ["# lbproxy side-by-side benchmark", "", f"Command: `{machine['command']}`", ""]
+    lines += ["## Machine", "", "| key | value |", "|---|---|"]
+    lines += [
+        f"| {k} | {json.dumps(v) if isinstance(v, dict | list) else v} |"
+        for k, v in machine.items()
+    ]
+    lines += ["", "## Method", "", method_text(settings)]
+    lines += [
+        "## Summary",
+        "",
+        "↑ higher is better, ↓ lower is better. Ratios are lbproxy's value divided by the "
+        "other's: for throughput above 1 means lbproxy is faster; for CPU-µs per op, latency, "
+        "memory and storm time **below 1 means lbproxy is better (lower is better)**.",
+        "",
+    ]
+    lines += summary_table(outcome)
+    for scenario, per_target in outcome.results.items():
+        lines += ["", f"## {scenario}", "", *scenario_table(scenario, per_target)]
+        for target, notes in outcome.notes.get(scenario, {}).items():
+            lines += [f"- note ({target}): {n}" for n in notes]
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    if outcome.failures:
+        lines += ["", "## Failures", ""] + [f"- {f.splitlines()[0]}" for f in outcome.failures]
+    lines += [
+        "",
+        "## Configs used",
+        "",
+        "Generated from `bench/templates/` (ports differ per run); copies in `configs/`.",
+        "",
+    ]
+    for conf in configs:
+        lines += [f"### {conf.name}", "", "```", conf.read_text().rstrip(), "```", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

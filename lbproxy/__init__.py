@@ -1,0 +1,3 @@
+"""lbproxy: a websocket-aware L4/L7 load balancer."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,258 @@
+"""The supervisor: builds the components from a Config, handles signals, reloads, drains."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Mapping
+
+from lbproxy.admin import AdminServer
+from lbproxy.config import load_config
+from lbproxy.config_types import Address, AdminConfig, Config, ListenerConfig
+from lbproxy.drain import Drainer, close_spread
+from lbproxy.errors import ConfigError
+from lbproxy.health import HealthChecker
+from lbproxy.metrics import build_registry
+from lbproxy.pool import Pool
+from lbproxy.proxy.http_client import HttpClient
+from lbproxy.proxy.listener import Listener
+from lbproxy.proxy.tunnel import GRACE
+from lbproxy.registry_watcher import RegistryWatcher
+from lbproxy.stats import Stats
+
+log = logging.getLogger("lbproxy")
+
+
+class App:
+    """One lbproxy process (or one worker): listeners, pools, health, registry, admin."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        reuse_port: bool = False,
+        log_json: bool = False,
+        admin_port_offset: int = 0,
+    ) -> None:
+        self.config = config
+        self.reuse_port = reuse_port
+        self.log_json = log_json
+        self.admin_port_offset = admin_port_offset
+        self.stats = Stats()
+        self.pools: dict[str, Pool] = {}
+        self.listeners: dict[str, Listener] = {}
+        self.retired: list[Listener] = []  # removed by a reload, still carrying connections
+        self.health: dict[str, HealthChecker] = {}
+        self.drainer = Drainer()
+        self.watcher: RegistryWatcher | None = None
+        self.admin: AdminServer | None = None
+        self.admin_address: Address | None = None
+        self.stopping = asyncio.Event()
+
+    # -- building ------------------------------------------------------------
+    def _admin_config(self, config: Config) -> AdminConfig:
+        listen = config.admin.listen
+        if self.admin_port_offset and listen.port:
+            listen = Address(listen.host, listen.port + self.admin_port_offset)
+        return AdminConfig(listen=listen, token=config.admin.token)
+
+    async def start(self) -> None:
+        config = self.config
+        for name, pool_config in config.pools.items():
+            self._add_pool(name, Pool(pool_config))
+        for name, listener_config in config.listeners.items():
+            await self._add_listener(name, listener_config)
+        for pool in self.pools.values():
+            await self._start_health(pool)
+        await self._sync_watcher(config)
+        registry = build_registry(
+            lambda: self.pools,
+            self.stats,
+            lambda: {n: len(lst.connections) for n, lst in self.listeners.items()},
+            self.watcher,
+        )
+        self.admin = AdminServer(self._admin_config(config), lambda: self.pools, registry)
+        self.admin_address = await self.admin.start()
+        log.info("admin API on http://%s", self.admin_address)
+
+    def _add_pool(self, name: str, pool: Pool) -> None:
+        self.pools[name] = pool
+        self.drainer.watch(pool)
+
+    async def _add_listener(self, name: str, config: ListenerConfig) -> None:
+        listener = Listener(
+            config,
+            self.pools[config.pool],
+            self.stats,
+            reuse_port=self.reuse_port,
+            log_json=self.log_json,
+        )
+        await listener.start()
+        self.listeners[name] = listener
+
+    async def _start_health(self, pool: Pool) -> None:
+        checker = HealthChecker(pool, self.stats)
+        self.health[pool.name] = checker
+        await checker.start()
+
+    async def _sync_watcher(self, config: Config) -> None:
+        wants = config.redis is not None and any(
+            p.discovery == "redis" for p in config.pools.values()
+        )
+        if wants and config.redis is not None:
+            if self.watcher is None:
+                self.watcher = RegistryWatcher(config.redis, self.pools)
+                await self.watcher.start()
+            else:
+                self.watcher.update_pools(self.pools)
+        elif self.watcher is not None:
+            await self.watcher.stop()
+            self.watcher = None
+
+    # -- reload --------------------------------------------------------------
+    async def reload(self, path: str) -> bool:
+        """SIGHUP: re-read the config; apply it or keep the running one."""
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            for line in exc.problems:
+                log.error("reload rejected: %s", line)
+            return False
+        await self.apply(new)
+        log.warning("configuration reloaded from %s", path)
+        return True
+
+    async def apply(self, new: Config) -> None:
+        old_pools = dict(self.pools)
+        for name, pool_config in new.pools.items():
+            pool = old_pools.get(name)
+            if pool is None:
+                pool = Pool(pool_config)
+                self._add_pool(name, pool)
+                await self._start_health(pool)
+            else:
+                pool.apply_config(pool_config)
+                self.health[name].reconfigure(pool)
+        for name in set(old_pools) - set(new.pools):
+            pool = self.pools.pop(name)
+            for backend_id in list(pool.backends):
+                pool.remove(backend_id, "pool removed from configuration")
+            checker = self.health.pop(name, None)
+            if checker is not None:
+                await checker.stop()
+        await self._apply_listeners(new)
+        await self._sync_watcher(new)
+        if self.admin is not None and self._admin_config(new) != self._admin_config(self.config):
+            await self.admin.stop()
+            self.admin = AdminServer(self._admin_config(new), lambda: self.pools, self.admin.registry)
+            self.admin_address = await self.admin.start()
+        self.config = new
+
+    async def _apply_listeners(self, new: Config) -> None:
+        for name, config in new.listeners.items():
+            current = self.listeners.get(name)
+            same_socket = current is not None and (
+                current.config.bind == config.bind
+                and current.config.mode == config.mode
+                and current.config.tls == config.tls
+            )
+            if current is not None and same_socket:
+                current.update(config, self.pools[config.pool])
+                continue
+            if current is not None:
+                self._retire(current)
+            await self._add_listener(name, config)
+        for name in set(self.listeners) - set(new.listeners):
+            self._retire(self.listeners.pop(name))
+
+    def _retire(self, listener: Listener) -> None:
+        listener.stop_accepting()
+        self.retired.append(listener)
+
+    # -- shutdown ------------------------------------------------------------
+    def all_listeners(self) -> list[Listener]:
+        return [*self.listeners.values(), *self.retired]
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let connections finish up to drain_timeout, then 1001 them."""
+        listeners = self.all_listeners()
+        for listener in listeners:
+            listener.stop_accepting()
+        for listener in listeners:
+            for conn in list(listener.connections):
+                if isinstance(conn, HttpClient):
+                    conn.go_away()  # idle keep-alive: close now; in flight: after the response
+        pools = list(self.pools.values())
+        drain = max((p.config.drain_timeout for p in pools), default=0.0)
+        spread = max((p.config.close_spread for p in pools), default=0.0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain
+        while loop.time() < deadline and any(lst.connections for lst in listeners):
+            await asyncio.sleep(0.05)
+        remaining = [c for lst in listeners for c in lst.connections]
+        if remaining:
+            log.info("closing %d connection(s) over %.1fs", len(remaining), spread)
+            await close_spread(remaining, spread)
+            deadline = loop.time() + GRACE
+            while loop.time() < deadline and any(lst.connections for lst in listeners):
+                await asyncio.sleep(0.05)
+        await self.stop()
+
+    async def stop(self) -> None:
+        await self.drainer.stop()
+        for checker in self.health.values():
+            await checker.stop()
+        if self.watcher is not None:
+            await self.watcher.stop()
+        for listener in self.all_listeners():
+            await listener.stop()
+        if self.admin is not None:
+            await self.admin.stop()
+
+    # -- running -------------------------------------------------------------
+    async def run(self, path: str) -> int:
+        """Serve until SIGTERM/SIGINT (graceful drain; a second one exits at once)."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        reloads: set[asyncio.Task[bool]] = set()
+        signals = 0
+
+        def on_stop() -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                log.warning("second stop signal: exiting now")
+                os._exit(0)
+            self.stopping.set()
+
+        def on_hup() -> None:
+            task = loop.create_task(self.reload(path))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_stop)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        log.warning("lbproxy %s ready (pid %d)", _version(), os.getpid())
+        try:
+            await self.stopping.wait()
+            log.warning("stopping: draining connections")
+            await self.shutdown()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(sig)
+        log.warning("stopped")
+        return 0
+
+    def listener_addresses(self) -> Mapping[str, Address | None]:
+        return {name: lst.address for name, lst in self.listeners.items()}
+
+
+def _version() -> str:
+    from lbproxy import __version__
+
+    return __version__

@@ -1,0 +1,7 @@
+"""The reference chat/echo backend (SPEC section 6): ``lbproxy backend``.
+
+Entry points live in :mod:`lbproxy.backend.server` (``BackendOptions``, ``serve_backend``,
+``run_backend``); importing this package has no side effects and pulls in nothing else.
+"""
+
+from __future__ import annotations

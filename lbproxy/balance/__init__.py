@@ -1,0 +1,33 @@
+"""Pure backend selection: no sockets, no asyncio, no clocks.
+
+Round-robin, weighted least connections, consistent hashing (a weighted ring) with
+bounded loads, and extraction of affinity keys from requests.
+"""
+
+from __future__ import annotations
+
+from lbproxy.balance.bounded import bounded_choice
+from lbproxy.balance.consistent_hash import ConsistentHash
+from lbproxy.balance.hashing import key_hash
+from lbproxy.balance.keys import (
+    HashKeySpec,
+    extract_key,
+    get_cookie,
+    new_sticky_value,
+    parse_hash_key,
+)
+from lbproxy.balance.least_connections import least_connections
+from lbproxy.balance.round_robin import SmoothRoundRobin
+
+__all__ = [
+    "ConsistentHash",
+    "HashKeySpec",
+    "SmoothRoundRobin",
+    "bounded_choice",
+    "extract_key",
+    "get_cookie",
+    "key_hash",
+    "least_connections",
+    "new_sticky_value",
+    "parse_hash_key",
+]

@@ -1,0 +1,440 @@
+"""Load and validate the TOML configuration (SPEC section 2), reporting every problem at once.
+
+Each problem is one line ``PATH: dotted.key: what is wrong``.  Defaults come from the frozen
+dataclasses in :mod:`lbproxy.config_types`; this module only reads, checks and assembles.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import tomllib
+from collections.abc import Collection, Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
+
+from lbproxy.config_types import (
+    Address,
+    AdminConfig,
+    BackendConfig,
+    Config,
+    HealthConfig,
+    IPNetwork,
+    ListenerConfig,
+    PoolConfig,
+    RedisConfig,
+    TlsConfig,
+)
+from lbproxy.errors import ConfigError
+
+__all__ = ["load_config", "parse_address", "parse_config"]
+
+_S = TypeVar("_S", bound=str)
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_HOSTNAME = re.compile(r"[A-Za-z0-9_.-]+")
+_HASH_KEY = re.compile(r"ip|(?:cookie|header|query):[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _keys(cls: type[Any], *derived: str) -> frozenset[str]:
+    """The TOML keys of a config table: its dataclass fields, minus those not read from TOML."""
+    return frozenset(f.name for f in fields(cls)) - set(derived)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the TOML file at ``path``; raise :class:`ConfigError` listing problems."""
+    shown = os.fspath(path)
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError([f"{shown}: cannot read: {exc.strerror or exc}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{shown}: invalid TOML: {exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{shown}: invalid TOML: not UTF-8 text ({exc.reason})"]) from exc
+    return parse_config(data, shown)
+
+
+def parse_address(text: str) -> Address:
+    """Parse ``HOST:PORT`` or ``[IPv6]:PORT`` (port 0..65535, 0 = any free port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit():
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"not an IPv6 address in brackets: {text!r}") from None
+    elif not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    if int(port) > 65535:
+        raise ValueError(f"port must be 0..65535: {text!r}")
+    return Address(host, int(port))
+
+
+def parse_config(data: Mapping[str, Any], path: str) -> Config:
+    """Validate a parsed TOML document; ``path`` prefixes problems and anchors tls files."""
+    problems = _Problems(path)
+    top = _Section(data, "", problems, _keys(Config, "path"))
+    admin = _admin(top, problems)
+    redis_table = top.table("redis")
+    redis = None if redis_table is None else _redis(redis_table, problems)
+    base_dir = Path(path).parent
+    listeners = {
+        name: _listener(name, table, problems, base_dir)
+        for name, table in _named_tables(top, "listeners", problems).items()
+    }
+    if not data.get("listeners") and "listeners" not in problems.keys_seen:
+        problems.add("listeners", "at least one listener is required")
+    pools = {
+        name: _pool(name, table, problems)
+        for name, table in _named_tables(top, "pools", problems).items()
+    }
+    _check_references(listeners, pools, problems)
+    _check_binds(admin, listeners, problems)
+    if redis is None:
+        for pool in pools.values():
+            if pool.discovery == "redis":
+                problems.add(
+                    _join("pools", pool.name, "discovery"), "'redis' needs a [redis] table"
+                )
+    if problems.lines:
+        raise ConfigError(problems.lines)
+    return Config(path=path, admin=admin, redis=redis, listeners=listeners, pools=pools)
+
+
+class _Problems:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lines: list[str] = []
+        self.keys_seen: set[str] = set()
+
+    def add(self, key: str, message: str) -> None:
+        self.keys_seen.add(key)
+        self.lines.append(f"{self.path}: {key}: {message}")
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p if _BARE_KEY.fullmatch(p) else f'"{p}"' for p in parts)
+
+
+def _show(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class _Section:
+    """One TOML table: typed getters that record problems and fall back to the given default."""
+
+    def __init__(
+        self, data: Mapping[str, Any], where: str, problems: _Problems, known: Collection[str]
+    ) -> None:
+        self.data, self.where, self.problems = data, where, problems
+        for key in data:
+            if key not in known:
+                self.bad(key, "unknown key")
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{_join(name)}" if self.where else _join(name)
+
+    def bad(self, name: str, message: str) -> None:
+        self.problems.add(self.key(name), message)
+
+    def table(self, name: str) -> Mapping[str, Any] | None:
+        value = self.data.get(name)
+        if value is None or isinstance(value, Mapping):
+            return value
+        self.bad(name, f"must be a table, got {_show(value)}")
+        return None
+
+    def number(self, name: str, default: float, *, zero_ok: bool) -> float:
+        value = self.data.get(name, default)
+        if _is_number(value) and (value >= 0 if zero_ok else value > 0):
+            return float(value)
+        sign = "non-negative" if zero_ok else "positive"
+        self.bad(name, f"must be a {sign} number, got {_show(value)}")
+        return default
+
+    def integer(self, name: str, default: int, low: int, high: int | None = None) -> int:
+        value = self.data.get(name, default)
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+        if ok and (high is None or value <= high):
+            return cast(int, value)
+        wanted = f"from {low} to {high}" if high is not None else f">= {low}"
+        self.bad(name, f"must be an integer {wanted}, got {_show(value)}")
+        return default
+
+    def string(self, name: str, default: str, *, required: bool = False) -> str:
+        if required and name not in self.data:
+            self.bad(name, "required")
+            return default
+        value = self.data.get(name, default)
+        if isinstance(value, str):
+            return value
+        self.bad(name, f"must be a string, got {_show(value)}")
+        return default
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.data.get(name, default)
+        if isinstance(value, bool):
+            return value
+        self.bad(name, f"must be true or false, got {_show(value)}")
+        return default
+
+    def choice(self, name: str, default: _S, allowed: tuple[_S, ...]) -> _S:
+        value = self.data.get(name, default)
+        if isinstance(value, str) and value in allowed:
+            return value
+        listed = ", ".join(repr(a) for a in allowed)
+        self.bad(name, f"must be one of {listed}, got {_show(value)}")
+        return default
+
+    def address(self, name: str, default: Address, *, required: bool = False) -> Address:
+        if name not in self.data:
+            if required:
+                self.bad(name, "required")
+            return default
+        value = self.data[name]
+        if not isinstance(value, str):
+            self.bad(name, f'must be a string "HOST:PORT", got {_show(value)}')
+            return default
+        try:
+            return parse_address(value)
+        except ValueError as exc:
+            self.bad(name, str(exc))
+            return default
+
+    def networks(self, name: str) -> tuple[IPNetwork, ...]:
+        value = self.data.get(name, [])
+        if not isinstance(value, list):
+            self.bad(name, f"must be a list of CIDR strings, got {_show(value)}")
+            return ()
+        result: list[IPNetwork] = []
+        for index, item in enumerate(value):
+            try:
+                if not isinstance(item, str):
+                    raise ValueError
+                result.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                self.problems.add(
+                    f"{self.key(name)}[{index}]", f"not a CIDR network: {_show(item)}"
+                )
+        return tuple(result)
+
+
+def _named_tables(top: _Section, name: str, problems: _Problems) -> dict[str, Mapping[str, Any]]:
+    group = top.table(name)
+    result: dict[str, Mapping[str, Any]] = {}
+    for key, value in (group or {}).items():
+        if isinstance(value, Mapping):
+            result[key] = value
+        else:
+            problems.add(_join(name, key), f"must be a table, got {_show(value)}")
+    return result
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _admin(top: _Section, problems: _Problems) -> AdminConfig:
+    table = top.table("admin")
+    defaults = AdminConfig()
+    if table is None:
+        return defaults
+    section = _Section(table, "admin", problems, _keys(AdminConfig))
+    listen = section.address("listen", defaults.listen)
+    token = section.string("token", defaults.token)
+    if not token and not _is_loopback(listen.host):
+        section.bad("token", f"required when admin.listen ({listen}) is not a loopback address")
+    return AdminConfig(listen=listen, token=token)
+
+
+def _redis(table: Mapping[str, Any], problems: _Problems) -> RedisConfig:
+    section = _Section(table, "redis", problems, _keys(RedisConfig))
+    defaults = RedisConfig()
+    url = section.string("url", defaults.url)
+    if urlsplit(url).scheme not in _REDIS_SCHEMES:
+        section.bad("url", f"must be a redis://, rediss:// or unix:// URL, got {url!r}")
+    prefix = section.string("prefix", defaults.prefix)
+    if not prefix or any(ch.isspace() for ch in prefix):
+        section.bad("prefix", f"must be non-empty without spaces, got {prefix!r}")
+    return RedisConfig(url=url, prefix=prefix)
+
+
+def _tls(section: _Section, base_dir: Path) -> TlsConfig | None:
+    table = section.table("tls")
+    if table is None:
+        return None
+    tls = _Section(table, section.key("tls"), section.problems, _keys(TlsConfig))
+    files: list[str] = []
+    for name in ("cert", "key"):
+        value = tls.string(name, "", required=True)
+        full = os.path.abspath(base_dir / value) if value else ""
+        if value and not os.path.isfile(full):
+            tls.bad(name, f"no such file: {full!r}")
+        files.append(full)
+    return TlsConfig(cert=files[0], key=files[1])
+
+
+def _listener(
+    name: str, table: Mapping[str, Any], problems: _Problems, base_dir: Path
+) -> ListenerConfig:
+    s = _Section(table, _join("listeners", name), problems, _keys(ListenerConfig, "name"))
+    d = ListenerConfig(name=name, bind=Address("", 0), pool="")
+    return ListenerConfig(
+        name=name,
+        bind=s.address("bind", d.bind, required=True),
+        pool=s.string("pool", d.pool, required=True),
+        mode=s.choice("mode", d.mode, ("http", "tcp")),
+        handshake_timeout=s.number("handshake_timeout", d.handshake_timeout, zero_ok=False),
+        idle_timeout=s.number("idle_timeout", d.idle_timeout, zero_ok=False),
+        max_connections=s.integer("max_connections", d.max_connections, 1),
+        trusted_proxies=s.networks("trusted_proxies"),
+        proxy_protocol=s.choice("proxy_protocol", d.proxy_protocol, ("", "v1", "v2")),
+        tls=_tls(s, base_dir),
+    )
+
+
+def _health(pool: _Section) -> HealthConfig:
+    s = _Section(pool.table("health") or {}, pool.key("health"), pool.problems, _keys(HealthConfig))
+    d = HealthConfig()
+    path = s.string("path", d.path)
+    if not path.startswith("/"):
+        s.bad("path", f"must start with '/', got {path!r}")
+    return HealthConfig(
+        check=s.choice("check", d.check, ("tcp", "http", "websocket", "none")),
+        path=path,
+        interval=s.number("interval", d.interval, zero_ok=False),
+        timeout=s.number("timeout", d.timeout, zero_ok=False),
+        rise=s.integer("rise", d.rise, 1),
+        fall=s.integer("fall", d.fall, 1),
+        passive_failures=s.integer("passive_failures", d.passive_failures, 0),
+    )
+
+
+def _backends(pool: _Section) -> tuple[BackendConfig, ...]:
+    value = pool.data.get("backends", [])
+    if not isinstance(value, list):
+        pool.bad("backends", f"must be a list of tables, got {_show(value)}")
+        return ()
+    result: list[BackendConfig] = []
+    seen: set[str] = set()
+    for index, item in enumerate(value):
+        where = f"{pool.key('backends')}[{index}]"
+        if not isinstance(item, Mapping):
+            pool.problems.add(where, f"must be a table, got {_show(item)}")
+            continue
+        s = _Section(item, where, pool.problems, _keys(BackendConfig))
+        address = s.address("address", Address("", 0), required=True)
+        backend_id = s.string("id", str(address))
+        if not backend_id:
+            s.bad("id", "must not be empty")
+        elif backend_id in seen:
+            s.bad("id", f"duplicate backend id {backend_id!r}")
+        seen.add(backend_id)
+        result.append(BackendConfig(backend_id, address, s.integer("weight", 1, 1, 256)))
+    return tuple(result)
+
+
+def _pool(name: str, table: Mapping[str, Any], problems: _Problems) -> PoolConfig:
+    s = _Section(table, _join("pools", name), problems, _keys(PoolConfig, "name"))
+    d = PoolConfig(name=name)
+    balance = s.choice("balance", d.balance, ("least-connections", "round-robin", "hash"))
+    hash_key = s.string("hash_key", d.hash_key)
+    if not _HASH_KEY.fullmatch(hash_key):
+        wanted = "'ip', 'cookie:NAME', 'header:NAME' or 'query:NAME' (NAME a token)"
+        s.bad("hash_key", f"must be {wanted}, got {hash_key!r}")
+    sticky_cookie = s.boolean("sticky_cookie", d.sticky_cookie)
+    factor = s.number("hash_balance_factor", d.hash_balance_factor, zero_ok=True)
+    if 0 < factor < 1:
+        shown = _show(table["hash_balance_factor"])
+        s.bad("hash_balance_factor", f"must be 0 or >= 1.0, got {shown}")
+    discovery = s.choice("discovery", d.discovery, ("static", "redis"))
+    if discovery == "static" and table.get("backends", []) == []:
+        s.bad("backends", "a static pool needs at least one backend")
+    return PoolConfig(
+        name=name,
+        balance=balance,
+        hash_key=hash_key,
+        sticky_cookie=sticky_cookie,
+        hash_balance_factor=factor,
+        discovery=discovery,
+        connect_timeout=s.number("connect_timeout", d.connect_timeout, zero_ok=False),
+        retries=s.integer("retries", d.retries, 0),
+        drain_timeout=s.number("drain_timeout", d.drain_timeout, zero_ok=True),
+        close_spread=s.number("close_spread", d.close_spread, zero_ok=True),
+        slow_start=s.number("slow_start", d.slow_start, zero_ok=True),
+        allowed_networks=s.networks("allowed_networks"),
+        backends=_backends(s),
+        health=_health(s),
+    )
+
+
+def _check_references(
+    listeners: Mapping[str, ListenerConfig], pools: Mapping[str, PoolConfig], problems: _Problems
+) -> None:
+    for listener in listeners.values():
+        key = _join("listeners", listener.name, "pool")
+        pool = pools.get(listener.pool)
+        if key in problems.keys_seen:
+            continue
+        if pool is None:
+            known = ", ".join(pools) or "none"
+            problems.add(key, f"no pool named {listener.pool!r} (pools: {known})")
+        elif listener.mode == "tcp" and pool.balance == "hash" and pool.hash_key != "ip":
+            problems.add(
+                key,
+                f"pool {pool.name!r} hashes on {pool.hash_key!r}"
+                ' but tcp mode only knows the client IP (use hash_key = "ip")',
+            )
+
+
+def _host_key(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower()
+
+
+def _same_socket(a: Address, b: Address) -> bool:
+    """Whether binding both addresses would clash (port 0 = any free port never clashes)."""
+    if a.port != b.port or a.port == 0 or not a.host or not b.host:
+        return False
+    ha, hb = _host_key(a.host), _host_key(b.host)
+    if ha == hb:
+        return True
+    if isinstance(ha, str) or isinstance(hb, str) or ha.version != hb.version:
+        return False
+    return ha.is_unspecified or hb.is_unspecified
+
+
+def _check_binds(
+    admin: AdminConfig, listeners: Mapping[str, ListenerConfig], problems: _Problems
+) -> None:
+    earlier: list[tuple[str, Address]] = [("admin.listen", admin.listen)]
+    for listener in listeners.values():
+        for owner, bound in earlier:
+            if _same_socket(listener.bind, bound):
+                problems.add(
+                    _join("listeners", listener.name, "bind"),
+                    f"{listener.bind} clashes with {owner} ({bound})",
+                )
+                break
+        earlier.append((_join("listeners", listener.name, "bind"), listener.bind))

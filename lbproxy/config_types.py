@@ -1,0 +1,95 @@
+"""Frozen configuration values (see SPEC section 2). Loading/validation lives in config.py."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Literal
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str  # "127.0.0.1", "::1", "localhost" (no brackets)
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: Address = Address("127.0.0.1", 9901)
+    token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "lbproxy"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    name: str
+    bind: Address
+    pool: str
+    mode: Literal["http", "tcp"] = "http"
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 3600.0
+    max_connections: int = 50000
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    proxy_protocol: Literal["", "v1", "v2"] = ""
+    tls: TlsConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    check: Literal["tcp", "http", "websocket", "none"] = "tcp"
+    path: str = "/healthz"
+    interval: float = 1.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 2
+    passive_failures: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    id: str
+    address: Address
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    name: str
+    balance: Literal["least-connections", "round-robin", "hash"] = "least-connections"
+    hash_key: str = "ip"  # "ip" | "cookie:NAME" | "header:NAME" | "query:NAME"
+    sticky_cookie: bool = True
+    hash_balance_factor: float = 1.25
+    discovery: Literal["static", "redis"] = "static"
+    connect_timeout: float = 2.0
+    retries: int = 2
+    drain_timeout: float = 30.0
+    close_spread: float = 2.0
+    slow_start: float = 0.0
+    allowed_networks: tuple[IPNetwork, ...] = ()
+    backends: tuple[BackendConfig, ...] = ()
+    health: HealthConfig = field(default_factory=HealthConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str
+    admin: AdminConfig
+    redis: RedisConfig | None
+    listeners: dict[str, ListenerConfig]
+    pools: dict[str, PoolConfig]

@@ -1,0 +1,142 @@
+"""Serialising heads: the request sent to a backend, extra response headers, error responses."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from http import HTTPStatus
+from types import MappingProxyType
+
+from lbproxy.http1._types import Headers, RequestHead
+
+_FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-port")
+_HOP_BY_HOP = (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer")
+_DROP_PLAIN = frozenset((*_FORWARDED, *_HOP_BY_HOP, b"upgrade"))
+_DROP_WEBSOCKET = frozenset((*_FORWARDED, *_HOP_BY_HOP))
+# "Connection: content-length" must not make us strip the framing (a smuggling trick).
+_NEVER_HOP_BY_HOP = frozenset((b"host", b"content-length", b"transfer-encoding", b"upgrade"))
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+_FIELD_VALUE = re.compile(rb"[^\x00\r\n]*")
+_AUTHORITY = re.compile(rb"[a-zA-Z][a-zA-Z0-9+.-]*://([^/?#@]*@)?([^/?#]*)")
+_MAX_DETAIL = 200
+
+REASONS = MappingProxyType(
+    {
+        400: "Bad Request",
+        404: "Not Found",
+        405: "Method Not Allowed",
+        408: "Request Timeout",
+        413: "Content Too Large",
+        431: "Request Header Fields Too Large",
+        500: "Internal Server Error",
+        501: "Not Implemented",
+        502: "Bad Gateway",
+        503: "Service Unavailable",
+        504: "Gateway Timeout",
+        505: "HTTP Version Not Supported",
+    }
+)
+
+
+def _connection_named(headers: Headers) -> frozenset[bytes]:
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            named.update(token.strip(b" \t") for token in value.lower().split(b","))
+    return frozenset(named) - _NEVER_HOP_BY_HOP
+
+
+def _host_for_http10(head: RequestHead) -> list[bytes]:
+    """HTTP/1.0 may omit Host, but the HTTP/1.1 request we send must carry one (RFC 9112 3.2)."""
+    if head.header(b"host") is not None:
+        return []
+    match = _AUTHORITY.match(head.target)
+    return [b"Host: ", match.group(2) if match else b"", b"\r\n"]
+
+
+def rewrite_request(
+    head: RequestHead,
+    *,
+    client_ip: str,
+    proto: bytes,
+    port: int,
+    keep_xff: bool,
+    upstream_keep_alive: bool,
+) -> bytes:
+    """The request head to send to the backend (see the package docstring for the rules)."""
+    drop = _DROP_WEBSOCKET if head.websocket else _DROP_PLAIN
+    if head.header(b"connection") is not None:
+        drop = drop | _connection_named(head.headers)
+    out = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
+    forwarded_for: list[bytes] = []
+    for (name, _), (raw_name, value) in zip(head.headers, head.raw_headers, strict=True):
+        if name in drop:
+            if name == b"x-forwarded-for":
+                forwarded_for.append(value)
+            continue
+        out += (raw_name, b": ", value, b"\r\n")
+    if head.version == b"1.0":
+        out += _host_for_http10(head)
+    ip = client_ip.encode("ascii")
+    if keep_xff and forwarded_for:
+        forwarded_for.append(ip)
+        ip = b", ".join(forwarded_for)
+    out += (b"X-Forwarded-For: ", ip, b"\r\nX-Forwarded-Proto: ", proto)
+    out += (b"\r\nX-Forwarded-Port: ", b"%d" % port, b"\r\n")
+    if head.websocket:
+        out.append(b"Connection: Upgrade\r\n")
+    elif not upstream_keep_alive:
+        out.append(b"Connection: close\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def _header_lines(extra: Sequence[tuple[bytes, bytes]]) -> bytes:
+    lines = []
+    for name, value in extra:
+        if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+            raise ValueError(f"invalid header {name!r}: {value!r}")
+        lines.append(b"%s: %s\r\n" % (name, value))
+    return b"".join(lines)
+
+
+def add_response_headers(raw_head: bytes, extra: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """``raw_head`` (a complete head ending with the blank line) with ``extra`` header lines
+    inserted before the final CRLF. Raises ValueError for a header with CR, LF or NUL."""
+    if not raw_head.endswith(b"\r\n\r\n"):
+        raise ValueError("raw_head must end with the blank line (CRLF CRLF)")
+    if not extra:
+        return bytes(raw_head)
+    return b"".join((raw_head[:-2], _header_lines(extra), b"\r\n"))
+
+
+def reason_phrase(status: int) -> str:
+    """The standard reason phrase of ``status`` ("Error" when it has none)."""
+    known = REASONS.get(status)
+    if known is not None:
+        return known
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def error_response(
+    status: int, *, detail: str = "", extra_headers: Sequence[tuple[bytes, bytes]] = ()
+) -> bytes:
+    """A complete HTTP/1.1 error response (4xx/5xx) that closes the connection."""
+    if not 400 <= status <= 599:
+        raise ValueError(f"error_response needs a 4xx or 5xx status, not {status}")
+    reason = reason_phrase(status)
+    text = f"{status} {reason}"
+    if detail:
+        clean = "".join(ch if " " <= ch <= "~" else "?" for ch in detail[:_MAX_DETAIL])
+        text += f": {clean}"
+    body = (text + "\n").encode("ascii")
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n"
+    ).encode("ascii")
+    return b"".join((head, _header_lines(extra_headers), b"\r\n", body))

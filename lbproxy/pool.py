@@ -1,0 +1,293 @@
+"""Backends and their state: the one source of truth the balancer reads.
+
+Health checks, the Redis watcher, reloads and the admin API change a pool only
+through the named methods here (upsert/remove/mark_up/mark_down/drain/enable and
+the passive-failure hooks). Every state change is reported once to the pool's
+observers with its reason.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Collection
+from typing import Protocol
+
+from lbproxy.balance import (
+    ConsistentHash,
+    SmoothRoundRobin,
+    bounded_choice,
+    key_hash,
+    least_connections,
+)
+from lbproxy.config_types import Address, PoolConfig
+
+log = logging.getLogger("lbproxy.pool")
+
+
+class BackendState(enum.Enum):
+    UP = "up"
+    DOWN = "down"
+    DRAINING = "draining"
+
+
+class Closable(Protocol):
+    """A proxied connection that can be asked to leave its backend gracefully."""
+
+    def go_away(self) -> None:
+        """Close cleanly: websocket close 1001 at a frame boundary, then FIN both sides."""
+
+
+class Backend:
+    """One backend of a pool. Mutable; changed only through its Pool."""
+
+    __slots__ = (
+        "active",
+        "address",
+        "connections",
+        "failures",
+        "id",
+        "removed",
+        "source",
+        "state",
+        "up_since",
+        "weight",
+    )
+
+    def __init__(self, id: str, address: Address, weight: int, source: str) -> None:
+        self.id = id
+        self.address = address
+        self.weight = weight
+        self.source = source  # "static" | "redis"
+        self.state = BackendState.UP
+        self.active = 0
+        self.connections: set[Closable] = set()
+        self.failures = 0  # consecutive failed proxied connects (passive health)
+        self.up_since = 0.0  # monotonic time it last became up (slow start)
+        self.removed = False  # gone from configuration/registry; kept while draining
+
+    def __repr__(self) -> str:
+        return f"Backend({self.id!r}, {self.address}, {self.state.value}, active={self.active})"
+
+
+StateObserver = Callable[["Pool", Backend, BackendState | None, BackendState | None, str], None]
+"""(pool, backend, old_state, new_state, reason); None for 'not in the pool'."""
+
+
+class Pool:
+    """A named set of backends plus the balancing policy of its config."""
+
+    def __init__(self, config: PoolConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = config.name
+        self.config = config
+        self.backends: dict[str, Backend] = {}
+        self._clock = clock
+        self._observers: list[StateObserver] = []
+        self._round_robin = SmoothRoundRobin()
+        self._up: list[Backend] = []
+        self._hash: ConsistentHash | None = None
+        self._lc_start = 0
+        for backend in config.backends:
+            self.upsert(backend.id, backend.address, backend.weight, source="static")
+
+    # -- observers ---------------------------------------------------------
+    def subscribe(self, observer: StateObserver) -> None:
+        self._observers.append(observer)
+
+    def _notify(
+        self, backend: Backend, old: BackendState | None, new: BackendState | None, why: str
+    ) -> None:
+        for observer in self._observers:
+            observer(self, backend, old, new, why)
+
+    def _set_state(self, backend: Backend, state: BackendState, reason: str) -> bool:
+        old = backend.state
+        if old is state:
+            return False
+        backend.state = state
+        if state is BackendState.UP:
+            backend.up_since = self._clock()
+            backend.failures = 0
+        self._rebuild()
+        log.warning(
+            "pool %s backend %s (%s): %s -> %s (%s)",
+            self.name,
+            backend.id,
+            backend.address,
+            old.value,
+            state.value,
+            reason,
+        )
+        self._notify(backend, old, state, reason)
+        return True
+
+    def _rebuild(self) -> None:
+        up = sorted(
+            (b for b in self.backends.values() if b.state is BackendState.UP), key=lambda b: b.id
+        )
+        members = [(b.id, b.weight) for b in up]
+        old_members = [(b.id, b.weight) for b in self._up]
+        self._up = up
+        if self.config.balance == "hash" and (self._hash is None or members != old_members):
+            self._hash = ConsistentHash(members) if members else None
+
+    # -- membership --------------------------------------------------------
+    def apply_config(self, config: PoolConfig) -> None:
+        """Reload: take new settings, reconcile the static backends."""
+        self.config = config
+        self._hash = None
+        wanted = {b.id: b for b in config.backends}
+        for backend in list(self.backends.values()):
+            if backend.source == "static" and backend.id not in wanted:
+                self.remove(backend.id, "removed from configuration")
+        for b in config.backends:
+            self.upsert(b.id, b.address, b.weight, source="static")
+        self._rebuild()
+
+    def upsert(
+        self,
+        id: str,
+        address: Address,
+        weight: int,
+        *,
+        source: str,
+        draining: bool = False,
+    ) -> Backend:
+        """Add a backend (state up) or update its address/weight. ``draining`` marks it draining."""
+        backend = self.backends.get(id)
+        if backend is None or backend.removed or backend.address != address:
+            if backend is not None:
+                # Same id, new address: the old instance drains, the new one takes the id.
+                self._retire(backend, "address changed")
+            backend = Backend(id, address, weight, source)
+            backend.up_since = self._clock()
+            self.backends[id] = backend
+            log.info("pool %s backend %s (%s) added", self.name, id, address)
+            self._rebuild()
+            self._notify(backend, None, backend.state, "added")
+        elif backend.weight != weight:
+            backend.weight = weight
+            self._rebuild()
+        if draining:
+            self._set_state(backend, BackendState.DRAINING, "marked draining by its registration")
+        return backend
+
+    def remove(self, id: str, reason: str) -> None:
+        """Remove a backend: no new connections; open ones drain (see Drainer)."""
+        backend = self.backends.get(id)
+        if backend is not None:
+            self._retire(backend, reason)
+
+    def _retire(self, backend: Backend, reason: str) -> None:
+        backend.removed = True
+        if backend.state is not BackendState.DRAINING:
+            self._set_state(backend, BackendState.DRAINING, reason)
+        if self.backends.get(backend.id) is backend and not backend.connections:
+            del self.backends[backend.id]
+            self._notify(backend, backend.state, None, reason)
+
+    def forget_if_done(self, backend: Backend) -> None:
+        """Drop a removed backend once its last connection closed."""
+        if backend.removed and not backend.connections and self.backends.get(backend.id) is backend:
+            del self.backends[backend.id]
+            self._notify(backend, backend.state, None, "drained and removed")
+
+    # -- state changes -----------------------------------------------------
+    def get(self, id: str) -> Backend | None:
+        return self.backends.get(id)
+
+    def mark_up(self, id: str, reason: str) -> bool:
+        backend = self.backends.get(id)
+        if backend is None or backend.state is not BackendState.DOWN:
+            return False
+        return self._set_state(backend, BackendState.UP, reason)
+
+    def mark_down(self, id: str, reason: str) -> bool:
+        backend = self.backends.get(id)
+        if backend is None or backend.state is not BackendState.UP:
+            return False
+        return self._set_state(backend, BackendState.DOWN, reason)
+
+    def drain(self, id: str, reason: str = "drained by admin") -> bool:
+        backend = self.backends.get(id)
+        if backend is None:
+            return False
+        return self._set_state(backend, BackendState.DRAINING, reason)
+
+    def enable(self, id: str, reason: str = "enabled by admin") -> bool:
+        backend = self.backends.get(id)
+        if backend is None or backend.removed:
+            return False
+        return self._set_state(backend, BackendState.UP, reason)
+
+    # -- passive health ----------------------------------------------------
+    def connect_failed(self, backend: Backend, reason: str) -> None:
+        backend.failures += 1
+        limit = self.config.health.passive_failures
+        if limit > 0 and backend.failures >= limit and backend.state is BackendState.UP:
+            self._set_state(
+                backend, BackendState.DOWN, f"{backend.failures} failed connects: {reason}"
+            )
+
+    def connect_succeeded(self, backend: Backend) -> None:
+        backend.failures = 0
+
+    # -- connections -------------------------------------------------------
+    def attach(self, backend: Backend, conn: Closable) -> None:
+        backend.active += 1
+        backend.connections.add(conn)
+
+    def detach(self, backend: Backend, conn: Closable) -> None:
+        if conn in backend.connections:
+            backend.connections.discard(conn)
+            backend.active -= 1
+            if backend.removed:
+                self.forget_if_done(backend)
+
+    # -- selection ---------------------------------------------------------
+    def has_up(self) -> bool:
+        return bool(self._up)
+
+    def effective_weight(self, backend: Backend, now: float) -> float:
+        ramp = self.config.slow_start
+        if ramp <= 0:
+            return float(backend.weight)
+        elapsed = now - backend.up_since
+        if elapsed >= ramp:
+            return float(backend.weight)
+        return backend.weight * max(elapsed / ramp, 0.05)
+
+    def pick(self, key: bytes | None, exclude: Collection[str] = ()) -> Backend | None:
+        """Choose an up backend for a new connection (None when none is up)."""
+        up = self._up
+        if exclude:
+            up = [b for b in up if b.id not in exclude]
+        if not up:
+            return None
+        balance = self.config.balance
+        if balance == "hash" and key is not None:
+            return self._pick_hash(key, up, exclude)
+        if balance == "round-robin":
+            index = self._round_robin.pick([b.id for b in up], [b.weight for b in up])
+            return up[index]
+        now = self._clock()
+        self._lc_start += 1
+        index = least_connections(
+            [b.active for b in up],
+            [self.effective_weight(b, now) for b in up],
+            self._lc_start,
+        )
+        return up[index]
+
+    def _pick_hash(self, key: bytes, up: list[Backend], exclude: Collection[str]) -> Backend:
+        table = self._hash
+        if table is None:
+            table = self._hash = ConsistentHash([(b.id, b.weight) for b in self._up])
+        by_id = {b.id: b for b in up}
+        preference = (i for i in table.preference(key_hash(key)) if i in by_id)
+        factor = self.config.hash_balance_factor
+        if factor <= 0:
+            return by_id[next(preference)]
+        active = {b.id: b.active for b in self._up}
+        return by_id[bounded_choice(preference, active, factor)]

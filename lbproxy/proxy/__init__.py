@@ -1,0 +1,1 @@
+"""The proxy: listeners, per-connection sessions and the byte tunnel."""

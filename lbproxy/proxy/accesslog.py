@@ -1,0 +1,48 @@
+"""One access-log line per connection, written when it closes (never per chunk)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lbproxy.proxy.context import access_log
+
+if TYPE_CHECKING:
+    from lbproxy.pool import Backend
+    from lbproxy.proxy.context import ListenerContext
+
+
+def log_connection(
+    ctx: ListenerContext,
+    client: str,
+    backend: Backend | None,
+    duration: float,
+    bytes_in: int,
+    bytes_out: int,
+    reason: str,
+    status: int = 0,
+) -> None:
+    fields = {
+        "client": client,
+        "listener": ctx.config.name,
+        "pool": ctx.pool.name,
+        "backend": backend.id if backend is not None else "-",
+        "duration": round(duration, 6),
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+        "reason": reason,
+    }
+    if status:
+        fields["status"] = status
+    access_log.info(
+        "%s %s -> %s/%s %.3fs in=%d out=%d %s%s",
+        client,
+        ctx.config.name,
+        ctx.pool.name,
+        fields["backend"],
+        duration,
+        bytes_in,
+        bytes_out,
+        reason,
+        f" status={status}" if status else "",
+        extra={"fields": fields},
+    )

@@ -1,0 +1,126 @@
+"""What every connection of one listener shares: config, pool, counters, the idle upstream cache."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from lbproxy.balance import HashKeySpec, parse_hash_key
+from lbproxy.config_types import ListenerConfig
+from lbproxy.pool import Backend, Pool
+from lbproxy.stats import Stats
+
+access_log = logging.getLogger("lbproxy.access")
+
+
+class Tracked(Protocol):
+    """A client connection as the listener sees it (idle sweep, drain, shutdown)."""
+
+    def activity(self) -> int:
+        """Bytes moved so far, both ways (the idle sweep compares snapshots)."""
+
+    def go_away(self) -> None:
+        """Leave gracefully (1001 close for websockets, finish the request for HTTP)."""
+
+    def abort(self, reason: str) -> None:
+        """Close now (idle timeout, forced shutdown)."""
+
+
+class IdleUpstreams:
+    """Keep-alive upstream connections per backend, ready for the next plain-HTTP request."""
+
+    __slots__ = ("by_backend", "limit")
+
+    def __init__(self, limit: int = 256) -> None:
+        self.by_backend: dict[Backend, list[asyncio.Transport]] = {}
+        self.limit = limit
+
+    def put(self, backend: Backend, transport: asyncio.Transport) -> bool:
+        idle = self.by_backend.setdefault(backend, [])
+        if len(idle) >= self.limit:
+            return False
+        idle.append(transport)
+        return True
+
+    def take(self, backend: Backend) -> asyncio.Transport | None:
+        idle = self.by_backend.get(backend)
+        while idle:
+            transport = idle.pop()
+            if not transport.is_closing():
+                return transport
+        return None
+
+    def discard(self, backend: Backend, transport: asyncio.Transport) -> None:
+        idle = self.by_backend.get(backend)
+        if idle is not None and transport in idle:
+            idle.remove(transport)
+            if not idle:
+                del self.by_backend[backend]
+
+    def close_all(self, keep: Callable[[Backend], bool] | None = None) -> None:
+        for backend in list(self.by_backend):
+            if keep is not None and keep(backend):
+                continue
+            for transport in self.by_backend.pop(backend):
+                transport.close()
+
+
+class ListenerContext:
+    """Shared, per-listener state handed to each connection's protocol."""
+
+    __slots__ = (
+        "access_log",
+        "config",
+        "connections",
+        "idle",
+        "key_cache",
+        "log_json",
+        "loop",
+        "pool",
+        "port",
+        "proto",
+        "stats",
+        "trusted",
+    )
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        pool: Pool,
+        stats: Stats,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        log_json: bool = False,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.stats = stats
+        self.loop = loop
+        self.connections: set[Tracked] = set()
+        self.idle = IdleUpstreams()
+        self.proto = b"https" if config.tls is not None else b"http"
+        self.port = config.bind.port
+        self.trusted = config.trusted_proxies
+        self.log_json = log_json
+        self.access_log = access_log.isEnabledFor(logging.INFO)
+        self.key_cache: tuple[str, HashKeySpec] | None = None
+
+    def key_spec(self) -> HashKeySpec:
+        """The parsed hash_key of the current pool config (re-parsed after a reload)."""
+        spec = self.pool.config.hash_key
+        cached = self.key_cache
+        if cached is None or cached[0] != spec:
+            cached = self.key_cache = (spec, parse_hash_key(spec))
+        return cached[1]
+
+    def is_trusted(self, client_ip: str) -> bool:
+        if not self.trusted:
+            return False
+        try:
+            addr = ipaddress.ip_address(client_ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.trusted)

@@ -1,0 +1,403 @@
+"""http mode (L7), client side: read a request head, route it, forward, loop (keep-alive).
+
+States: HEAD (reading a request head) -> CONNECTING (picking/connecting a backend)
+-> FORWARD (request body streaming and/or waiting for the response) -> HEAD again,
+or -> DONE (tunnelled after a 101, or closed). A websocket upgrade hands both
+transports to a WsLink (tunnel.py) once the backend answered 101.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import cast
+
+from lbproxy.balance import extract_key, new_sticky_value
+from lbproxy.errors import HttpError
+from lbproxy.http1 import (
+    MAX_HEAD,
+    ChunkedTracker,
+    LengthTracker,
+    RequestHead,
+    error_response,
+    parse_request_head,
+    rewrite_request,
+)
+from lbproxy.pool import Backend
+from lbproxy.proxy.accesslog import log_connection
+from lbproxy.proxy.connect import connect_with_retries
+from lbproxy.proxy.context import ListenerContext
+from lbproxy.proxy.http_upstream import Upstream
+from lbproxy.proxy.tunnel import Linger, WsLink
+
+HEAD, CONNECTING, FORWARD, DONE = range(4)
+
+
+class HttpClient(asyncio.Protocol):
+    """One client connection of an http listener (until it becomes a websocket tunnel)."""
+
+    __slots__ = (
+        "backend",
+        "buf",
+        "closing",
+        "ctx",
+        "head",
+        "ip",
+        "key",
+        "mark_in",
+        "mark_out",
+        "nbytes_in",
+        "nbytes_out",
+        "port",
+        "requests",
+        "reused",
+        "set_cookie",
+        "started",
+        "state",
+        "status",
+        "task",
+        "timer",
+        "tracker",
+        "transport",
+        "upstream",
+    )
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        self.ctx = ctx
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.buf = bytearray()
+        self.state = HEAD
+        self.ip = ""
+        self.port = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.head: RequestHead | None = None
+        self.key: bytes | None = None
+        self.set_cookie: tuple[bytes, bytes] | None = None
+        self.backend: Backend | None = None
+        self.upstream: Upstream | None = None
+        self.tracker: ChunkedTracker | LengthTracker | None = None
+        self.closing = False
+        self.reused = False
+        self.started = 0.0
+        self.requests = 0
+        self.status = 0
+        self.nbytes_in = self.nbytes_out = self.mark_in = self.mark_out = 0
+
+    # -- asyncio callbacks ---------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        ctx = self.ctx
+        self.transport = transport
+        self.started = time.monotonic()
+        ctx.stats.connections_total[ctx.config.name] += 1
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.ip, self.port = peer[0], peer[1]
+        if len(ctx.connections) >= ctx.config.max_connections:
+            self._reject(503, "too many connections")
+            return
+        ctx.connections.add(self)
+        self.timer = ctx.loop.call_later(ctx.config.handshake_timeout, self._head_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self.nbytes_in += len(data)
+        state = self.state
+        if state == HEAD:
+            self.buf += data
+            self._try_head()
+        elif state == FORWARD and self.tracker is not None:
+            self._request_body(data)
+        elif state != DONE:
+            self.buf += data  # pipelined request or websocket bytes before the 101
+            if len(self.buf) > MAX_HEAD:
+                self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        if self.state == HEAD and not self.buf:
+            return False  # idle keep-alive connection closed by the client
+        self.closing = True  # answer what is in flight, then close
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        ctx = self.ctx
+        prev = self.state
+        self.state = DONE
+        ctx.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        upstream = self.upstream
+        if upstream is not None and prev != DONE:
+            upstream.client = None
+            upstream.transport.close()
+            self._end_request()
+        if ctx.access_log and self.requests:
+            log_connection(
+                ctx,
+                self.ip,
+                None,
+                time.monotonic() - self.started,
+                self.nbytes_in,
+                self.nbytes_out,
+                f"client closed after {self.requests} request(s)",
+                self.status,
+            )
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.transport.resume_reading()
+
+    # -- request head --------------------------------------------------------
+    def _head_timeout(self) -> None:
+        self.timer = None
+        if self.state == HEAD:
+            self._reject(408, "request head not received in time")
+
+    def _try_head(self) -> None:
+        try:
+            parsed = parse_request_head(self.buf)
+        except HttpError as exc:
+            self._reject(exc.status, exc.reason)
+            return
+        if parsed is None:
+            if self.timer is None:
+                self.timer = self.ctx.loop.call_later(
+                    self.ctx.config.handshake_timeout, self._head_timeout
+                )
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        head, used = parsed
+        del self.buf[:used]
+        self._dispatch(head)
+
+    def _dispatch(self, head: RequestHead) -> None:
+        ctx = self.ctx
+        pool = ctx.pool
+        self.head = head
+        self.state = CONNECTING
+        self.requests += 1
+        self.key = self._affinity_key(head)
+        self.transport.pause_reading()
+        first = None
+        if not head.websocket:
+            first = pool.pick(self.key)
+            if first is None:
+                self._reject(503, "no healthy backend")
+                return
+            idle = ctx.idle.take(first)
+            if idle is not None:
+                upstream = idle.get_protocol()
+                assert isinstance(upstream, Upstream)
+                self.reused = True
+                self._send(first, upstream)
+                return
+        self.reused = False
+        self.task = ctx.loop.create_task(self._connect(first))
+
+    def _affinity_key(self, head: RequestHead) -> bytes | None:
+        ctx = self.ctx
+        config = ctx.pool.config
+        self.set_cookie = None
+        if config.balance != "hash":
+            return None
+        spec = ctx.key_spec()
+        key = extract_key(spec, self.ip, head.headers, head.target)
+        if key is None and spec.kind == "cookie" and config.sticky_cookie:
+            value = new_sticky_value()
+            self.set_cookie = (
+                b"Set-Cookie",
+                f"{spec.name}={value}; Path=/; HttpOnly; SameSite=Lax".encode(),
+            )
+            key = value.encode()
+        return key if key is not None else self.ip.encode()
+
+    async def _connect(self, first: Backend | None) -> None:
+        ctx = self.ctx
+        result = await connect_with_retries(ctx, self.key, lambda b: Upstream(ctx, b), first)
+        self.task = None
+        if self.state != CONNECTING:  # client went away meanwhile
+            if not isinstance(result, int):
+                result[1].close()
+            return
+        if isinstance(result, int):
+            self._reject(result, "no healthy backend" if result == 503 else "backend unreachable")
+            return
+        backend, _transport, upstream = result
+        self._send(backend, upstream)
+
+    # -- forwarding ----------------------------------------------------------
+    def _send(self, backend: Backend, upstream: Upstream) -> None:
+        ctx = self.ctx
+        head = self.head
+        assert head is not None
+        self.backend = backend
+        self.upstream = upstream
+        self.state = FORWARD
+        ctx.pool.attach(backend, self)
+        ctx.stats.requests[(ctx.pool.name, backend.id)] += 1
+        self.mark_in = self.nbytes_in - len(self.buf)
+        self.mark_out = self.nbytes_out
+        out = rewrite_request(
+            head,
+            client_ip=self.ip,
+            proto=ctx.proto,
+            port=ctx.port,
+            keep_xff=ctx.is_trusted(self.ip),
+            upstream_keep_alive=True,
+        )
+        upstream.expect(self, head.method, head.websocket, self.set_cookie)
+        body = head.body
+        if body.kind == "length" and body.length:
+            self.tracker = LengthTracker(body.length)
+        elif body.kind == "chunked":
+            self.tracker = ChunkedTracker()
+        else:
+            self.tracker = None
+        if self.tracker is not None and self.buf:
+            pending = bytes(self.buf)
+            self.buf.clear()
+            upstream.transport.write(out)
+            self._request_body(pending)
+        else:
+            upstream.transport.write(out)
+        if not head.websocket and self.state == FORWARD:
+            self.transport.resume_reading()
+
+    def _request_body(self, data: bytes) -> None:
+        tracker = self.tracker
+        upstream = self.upstream
+        assert tracker is not None and upstream is not None
+        try:
+            end = tracker.feed(data)
+        except HttpError as exc:
+            self._reject(exc.status, exc.reason)
+            return
+        if end < 0:
+            upstream.transport.write(data)
+            return
+        upstream.transport.write(data[:end] if end < len(data) else data)
+        self.tracker = None
+        if end < len(data):
+            self.buf += data[end:]
+
+    def response_done(self, close_client: bool) -> None:
+        """The backend finished its response (called by Upstream)."""
+        self._end_request()
+        head = self.head
+        self.head = None
+        if close_client or self.closing or head is None or not head.keep_alive:
+            self.state = DONE
+            self.transport.close()
+            return
+        self.state = HEAD
+        if self.buf:
+            self._try_head()
+        else:
+            self.transport.resume_reading()
+
+    def _end_request(self) -> None:
+        ctx = self.ctx
+        backend = self.backend
+        if backend is not None:
+            ctx.pool.detach(backend, self)
+            stats = ctx.stats
+            stats.bytes[(ctx.pool.name, backend.id, "in")] += self.nbytes_in - self.mark_in
+            stats.bytes[(ctx.pool.name, backend.id, "out")] += self.nbytes_out - self.mark_out
+        self.backend = None
+        self.upstream = None
+        self.tracker = None
+
+    def upstream_failed(self, got_response: bool, reason: str) -> None:
+        """The backend connection died before the response completed."""
+        head = self.head
+        backend = self.backend
+        if (
+            not got_response
+            and self.reused
+            and head is not None
+            and head.body.kind == "none"
+            and backend is not None
+        ):
+            # A kept-alive connection closed under us before any answer: retry once, fresh.
+            self._end_request()
+            self.state = CONNECTING
+            self.reused = False
+            self.transport.pause_reading()
+            self.task = self.ctx.loop.create_task(self._connect(backend))
+            return
+        if backend is not None:
+            self.ctx.stats.upstream_errors[(self.ctx.pool.name, backend.id, reason)] += 1
+        self._end_request()
+        if got_response:
+            self.state = DONE
+            self.transport.close()
+        else:
+            self._reject(502, "backend closed the connection")
+
+    def start_tunnel(self, upstream: Upstream, to_client: bytes) -> None:
+        """The backend answered 101: hand both transports to a websocket tunnel."""
+        ctx = self.ctx
+        backend = self.backend
+        assert backend is not None
+        self.state = DONE
+        ctx.pool.detach(backend, self)
+        ctx.connections.discard(self)
+        ctx.stats.handshake_seconds.observe(time.monotonic() - self.started)
+        self.backend = None
+        self.upstream = None
+        link = WsLink(ctx, backend, upstream.transport, self.transport, self.ip, self.started)
+        link.client.nbytes = self.nbytes_in
+        link.start(to_client, bytes(self.buf))
+        self.buf = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.nbytes_out += len(data)
+        self.transport.write(data)
+
+    # -- errors and lifecycle -------------------------------------------------
+    def _reject(self, status: int, detail: str) -> None:
+        ctx = self.ctx
+        ctx.stats.rejected[(ctx.config.name, str(status))] += 1
+        self.status = status
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if ctx.access_log:
+            log_connection(ctx, self.ip, self.backend, time.monotonic() - self.started,
+                           self.nbytes_in, self.nbytes_out, f"rejected: {detail}", status)
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.client = None
+            upstream.transport.close()
+            self._end_request()
+        self.state = DONE
+        if not self.transport.is_closing():
+            self.write(error_response(status, detail=detail))
+            self.ctx.connections.discard(self)
+            Linger.close(self.transport, self.ctx.loop)
+
+    def activity(self) -> int:
+        return self.nbytes_in + self.nbytes_out
+
+    def go_away(self) -> None:
+        if self.state == HEAD and not self.buf:
+            self.state = DONE
+            self.transport.close()
+        else:
+            self.closing = True
+
+    def abort(self, reason: str) -> None:
+        if self.state == HEAD and self.buf:
+            self._reject(408, reason)
+            return
+        self.state = DONE
+        self.transport.close()

@@ -1,0 +1,216 @@
+"""http mode (L7), backend side: read the response head, forward the body, reuse the connection."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, cast
+
+from lbproxy.errors import HttpError
+from lbproxy.http1 import (
+    MAX_HEAD,
+    ChunkedTracker,
+    LengthTracker,
+    add_response_headers,
+    parse_response_head,
+)
+from lbproxy.pool import Backend, BackendState
+from lbproxy.proxy.context import ListenerContext
+from lbproxy.proxy.tunnel import HIGH_WATER
+
+if TYPE_CHECKING:
+    from lbproxy.proxy.http_client import HttpClient
+
+IDLE, HEAD, BODY = range(3)
+
+
+class Upstream(asyncio.Protocol):
+    """One keep-alive connection to a backend, serving one request at a time."""
+
+    __slots__ = (
+        "backend",
+        "buf",
+        "client",
+        "ctx",
+        "got_response",
+        "keep",
+        "method",
+        "set_cookie",
+        "state",
+        "tracker",
+        "transport",
+        "websocket",
+    )
+
+    def __init__(self, ctx: ListenerContext, backend: Backend) -> None:
+        self.ctx = ctx
+        self.backend = backend
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.client: HttpClient | None = None
+        self.buf = bytearray()
+        self.state = IDLE
+        self.method = b"GET"
+        self.websocket = False
+        self.set_cookie: tuple[bytes, bytes] | None = None
+        self.tracker: ChunkedTracker | LengthTracker | None = None
+        self.keep = True
+        self.got_response = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+
+    def expect(
+        self,
+        client: HttpClient,
+        method: bytes,
+        websocket: bool,
+        set_cookie: tuple[bytes, bytes] | None,
+    ) -> None:
+        """A request is about to be written: get ready for its response."""
+        self.client = client
+        self.method = method
+        self.websocket = websocket
+        self.set_cookie = set_cookie
+        self.state = HEAD
+        self.got_response = False
+        self.buf.clear()
+        self.transport.resume_reading()
+
+    # -- asyncio callbacks ---------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        state = self.state
+        if state == BODY:
+            self._body(data)
+        elif state == HEAD:
+            self.got_response = True
+            self.buf += data
+            self._head()
+        else:  # an idle connection must not talk: drop it
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        if self.state == BODY and self.tracker is None:  # close-delimited body ends here
+            self._done(reusable=False, close_client=True)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        state = self.state
+        self.state = IDLE
+        if state == IDLE:
+            self.ctx.idle.discard(self.backend, self.transport)
+            return
+        client = self.client
+        self.client = None
+        if client is not None:
+            client.upstream_failed(self.got_response, "reset" if exc else "closed")
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.transport.resume_reading()
+
+    # -- response ------------------------------------------------------------
+    def _fail(self, detail: str) -> None:
+        client = self.client
+        self.client = None
+        self.state = IDLE
+        self.transport.close()
+        if client is not None:
+            client.upstream_failed(False, "bad_response")
+
+    def _head(self) -> None:
+        client = self.client
+        if client is None:
+            self.transport.close()
+            return
+        buf = self.buf
+        while True:
+            try:
+                parsed = parse_response_head(buf, self.method)
+            except HttpError as exc:
+                self._fail(exc.reason)
+                return
+            if parsed is None:
+                if len(buf) > MAX_HEAD:
+                    self._fail("response head too large")
+                return
+            head, used = parsed
+            if self.websocket and head.status == 101:
+                raw = bytes(buf[:used])
+                if self.set_cookie is not None:
+                    raw = add_response_headers(raw, [self.set_cookie])
+                rest = bytes(buf[used:])
+                buf.clear()
+                self.state = IDLE
+                self.client = None
+                client.start_tunnel(self, raw + rest)
+                return
+            raw = bytes(buf[:used])
+            del buf[:used]
+            if head.status < 200:  # 100 Continue and friends: pass on, wait for the final one
+                client.write(raw)
+                continue
+            if self.set_cookie is not None:
+                raw = add_response_headers(raw, [self.set_cookie])
+            client.write(raw)
+            client.status = head.status
+            self.keep = head.keep_alive
+            break
+        kind = head.body.kind
+        if kind == "none":
+            self._done(reusable=self.keep and not buf, close_client=False)
+            return
+        self.tracker = (
+            LengthTracker(head.body.length)
+            if kind == "length"
+            else ChunkedTracker()
+            if kind == "chunked"
+            else None
+        )
+        self.state = BODY
+        if buf:
+            rest = bytes(buf)
+            buf.clear()
+            self._body(rest)
+
+    def _body(self, data: bytes) -> None:
+        client = self.client
+        if client is None:
+            self.transport.close()
+            return
+        tracker = self.tracker
+        if tracker is None:  # read until the backend closes
+            client.write(data)
+            return
+        try:
+            end = tracker.feed(data)
+        except HttpError as exc:
+            self._fail(exc.reason)
+            client.transport.close()
+            return
+        if end < 0:
+            client.write(data)
+            return
+        client.write(data[:end] if end < len(data) else data)
+        self._done(reusable=self.keep and end == len(data), close_client=False)
+
+    def _done(self, reusable: bool, close_client: bool) -> None:
+        client = self.client
+        self.client = None
+        self.state = IDLE
+        self.tracker = None
+        if (
+            reusable
+            and self.backend.state is BackendState.UP
+            and client is not None
+            and self.ctx.idle.put(self.backend, self.transport)
+        ):
+            pass
+        else:
+            self.transport.close()
+        if client is not None:
+            client.response_done(close_client)

@@ -1,0 +1,138 @@
+"""A listening socket and everything it owns: connections, idle sweep, byte flushing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable
+
+from lbproxy.config_types import Address, ListenerConfig
+from lbproxy.pool import Pool
+from lbproxy.proxy.context import ListenerContext, Tracked
+from lbproxy.proxy.http_client import HttpClient
+from lbproxy.proxy.tcp_conn import TcpClient
+from lbproxy.proxy.tunnel import Link
+from lbproxy.stats import Stats
+
+log = logging.getLogger("lbproxy.listener")
+
+
+def _ssl_context(config: ListenerConfig) -> ssl.SSLContext | None:
+    if config.tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls.cert, config.tls.key)
+    return context
+
+
+class Listener:
+    """Accepts connections for one [listeners.NAME] table and owns them."""
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        pool: Pool,
+        stats: Stats,
+        *,
+        reuse_port: bool = False,
+        log_json: bool = False,
+    ) -> None:
+        self.config = config
+        self.stats = stats
+        self.reuse_port = reuse_port
+        self.log_json = log_json
+        self.ctx = ListenerContext(config, pool, stats, asyncio.get_running_loop(), log_json=log_json)
+        self.server: asyncio.Server | None = None
+        self.address: Address | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def connections(self) -> set[Tracked]:
+        return self.ctx.connections
+
+    def _factory(self) -> Callable[[], asyncio.Protocol]:
+        ctx = self.ctx
+        if self.config.mode == "tcp":
+            return lambda: TcpClient(ctx)
+        return lambda: HttpClient(ctx)
+
+    async def start(self) -> Address:
+        loop = asyncio.get_running_loop()
+        bind = self.config.bind
+        self.server = await loop.create_server(
+            self._factory(),
+            bind.host,
+            bind.port,
+            backlog=4096,
+            reuse_address=True,
+            reuse_port=self.reuse_port or None,
+            ssl=_ssl_context(self.config),
+        )
+        sock = self.server.sockets[0].getsockname()
+        self.address = Address(bind.host, int(sock[1]))
+        self.ctx.port = self.address.port
+        self._sweeper = loop.create_task(self._sweep())
+        log.info(
+            "listener %s (%s) on %s -> pool %s",
+            self.name,
+            self.config.mode,
+            self.address,
+            self.ctx.pool.name,
+        )
+        return self.address
+
+    def update(self, config: ListenerConfig, pool: Pool) -> None:
+        """Reload: new timeouts/limits/pool for new connections (bind changes need a restart)."""
+        self.config = config
+        ctx = self.ctx
+        ctx.config = config
+        ctx.trusted = config.trusted_proxies
+        if ctx.pool is not pool:
+            ctx.idle.close_all()
+            ctx.pool = pool
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def stop(self) -> None:
+        """Stop accepting and abort whatever is still open (after a drain)."""
+        self.stop_accepting()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        for conn in list(self.ctx.connections):
+            conn.abort("shutdown")
+        self.ctx.idle.close_all()
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.server.wait_closed(), 1.0)
+
+    async def _sweep(self) -> None:
+        """Close connections idle for idle_timeout; move byte counts into the stats."""
+        marks: dict[Tracked, tuple[int, float]] = {}
+        while True:
+            idle_timeout = self.config.idle_timeout
+            await asyncio.sleep(max(0.25, min(idle_timeout / 4, 15.0)))
+            now = time.monotonic()
+            fresh: dict[Tracked, tuple[int, float]] = {}
+            for conn in list(self.ctx.connections):
+                if isinstance(conn, Link):
+                    conn.flush_bytes()
+                seen = conn.activity()
+                old = marks.get(conn)
+                since = old[1] if old is not None and old[0] == seen else now
+                if now - since >= idle_timeout:
+                    conn.abort(f"idle for {idle_timeout:g}s")
+                    continue
+                fresh[conn] = (seen, since)
+            marks = fresh

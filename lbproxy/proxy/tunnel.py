@@ -1,0 +1,353 @@
+"""The hot path: two asyncio Protocols joined back to back.
+
+After the handshake, each transport gets a lean protocol whose data_received
+writes straight to the other transport. When a transport's write buffer passes
+its high-water mark, asyncio calls pause_writing() on *its* protocol, which
+pauses reading on the peer transport (and resume_writing() resumes it), so a
+slow reader never makes lbproxy buffer without bound. Half-close (EOF) is
+passed on with write_eof(). Per chunk: one write and one integer add; the
+websocket variant also follows frame boundaries (see wsframe.FrameCursor) so a
+1001 close can be injected cleanly when the backend drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from lbproxy.proxy.accesslog import log_connection
+from lbproxy.proxy.wsframe import FrameCursor, close_frame
+
+if TYPE_CHECKING:
+    from lbproxy.pool import Backend
+    from lbproxy.proxy.context import ListenerContext
+
+HIGH_WATER = 256 * 1024
+GRACE = 5.0  # seconds a going-away peer gets to close its side before we close it
+GOING_AWAY_FRAME = close_frame(1001, b"backend going away")
+
+
+class ClientHalf(asyncio.Protocol):
+    """Client side of a tunnel: bytes from the client go to the backend."""
+
+    __slots__ = ("eof", "link", "nbytes", "out", "transport")
+
+    def __init__(self, link: Link, transport: asyncio.Transport) -> None:
+        self.link = link
+        self.transport = transport
+        self.out: asyncio.Transport = link.transport
+        self.nbytes = 0
+        self.eof = False
+
+    def data_received(self, data: bytes) -> None:
+        self.nbytes += len(data)
+        self.out.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        link = self.link
+        if link.eof:
+            self.out.close()
+            return False
+        if self.out.can_write_eof():
+            self.out.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.link.side_lost(self, "client closed" if exc is None else f"client error: {exc}")
+
+    def pause_writing(self) -> None:
+        self.out.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.out.resume_reading()
+
+
+class Link(asyncio.Protocol):
+    """Backend side of a tunnel, and the owner of the proxied connection.
+
+    It is what the pool tracks for draining and the listener for idle sweeps.
+    """
+
+    __slots__ = (
+        "backend",
+        "client",
+        "client_addr",
+        "ctx",
+        "eof",
+        "flushed_in",
+        "flushed_out",
+        "lost",
+        "nbytes",
+        "out",
+        "reason",
+        "started",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        ctx: ListenerContext,
+        backend: Backend,
+        transport: asyncio.Transport,
+        client_transport: asyncio.Transport,
+        client_addr: str,
+        started: float,
+    ) -> None:
+        self.ctx = ctx
+        self.backend = backend
+        self.transport = transport
+        self.out: asyncio.Transport = client_transport
+        self.client_addr = client_addr
+        self.started = started
+        self.nbytes = 0
+        self.eof = False
+        self.lost = 0
+        self.flushed_in = 0
+        self.flushed_out = 0
+        self.reason = ""
+        self.client = ClientHalf(self, client_transport)
+
+    # -- wiring ------------------------------------------------------------
+    def start(self, to_client: bytes, to_backend: bytes) -> None:
+        """Take over both transports; flush bytes that arrived during the handshake."""
+        ctx = self.ctx
+        for transport in (self.transport, self.out):
+            transport.set_write_buffer_limits(high=HIGH_WATER)
+        self.transport.set_protocol(self)
+        self.out.set_protocol(self.client)
+        ctx.connections.add(self)
+        ctx.pool.attach(self.backend, self)
+        if to_client:
+            self.nbytes += len(to_client)
+            self.out.write(to_client)
+        if to_backend:
+            self.client.nbytes += len(to_backend)
+            self.transport.write(to_backend)
+        self.transport.resume_reading()
+        self.out.resume_reading()
+
+    # -- backend -> client -------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self.nbytes += len(data)
+        self.out.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.client.eof:
+            self.out.close()
+            return False
+        if self.out.can_write_eof():
+            self.out.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.side_lost(self, "backend closed" if exc is None else f"backend error: {exc}")
+
+    def pause_writing(self) -> None:
+        self.out.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.out.resume_reading()
+
+    # -- lifecycle ---------------------------------------------------------
+    def side_lost(self, side: asyncio.BaseProtocol, reason: str) -> None:
+        self.lost += 1
+        if not self.reason:
+            self.reason = reason
+        if self.lost == 1:  # the other side flushes what it has, then closes
+            (self.transport if side is self.client else self.out).close()
+        else:
+            self.finish()
+
+    def finish(self) -> None:
+        ctx = self.ctx
+        ctx.connections.discard(self)
+        ctx.pool.detach(self.backend, self)
+        self.flush_bytes()
+        if ctx.access_log:
+            log_connection(
+                ctx,
+                self.client_addr,
+                self.backend,
+                time.monotonic() - self.started,
+                self.client.nbytes,
+                self.nbytes,
+                self.reason,
+            )
+
+    def flush_bytes(self) -> None:
+        """Move byte counts into the shared counters (at close and from the periodic sweep)."""
+        stats = self.ctx.stats
+        pool, backend = self.ctx.pool.name, self.backend.id
+        delta_in = self.client.nbytes - self.flushed_in
+        delta_out = self.nbytes - self.flushed_out
+        if delta_in:
+            stats.bytes[(pool, backend, "in")] += delta_in
+            self.flushed_in = self.client.nbytes
+        if delta_out:
+            stats.bytes[(pool, backend, "out")] += delta_out
+            self.flushed_out = self.nbytes
+
+    def activity(self) -> int:
+        return self.nbytes + self.client.nbytes
+
+    def abort(self, reason: str) -> None:
+        self.reason = reason
+        self.transport.close()
+        self.out.close()
+
+    def go_away(self) -> None:
+        """Plain TCP: half-close both sides (FIN) and let the peers finish."""
+        self.reason = self.reason or "drained"
+        self._part_both()
+
+    def _part_both(self) -> None:
+        for transport in (self.out, self.transport):
+            Discard.take_over(transport, self)
+
+
+class WsLink(Link):
+    """A websocket tunnel: follows backend frame boundaries to inject a 1001 close."""
+
+    __slots__ = ("cursor", "going_away")
+
+    def __init__(
+        self,
+        ctx: ListenerContext,
+        backend: Backend,
+        transport: asyncio.Transport,
+        client_transport: asyncio.Transport,
+        client_addr: str,
+        started: float,
+    ) -> None:
+        super().__init__(ctx, backend, transport, client_transport, client_addr, started)
+        self.cursor = FrameCursor()
+        self.going_away = False
+
+    def start(self, to_client: bytes, to_backend: bytes) -> None:
+        super().start(to_client, to_backend)
+        if to_client:
+            self.cursor.feed(to_client)
+
+    def data_received(self, data: bytes) -> None:
+        n = len(data)
+        self.nbytes += n
+        cursor = self.cursor
+        if n <= cursor.skip:  # inside a frame (a split header has skip == 0)
+            cursor.skip -= n
+            self.out.write(data)
+            return
+        if self.going_away:
+            self._forward_until_boundary(data)
+            return
+        self.out.write(data)
+        cursor.feed(data)
+
+    def go_away(self) -> None:
+        if self.going_away:
+            return
+        self.going_away = True
+        self.reason = "drained (1001 going away)"
+        if self.cursor.saw_close:  # the backend is already closing this websocket
+            self._part_both()
+        elif self.cursor.at_boundary:
+            self._send_going_away()
+
+    def _forward_until_boundary(self, data: bytes) -> None:
+        k = self.cursor.to_boundary(data)
+        if k < 0:
+            self.out.write(data)
+            self.cursor.feed(data)
+            return
+        head = data[:k]
+        if head:
+            self.out.write(head)
+            self.cursor.feed(head)
+        if self.cursor.saw_close:
+            self._part_both()
+        else:
+            self._send_going_away()
+
+    def _send_going_away(self) -> None:
+        self.out.write(GOING_AWAY_FRAME)
+        self._part_both()
+
+
+class Discard(asyncio.Protocol):
+    """Takes over a transport being closed gracefully: FIN sent, input read and dropped.
+
+    The transport is closed when the peer closes its side, or after GRACE seconds.
+    """
+
+    __slots__ = ("link", "timer", "transport")
+
+    def __init__(self, transport: asyncio.Transport, link: Link) -> None:
+        self.transport = transport
+        self.link = link
+        self.timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def take_over(cls, transport: asyncio.Transport, link: Link) -> None:
+        if transport.is_closing():
+            return
+        discard = cls(transport, link)
+        transport.set_protocol(discard)
+        transport.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()
+        discard.timer = link.ctx.loop.call_later(GRACE, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the peer finished too: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.link.lost += 1
+        if self.link.lost == 2:
+            self.link.finish()
+
+
+class Linger(asyncio.Protocol):
+    """Lingering close (as NGINX does after an error response): FIN, then drop input.
+
+    Closing a socket that still has unread input makes the kernel send a reset,
+    which can destroy the response before the client reads it; this reads and
+    drops what the client still sends until it closes, or for LINGER seconds.
+    """
+
+    __slots__ = ("timer", "transport")
+
+    LINGER = 2.0
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def close(cls, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        if transport.is_closing():
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        linger = cls(transport)
+        transport.set_protocol(linger)
+        transport.write_eof()
+        transport.resume_reading()
+        linger.timer = loop.call_later(cls.LINGER, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()

@@ -1,0 +1,107 @@
+"""Sans-IO websocket frame boundaries (server -> client direction) and close frames.
+
+The tunnel forwards bytes untouched; to inject a close frame (1001 Going Away)
+at drain time without cutting a frame in half, it must know where frames end in
+the backend -> client stream. ``FrameCursor`` follows that with O(1) work per
+chunk inside a large frame and a few index operations per frame header.
+"""
+
+from __future__ import annotations
+
+import struct
+
+OPCODE_CLOSE = 0x8
+GOING_AWAY = 1001
+
+
+def close_frame(code: int = GOING_AWAY, reason: bytes = b"", mask: bytes | None = None) -> bytes:
+    """An RFC 6455 close frame; unmasked (server -> client) unless ``mask`` is given."""
+    payload = struct.pack("!H", code) + reason[:123]
+    if mask is None:
+        return bytes((0x80 | OPCODE_CLOSE, len(payload))) + payload
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes((0x80 | OPCODE_CLOSE, 0x80 | len(payload))) + mask + masked
+
+
+class FrameCursor:
+    """Tracks frame boundaries in a websocket byte stream fed chunk by chunk.
+
+    ``skip`` is the number of bytes until the next frame header; ``partial``
+    holds the start of a header split across chunks. ``saw_close`` turns true
+    once a close frame header went by (the peer is closing by itself).
+    """
+
+    __slots__ = ("partial", "saw_close", "skip")
+
+    def __init__(self) -> None:
+        self.skip = 0
+        self.partial = b""
+        self.saw_close = False
+
+    @property
+    def at_boundary(self) -> bool:
+        return self.skip == 0 and not self.partial
+
+    def feed(self, data: bytes) -> None:
+        """Advance over ``data`` (the caller forwards it unchanged)."""
+        n = len(data)
+        skip = self.skip
+        if n <= skip and not self.partial:
+            self.skip = skip - n
+            return
+        self._scan(data)
+
+    def to_boundary(self, data: bytes) -> int:
+        """How many bytes of ``data`` complete the current frame (0 = at a boundary already).
+
+        -1 when the frame does not end within ``data``. Does not advance the cursor.
+        """
+        if self.at_boundary:
+            return 0
+        if not self.partial:
+            return self.skip if self.skip <= len(data) else -1
+        buf = self.partial + data
+        length = _frame_length(buf, 0)
+        if length is None:
+            return -1
+        end = length - len(self.partial)
+        return end if end <= len(data) else -1
+
+    def _scan(self, data: bytes) -> None:
+        buf = self.partial + data if self.partial else data
+        pos = self.skip if not self.partial else 0
+        n = len(buf)
+        while pos < n:
+            length = _frame_length(buf, pos)
+            if length is None:  # header incomplete
+                self.partial = bytes(buf[pos:])
+                self.skip = 0
+                return
+            if buf[pos] & 0x0F == OPCODE_CLOSE:
+                self.saw_close = True
+            pos += length
+        self.partial = b""
+        self.skip = pos - n
+
+
+def _frame_length(buf: bytes, pos: int) -> int | None:
+    """Total length (header + payload) of the frame starting at ``pos``, None if incomplete."""
+    avail = len(buf) - pos
+    if avail < 2:
+        return None
+    b1 = buf[pos + 1]
+    size = b1 & 0x7F
+    header = 2
+    if size == 126:
+        header = 4
+        if avail < 4:
+            return None
+        size = (buf[pos + 2] << 8) | buf[pos + 3]
+    elif size == 127:
+        header = 10
+        if avail < 10:
+            return None
+        size = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+    if b1 & 0x80:
+        header += 4
+    return header + size
