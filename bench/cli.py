@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = False
     try:
         machine = machine_info(shutil.which("gcc") or "gcc", command, args.quick, args.repeat)
+        machine["settings"] = dict(vars(settings))
         tools = build_tools(shutil.which("gcc") or "gcc", out / ".build")
         print(f"run dir {run_dir}; tools built in {out / '.build'}", flush=True)
         outcome = run_all(args.targets, args.scenarios, settings, args.repeat, tools, run_dir)

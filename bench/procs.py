@@ -28,8 +28,10 @@ class Child:
         self.pid = popen.pid
         self.log_path = log_path
         self.lines: queue.Queue[str | None] = queue.Queue()
+        self.reader: threading.Thread | None = None
         if popen.stdout is not None:
-            threading.Thread(target=self._read_lines, daemon=True).start()
+            self.reader = threading.Thread(target=self._read_lines, daemon=True)
+            self.reader.start()
 
     def _read_lines(self) -> None:
         assert self.popen.stdout is not None
@@ -77,6 +79,8 @@ class Child:
             os.killpg(self.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=5)
+        if self.reader is not None:  # the process is gone: its stdout reaches EOF
+            self.reader.join(timeout=5)
         for stream in (self.popen.stdin, self.popen.stdout):
             if stream is not None:
                 with contextlib.suppress(OSError):

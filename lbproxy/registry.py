@@ -82,6 +82,8 @@ class Registration:
         self._write_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._outage_since: float | None = None
+        self._registered = False
+        self._closed = False
 
     async def start(self) -> None:
         """Register once (RegistryError when Redis is unreachable), then heartbeat."""
@@ -92,6 +94,7 @@ class Registration:
             raise RegistryError(
                 f"cannot reach Redis at {redact_url(self.url)}: {scrub(str(exc), self.url)}"
             ) from None
+        self._registered = True
         log.info(
             "registry: registered %s (%s) in pool %s at %s",
             self.backend_id,
@@ -120,6 +123,11 @@ class Registration:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._registered and not self._closed:
+            await self._leave()
+        await self._close()
+
+    async def _leave(self) -> None:
         try:
             async with self._write_lock:
                 await self._deregister(
@@ -135,7 +143,6 @@ class Registration:
             )
         else:
             log.info("registry: deregistered %s from pool %s", self.backend_id, self.pool)
-        await self._close()
 
     def _keys(self) -> list[str]:
         return [
@@ -186,6 +193,7 @@ class Registration:
             next_at = max(next_at + interval, time.monotonic() + interval / 2)
 
     async def _close(self) -> None:
+        self._closed = True
         with contextlib.suppress(Exception):
             await self._client.aclose()
 

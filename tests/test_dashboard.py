@@ -102,27 +102,27 @@ async def test_dashboard_lists_drains_and_updates_live(browser_page: object) -> 
         # counters move: the page shows rates computed from deltas between polls
         traffic = asyncio.create_task(make_traffic(dash.stats))
         try:
-            await expect(row.locator(".out-rate")).to_have_text(re.compile(r"^[0-9.]+MB$"))
+            await expect(row.locator(".out-rate")).to_have_text(re.compile(r"^[0-9.]+ MB$"))
             await expect(page.locator("#conn-rate")).to_have_text(re.compile(r"^[1-9][0-9.]*$"))
-            await expect(row.locator(".in-rate")).to_have_text("0B")
+            await expect(row.locator(".in-rate")).to_have_text("0 B")
+            await expect(page.locator("#open-connections")).to_have_text("3")
+
+            # clicking drain changes the pool and the state shown
+            await row.locator("button.drain").click()
+            await expect(row.locator(".state")).to_have_text("draining")
+            await expect(row.locator(".state")).to_have_class("state draining")
+            assert chat.backends["b1"].state is BackendState.DRAINING
+
+            # a state change made elsewhere (health check) shows up on the next poll
+            chat.mark_down("b2", "health check failed")
+            b2 = page.locator('tr.backend[data-id="b2"] .state')
+            await expect(b2).to_have_text("down", timeout=5000)
+            # membership changes too
+            chat.upsert("b4", Address("127.0.0.1", 9004), 1, source="redis")
+            await expect(page.locator('tr.backend[data-id="b4"] .state')).to_have_text("up")
+            await page.screenshot(path=SCREENSHOT, full_page=True)
         finally:
             traffic.cancel()
-        await expect(page.locator("#open-connections")).to_have_text("3")
-
-        # clicking drain changes the pool and the state shown
-        await row.locator("button.drain").click()
-        await expect(row.locator(".state")).to_have_text("draining")
-        await expect(row.locator(".state")).to_have_class("state draining")
-        assert chat.backends["b1"].state is BackendState.DRAINING
-
-        # a state change made elsewhere (health check) shows up on the next poll
-        chat.mark_down("b2", "health check failed")
-        b2 = page.locator('tr.backend[data-id="b2"] .state')
-        await expect(b2).to_have_text("down", timeout=5000)
-        # membership changes too
-        chat.upsert("b4", Address("127.0.0.1", 9004), 1, source="redis")
-        await expect(page.locator('tr.backend[data-id="b4"] .state')).to_have_text("up")
-        await page.screenshot(path=SCREENSHOT, full_page=True)
 
         await page.locator('tr.backend[data-id="b2"] button.enable').click()
         await expect(b2).to_have_text("up")

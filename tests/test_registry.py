@@ -6,12 +6,13 @@ import dataclasses
 import logging
 import signal
 import time
+from collections.abc import Callable
 
 import pytest
 
 from lbproxy.config_types import Address, BackendConfig
 from lbproxy.errors import RegistryError
-from lbproxy.pool import BackendState
+from lbproxy.pool import BackendState, Pool
 from lbproxy.registry import Registration, run_register
 from lbproxy.registry_schema import backend_key, events_channel, members_key
 from tests.support import RedisServer, await_until, free_port
@@ -30,6 +31,10 @@ from tests.test_registry_helpers import (
 NO_RESYNC = 600.0  # long enough that only the snapshot, events and expiry timers act
 
 
+def member_of(pool: Pool, backend_id: str) -> Callable[[], bool]:
+    return lambda: backend_id in redis_ids(pool)
+
+
 async def test_joins_reach_two_watchers_within_2s_and_they_agree(redis: RedisServer) -> None:
     static = (BackendConfig("s1", Address("127.0.0.1", 1)),)
     pool_a = make_pool(balance="hash", static=static)
@@ -44,7 +49,7 @@ async def test_joins_reach_two_watchers_within_2s_and_they_agree(redis: RedisSer
         for reg in regs:
             t0 = time.monotonic()
             await reg.start()
-            await await_until(lambda r=reg: r.backend_id in redis_ids(pool_a), timeout=2)
+            await await_until(member_of(pool_a, reg.backend_id), timeout=2)
             joins.append(time.monotonic() - t0)
         print(f"join latency (event): max {max(joins) * 1000:.1f} ms")
         # A watcher started later gets the same set from its first snapshot.
@@ -290,3 +295,24 @@ async def test_update_pools(redis: RedisServer) -> None:
         await raw_register(client, "other", "o2", "127.0.0.1:4")
         await await_until(lambda: "o2" in other.backends, timeout=2)
         assert not chat.backends
+
+
+async def test_leave_of_a_replaced_instance_keeps_the_new_registration(redis: RedisServer) -> None:
+    pool = make_pool()
+    old = Registration(redis.url, PREFIX, "chat", "same", "127.0.0.1:9101", ttl=60)
+    new = Registration(redis.url, PREFIX, "chat", "same", "127.0.0.1:9102", ttl=60)
+    async with (
+        raw_client(redis.url) as client,
+        watching(redis.url, {"chat": pool}, resync_interval=NO_RESYNC) as watcher,
+    ):
+        await await_until(lambda: watcher.connected, timeout=5)
+        await old.start()
+        await await_until(lambda: "same" in redis_ids(pool), timeout=2)
+        await new.start()  # e.g. a restarted backend that kept its id
+        await await_until(lambda: pool.backends["same"].address.port == 9102, timeout=2)
+        await old.stop()
+        assert await client.hget(backend_key(PREFIX, "chat", "same"), "instance") == new.instance
+        assert await client.zscore(members_key(PREFIX, "chat"), "same") is not None
+        assert "same" in redis_ids(pool)
+        await new.stop()
+        await await_until(lambda: "same" not in pool.backends, timeout=1)

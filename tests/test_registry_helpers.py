@@ -16,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -94,7 +95,12 @@ async def raw_register(
     seconds, micros = await client.time()
     expiry = seconds + micros / 1_000_000 + ttl
     hkey = backend_key(PREFIX, pool, backend_id)
-    fields = {"id": backend_id, "address": address, "weight": weight, "state": state}
+    fields: dict[Any, Any] = {
+        "id": backend_id,
+        "address": address,
+        "weight": weight,
+        "state": state,
+    }
     fields.update(extra or {})
     async with client.pipeline(transaction=True) as pipe:
         pipe.delete(hkey)
@@ -125,7 +131,10 @@ def register_proc(
         f"run_register({url!r}, {PREFIX!r}, {pool!r}, {address!r}, {backend_id!r}, 1, "
         f"{ttl!r}, {drain_first!r})"
     )
-    code = f"import asyncio,sys; from lbproxy.registry import run_register; sys.exit(asyncio.run({call}))"
+    code = (
+        "import asyncio,sys; from lbproxy.registry import run_register; "
+        f"sys.exit(asyncio.run({call}))"
+    )
     return Proc([sys.executable, "-c", code], cwd=str(REPO))
 
 
@@ -170,7 +179,7 @@ class BlackholeProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> BlackholeProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -180,7 +189,7 @@ class BlackholeProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         self._writers.add(writer)
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)

@@ -38,7 +38,7 @@ def locate_head(
     final blank line (leading blank lines, which RFC 9112 2.2 lets us skip, come before
     ``start``), or None when it is not complete yet. Raises HttpError(``too_big``) when the head
     is, or would become, longer than ``max_head``, and HttpError(``bad``) for bare CR/LF line
-    endings and obs-fold continuation lines."""
+    endings. (Obs-fold lines are refused by each parser: their "name" is not a token.)"""
     start = 0
     if buf[:1] in (b"\r", b"\n"):
         start = _skip_blank_lines(buf, bad)
@@ -53,8 +53,6 @@ def locate_head(
     if end > max_head:
         raise HttpError(too_big, f"head longer than {max_head} bytes")
     _check_line_endings(buf, start, end, bad)
-    if buf.find(b"\n ", start, end) >= 0 or buf.find(b"\n\t", start, end) >= 0:
-        raise HttpError(bad, "obsolete line folding")
     return start, end
 
 

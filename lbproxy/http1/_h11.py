@@ -19,6 +19,12 @@ from lbproxy.http1._common import (
 from lbproxy.http1._types import Headers, RequestHead, ResponseHead
 
 
+def _refuse_obs_fold(head: bytes, bad: int) -> None:
+    # h11 would join a continuation line to the previous one; lbproxy refuses it.
+    if b"\n " in head or b"\n\t" in head:
+        raise HttpError(bad, "obsolete line folding")
+
+
 def _received_fields(head: bytes) -> Headers:
     """Every header line exactly as received (duplicates kept), for a head h11 validated."""
     fields = []
@@ -49,6 +55,7 @@ def parse_request(buf: bytes | bytearray, max_head: int) -> tuple[RequestHead, i
         return None
     start, end = span
     head = bytes(buf[start:end])
+    _refuse_obs_fold(head, 400)
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=len(head) + 1)
     conn.receive_data(head)
     try:
@@ -86,6 +93,7 @@ def parse_response(
         return None
     start, end = span
     head = bytes(buf[start:end])
+    _refuse_obs_fold(head, 502)
     conn = _client_awaiting_response(request_method, len(head) + 1)
     conn.receive_data(head)
     try:

@@ -343,7 +343,7 @@ class HttpClient(asyncio.Protocol):
         else:
             self._reject(502, "backend closed the connection")
 
-    def start_tunnel(self, upstream: Upstream, to_client: bytes) -> None:
+    def start_tunnel(self, upstream: Upstream, to_client: bytes, head_len: int) -> None:
         """The backend answered 101: hand both transports to a websocket tunnel."""
         ctx = self.ctx
         backend = self.backend
@@ -356,7 +356,7 @@ class HttpClient(asyncio.Protocol):
         self.upstream = None
         link = WsLink(ctx, backend, upstream.transport, self.transport, self.ip, self.started)
         link.client.nbytes = self.nbytes_in
-        link.start(to_client, bytes(self.buf))
+        link.start(to_client, bytes(self.buf), head_len)
         self.buf = bytearray()
 
     def write(self, data: bytes) -> None:

@@ -147,7 +147,7 @@ class Upstream(asyncio.Protocol):
                 buf.clear()
                 self.state = IDLE
                 self.client = None
-                client.start_tunnel(self, raw + rest)
+                client.start_tunnel(self, raw + rest, len(raw))
                 return
             raw = bytes(buf[:used])
             del buf[:used]

@@ -226,10 +226,11 @@ class WsLink(Link):
         self.cursor = FrameCursor()
         self.going_away = False
 
-    def start(self, to_client: bytes, to_backend: bytes) -> None:
+    def start(self, to_client: bytes, to_backend: bytes, head_len: int = 0) -> None:
+        """``to_client`` is the 101 response head (``head_len`` bytes) plus any first frames."""
         super().start(to_client, to_backend)
-        if to_client:
-            self.cursor.feed(to_client)
+        if len(to_client) > head_len:
+            self.cursor.feed(to_client[head_len:])
 
     def data_received(self, data: bytes) -> None:
         n = len(data)

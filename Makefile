@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+.PHONY: demo test lint unit bench deps system-deps clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+deps: $(BIN)/.installed system-deps
+
+system-deps:
+	./scripts/system-deps.sh
+
+demo: deps
+	$(BIN)/lbproxy demo
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check lbproxy tests bench
+	$(BIN)/ruff format --check lbproxy tests bench
+	$(BIN)/mypy lbproxy
+
+test: deps lint
+	$(BIN)/pytest -q -p no:cacheprovider
+
+bench: deps
+	$(BIN)/python -m bench --out bench/out
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench/out

@@ -1,0 +1,331 @@
+"""The chat hub of one backend: rooms with local members, fed by Redis pub/sub.
+
+One pub/sub connection per backend, subscribed to the channel of every room that has a local
+member. A room is usable (``Room.subscribed``) once Redis confirmed its subscription: from then
+on every message stored in the room reaches this backend, and anything older is in the room's
+stream, which joins replay. If the pub/sub connection fails (error, or no answer to PING), it
+is re-opened with backoff and every room is subscribed again; at each confirmation the hub
+re-reads the room's stream after the last id it delivered, so local members get what was
+published while the subscription was down (members drop anything they already have by id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import secrets
+from collections.abc import Coroutine
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from lbproxy.backend import chat_protocol as proto
+from lbproxy.backend.options import BackendOptions
+from lbproxy.backend.protocol import WsConnectionPeer
+from lbproxy.backend.ratelimit import RateLimit
+from lbproxy.backend.routes import Response
+from lbproxy.backend.session import REPLAY_BATCH, ChatSession
+from lbproxy.backend.store import MEMBER_SEPARATOR, ChatStore, StoreSettings
+from lbproxy.backend.wire import Header, WebSocketRequest
+
+log = logging.getLogger(__name__)
+
+PING_INTERVAL = 1.0  # seconds between PINGs on an idle pub/sub connection
+DEAD_AFTER = 3.0  # no answer at all for this long: the pub/sub connection is re-opened
+BACKOFF_BASE, BACKOFF_CAP = 0.05, 2.0
+COOKIE = "session"
+
+
+class Room:
+    """A room with members on this backend."""
+
+    __slots__ = ("channel", "last_id", "members", "name", "subscribed", "users")
+
+    def __init__(self, name: str, channel: str) -> None:
+        self.name = name
+        self.channel = channel
+        self.members: dict[ChatSession, None] = {}
+        self.users: collections.Counter[str] = collections.Counter()
+        self.last_id: int | None = None  # newest id delivered here; None before the 1st sub
+        self.subscribed = asyncio.Event()
+
+
+def open_client(url: str) -> Redis:
+    client: Redis = Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=2.0,
+        socket_timeout=3.0,
+        retry=Retry(NoBackoff(), 1),  # one retry: a send is idempotent by client_msg_id
+    )
+    return client
+
+
+class ChatHub:
+    """Rooms, the pub/sub subscription and presence of one backend (a server.ChatService)."""
+
+    def __init__(self, options: BackendOptions, backend_id: str) -> None:
+        assert options.redis_url is not None
+        self.options = options
+        self.backend_id = backend_id
+        self.max_message = options.max_message
+        self.instance = secrets.token_hex(6)
+        self.client = open_client(options.redis_url)
+        settings = StoreSettings(
+            prefix=options.prefix,
+            history=options.history,
+            limit=RateLimit(options.rate, options.burst),
+            presence_ttl=options.presence_ttl,
+            session_ttl=options.session_ttl,
+            dedupe_window=options.dedupe_window,
+        )
+        self.store = ChatStore(self.client, settings)
+        self.rooms: dict[str, Room] = {}
+        self._by_channel: dict[str, Room] = {}
+        self._commands: asyncio.Queue[tuple[bool, str]] = asyncio.Queue()
+        self._pending: collections.Counter[str] = collections.Counter()
+        self._last_seen = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self.connected = asyncio.Event()  # the pub/sub connection is up (for tests and logs)
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._subscriber(), name="chat-subscriber"),
+            asyncio.create_task(self._presence_loop(), name="chat-presence"),
+        ]
+
+    async def stop(self) -> None:
+        for task in [*self._tasks, *self._background]:
+            task.cancel()
+        for task in [*self._tasks, *self._background]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+    def member(self, user: str) -> str:
+        return f"{user}{MEMBER_SEPARATOR}{self.instance}"
+
+    # ---- admission (server.ChatService) ---------------------------------------------------------
+
+    async def admit(self, request: WebSocketRequest) -> tuple[str, list[Header]] | Response:
+        user = request.query.get("user") or None
+        if user is not None and not proto.valid_name(user):
+            return _reject(400, f"user must be 1-{proto.MAX_NAME} printable characters")
+        session_id = _session_cookie(request.header("cookie"))
+        try:
+            known = None if session_id is None else await self.store.session_user(session_id)
+            if user is None and known is None:
+                return _reject(400, "user required: /chat?user=NAME (no valid session cookie)")
+            user = user or known
+            assert user is not None
+            if known is None or session_id is None:
+                session_id = secrets.token_urlsafe(18)
+            await self.store.save_session(session_id, user)
+        except (RedisError, OSError) as exc:
+            if user is None:
+                return _reject(503, f"sessions unavailable: {exc}")
+            log.warning("chat: session store unavailable (%s); %s connects without one", exc, user)
+            return user, []
+        max_age = max(1, int(self.options.session_ttl))
+        cookie = f"{COOKIE}={session_id}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax"
+        return user, [("set-cookie", cookie)]
+
+    def attach(self, peer: WsConnectionPeer, user: str) -> ChatSession:
+        return ChatSession(self, peer, user)
+
+    # ---- rooms -------------------------------------------------------------------------------
+
+    def enter(self, name: str, session: ChatSession) -> Room:
+        room = self.rooms.get(name)
+        if room is None:
+            room = Room(name, self.store.channel(name))
+            self.rooms[name] = room
+            self._by_channel[room.channel] = room
+            self._commands.put_nowait((True, room.channel))
+        room.members[session] = None
+        room.users[session.user] += 1
+        return room
+
+    def leave(self, name: str, session: ChatSession) -> None:
+        room = self.rooms.get(name)
+        if room is None or session not in room.members:
+            return
+        del room.members[session]
+        room.users[session.user] -= 1
+        if room.users[session.user] <= 0:
+            del room.users[session.user]
+            self._spawn(self.store.presence_remove(name, self.member(session.user)))
+        if not room.members:
+            del self.rooms[name]
+            del self._by_channel[room.channel]
+            self._commands.put_nowait((False, room.channel))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except (RedisError, OSError) as exc:
+                log.info("chat: background redis call failed: %s", exc)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _deliver(self, room: Room, payload: str) -> None:
+        msg_id = proto.message_id(payload)
+        if room.last_id is None or msg_id > room.last_id:
+            room.last_id = msg_id
+        for session in list(room.members):
+            session.deliver(room.name, msg_id, payload)
+
+    # ---- pub/sub -----------------------------------------------------------------------------
+
+    async def _subscriber(self) -> None:
+        attempt = 0
+        rng = random.Random()
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                await self._subscription(pubsub)
+            except (RedisError, OSError, TimeoutError) as exc:
+                if self.connected.is_set():
+                    log.warning("chat: redis subscription lost (%s); reconnecting", exc)
+                    attempt = 0
+                elif attempt == 0:
+                    log.warning("chat: cannot subscribe in redis (%s); retrying", exc)
+            finally:
+                self.connected.clear()
+                for room in self.rooms.values():
+                    room.subscribed.clear()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * (0.5 + rng.random() / 2)
+            attempt = min(attempt + 1, 10)
+            await asyncio.sleep(delay)
+
+    async def _subscription(self, pubsub: PubSub) -> None:
+        loop = asyncio.get_running_loop()
+        await pubsub.subscribe(f"{self.options.prefix}:chat:hub:{self.instance}")
+        self._last_seen = loop.time()
+        self._pending.clear()
+        while not self._commands.empty():
+            self._commands.get_nowait()
+        for channel in self._by_channel:
+            self._commands.put_nowait((True, channel))
+        listener = asyncio.create_task(self._listen(pubsub))
+        writer = asyncio.create_task(self._write(pubsub))
+        try:
+            done, _ = await asyncio.wait({listener, writer}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        finally:
+            for task in (listener, writer):
+                task.cancel()
+            await asyncio.gather(listener, writer, return_exceptions=True)
+
+    async def _write(self, pubsub: PubSub) -> None:
+        """Send (un)subscribe commands in order and PING when idle; give up on silence."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                subscribe, channel = await asyncio.wait_for(self._commands.get(), PING_INTERVAL)
+            except TimeoutError:
+                if loop.time() - self._last_seen > DEAD_AFTER:
+                    raise ConnectionError(
+                        "no answer from redis on the pub/sub connection"
+                    ) from None
+                await pubsub.ping()
+                continue
+            if subscribe == (channel in self._by_channel):  # skip commands made stale since
+                self._pending[channel] += 1
+                if subscribe:
+                    await pubsub.subscribe(channel)
+                else:
+                    await pubsub.unsubscribe(channel)
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            self._last_seen = loop.time()
+            if message is None:
+                continue
+            kind, channel = message["type"], message["channel"]
+            if kind == "message":
+                room = self._by_channel.get(channel)
+                if room is not None:
+                    self._deliver(room, message["data"])
+            elif kind == "subscribe":
+                await self._confirmed(channel)
+            elif kind == "unsubscribe":
+                self._pending[channel] -= 1
+
+    async def _confirmed(self, channel: str) -> None:
+        if channel.startswith(f"{self.options.prefix}:chat:hub:"):
+            self.connected.set()
+            return
+        self._pending[channel] -= 1
+        room = self._by_channel.get(channel)
+        if self._pending[channel] > 0 or room is None:
+            return  # a later (un)subscribe of this channel is still on its way
+        if room.last_id is None:
+            room.last_id = await self.store.head(room.name)
+        else:
+            await self._catch_up(room)
+        room.subscribed.set()
+
+    async def _catch_up(self, room: Room) -> None:
+        """Deliver what was stored while this backend was not subscribed to ``room``."""
+        assert room.last_id is not None
+        while True:
+            entries = await self.store.read_after(room.name, room.last_id, REPLAY_BATCH)
+            for entry in entries:
+                self._deliver(room, entry.payload)
+            if len(entries) < REPLAY_BATCH:
+                return
+
+    # ---- presence ----------------------------------------------------------------------------
+
+    async def _presence_loop(self) -> None:
+        interval = self.options.presence_ttl / 3
+        while True:
+            await asyncio.sleep(interval)
+            members = {
+                room.name: [self.member(user) for user in room.users]
+                for room in self.rooms.values()
+            }
+            try:
+                await self.store.presence_touch(members)
+            except (RedisError, OSError) as exc:
+                log.info("chat: presence refresh failed: %s", exc)
+
+
+def _reject(status: int, text: str) -> Response:
+    return Response(status, (("content-type", "text/plain; charset=utf-8"),), text.encode())
+
+
+def _session_cookie(header: str | None) -> str | None:
+    if not header:
+        return None
+    cookie: SimpleCookie = SimpleCookie()
+    try:
+        cookie.load(header)
+    except CookieError:
+        return None
+    morsel = cookie.get(COOKIE)
+    if morsel is None:
+        return None
+    value = morsel.value
+    ok = 16 <= len(value) <= 64 and all(c.isalnum() or c in "-_" for c in value)
+    return value if ok else None

@@ -1,0 +1,220 @@
+"""One chat websocket: its commands handled in order, its rooms, and what it has been sent.
+
+Delivery guarantees per joined room: messages arrive in id order, each at most once (a
+per-room ``last_id`` filter), and with no gap between the replay of stored history and live
+messages: live messages that arrive while the replay runs are buffered, then the buffer is
+flushed minus what the replay already sent.
+
+What the sender of ``send`` receives: when it is a member of the room (on this connection), its
+message reaches it like every other member, as one ``msg`` event; when it is not a member, that
+``msg`` is sent to it directly. A repeated ``client_msg_id`` (same user and room, within the
+dedupe window) stores nothing: the sender alone gets the originally stored ``msg`` (same id)
+with ``"duplicate": true`` added, and nobody else gets anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from redis.exceptions import RedisError
+
+from lbproxy.backend import chat_protocol as proto
+from lbproxy.backend.store import Duplicate, Limited, Stored
+
+if TYPE_CHECKING:
+    from lbproxy.backend.chat import ChatHub
+    from lbproxy.backend.protocol import WsConnectionPeer
+
+log = logging.getLogger(__name__)
+
+JOIN_TIMEOUT = 5.0  # seconds a join waits for the room subscription before "unavailable"
+REPLAY_BATCH = 500
+INBOX_HIGH = 64  # queued client messages before we stop reading from the socket
+INBOX_LOW = 16
+MAX_OUTPUT = 8 * 1024 * 1024  # unsent bytes before a client is closed as too slow (1013)
+UNAVAILABLE = (RedisError, OSError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class _TooBig:
+    size: int
+
+
+class Membership:
+    """This session in one room: the last id sent, and live messages held during a replay."""
+
+    __slots__ = ("buffer", "last_id", "replaying")
+
+    def __init__(self) -> None:
+        self.last_id = 0
+        self.replaying = True
+        self.buffer: list[tuple[int, str]] = []
+
+
+class ChatSession:
+    """The chat side of one accepted /chat websocket (a server.WsHandler)."""
+
+    def __init__(self, hub: ChatHub, peer: WsConnectionPeer, user: str) -> None:
+        self.hub = hub
+        self.peer = peer
+        self.user = user
+        self.rooms: dict[str, Membership] = {}
+        self.closed = False
+        self._inbox: collections.deque[str | bytes | _TooBig] = collections.deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._held = False
+
+    # ---- WsHandler ----------------------------------------------------------------------------
+
+    def on_message(self, data: str | bytes) -> None:
+        self._enqueue(data)
+
+    def on_too_big(self, size: int) -> None:
+        self._enqueue(_TooBig(size))
+
+    def on_closed(self) -> None:
+        self.closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+        for room in list(self.rooms):
+            self._leave(room)
+
+    # ---- from the hub -------------------------------------------------------------------------
+
+    def deliver(self, room: str, msg_id: int, payload: str) -> None:
+        member = self.rooms.get(room)
+        if member is None:
+            return
+        if member.replaying:
+            member.buffer.append((msg_id, payload))
+        elif msg_id > member.last_id:
+            member.last_id = msg_id
+            self._send(payload)
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _send(self, text: str) -> None:
+        if self.closed:
+            return
+        self.peer.send_text(text)
+        if self.peer.write_buffer_size() > MAX_OUTPUT:
+            log.warning("chat: closing %s: %d bytes unread", self.user, MAX_OUTPUT)
+            self.peer.close(1013, "client too slow")
+
+    def _enqueue(self, item: str | bytes | _TooBig) -> None:
+        self._inbox.append(item)
+        if len(self._inbox) >= INBOX_HIGH and not self._held:
+            self._held = True
+            self.peer.hold_reading(True)
+        if self._worker is None and not self.closed:
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def _work(self) -> None:
+        try:
+            while self._inbox and not self.closed:
+                item = self._inbox.popleft()
+                if self._held and len(self._inbox) <= INBOX_LOW:
+                    self._held = False
+                    self.peer.hold_reading(False)
+                await self._handle(item)
+        finally:
+            self._worker = None
+
+    async def _handle(self, item: str | bytes | _TooBig) -> None:
+        if isinstance(item, _TooBig):
+            limit = self.hub.max_message
+            detail = f"message of {item.size} bytes is over the limit of {limit} bytes"
+            self._send(proto.error("bad_request", detail=detail))
+            return
+        if isinstance(item, bytes):
+            self._send(proto.error("bad_request", detail="binary frames are not supported"))
+            return
+        try:
+            command = proto.parse_command(item)
+        except proto.BadRequest as exc:
+            self._send(proto.error("bad_request", detail=str(exc)))
+            return
+        try:
+            await self._run(command)
+        except UNAVAILABLE as exc:
+            log.info("chat: redis unavailable for %s: %s", type(command).__name__, exc)
+            self._send(proto.error("unavailable", **_context(command)))
+
+    async def _run(self, command: proto.Command) -> None:
+        if isinstance(command, proto.Send):
+            await self._send_message(command)
+        elif isinstance(command, proto.Join):
+            await self._join(command)
+        elif isinstance(command, proto.Presence):
+            users = await self.hub.store.presence_list(command.room)
+            self._send(proto.presence(command.room, users))
+        else:
+            self._leave(command.room)
+            self._send(proto.left(command.room))
+
+    async def _send_message(self, command: proto.Send) -> None:
+        result = await self.hub.store.send(command.room, self.user, command)
+        if isinstance(result, Stored):
+            if command.room not in self.rooms:
+                self._send(result.payload)
+        elif isinstance(result, Duplicate):
+            self._send(proto.as_duplicate(result.payload))
+        elif isinstance(result, Limited):
+            retry = round(result.retry_after + 0.0005, 3)
+            self._send(proto.error("rate_limited", retry_after=retry, **_context(command)))
+
+    async def _join(self, command: proto.Join) -> None:
+        room = command.room
+        self._leave(room)  # joining again restarts from the new ``since``
+        member = Membership()
+        self.rooms[room] = member
+        hub_room = self.hub.enter(room, self)
+        try:
+            await asyncio.wait_for(hub_room.subscribed.wait(), JOIN_TIMEOUT)
+            await self.hub.store.presence_touch({room: [self.hub.member(self.user)]})
+            if self.rooms.get(room) is not member:
+                return
+            self._send(proto.joined(room, self.hub.backend_id, self.user))
+            if command.since is not None:
+                await self._replay(room, member, command.since)
+        except BaseException:
+            if self.rooms.get(room) is member:
+                self._leave(room)
+            raise
+        if self.rooms.get(room) is member:
+            for msg_id, payload in sorted(member.buffer):
+                if msg_id > member.last_id:
+                    member.last_id = msg_id
+                    self._send(payload)
+            member.buffer.clear()
+            member.replaying = False
+
+    async def _replay(self, room: str, member: Membership, since: int) -> None:
+        after = since
+        while True:
+            entries = await self.hub.store.read_after(room, after, REPLAY_BATCH)
+            if self.rooms.get(room) is not member:
+                return
+            if after == since and entries and entries[0].prev > since:
+                self._send(proto.error("history_gap", room=room, oldest=entries[0].id))
+            for entry in entries:
+                if entry.id > member.last_id:
+                    member.last_id = entry.id
+                    self._send(entry.payload)
+            if len(entries) < REPLAY_BATCH:
+                return
+            after = entries[-1].id
+
+    def _leave(self, room: str) -> None:
+        if self.rooms.pop(room, None) is not None:
+            self.hub.leave(room, self)
+
+
+def _context(command: proto.Command) -> dict[str, str]:
+    if isinstance(command, proto.Send):
+        return {"op": "send", "room": command.room, "client_msg_id": command.client_msg_id}
+    return {"op": type(command).__name__.lower(), "room": command.room}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install the Debian packages the tests, demo and benchmarks need, when missing.
+# redis-server: tests and demo; chromium: page tests; nginx, haproxy, wrk, gcc: the bench.
+set -euo pipefail
+want=()
+command -v redis-server >/dev/null || want+=(redis-server)
+command -v chromium >/dev/null || want+=(chromium)
+command -v nginx >/dev/null || want+=(nginx)
+command -v haproxy >/dev/null || want+=(haproxy)
+command -v wrk >/dev/null || want+=(wrk)
+command -v gcc >/dev/null || want+=(gcc)
+command -v taskset >/dev/null || want+=(util-linux)
+if ((${#want[@]})); then
+  echo "installing: ${want[*]}"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${want[@]}"
+fi

@@ -1,0 +1,121 @@
+"""Smoke tests of the side-by-side benchmark (``python -m bench``, SPEC section 8)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.runner import MAIN_METRIC
+from bench.scenarios import SCENARIOS
+from bench.targets import TARGETS, Ports, proxy_spec
+from tests.support import REPO
+
+BENCH_TOOLS = ("nginx", "haproxy", "gcc", "taskset")
+MISSING = [tool for tool in BENCH_TOOLS if shutil.which(tool) is None]
+needs_tools = pytest.mark.skipif(
+    bool(MISSING),
+    reason=f"benchmark tools not installed: {', '.join(MISSING)} (the test command installs them)",
+)
+
+
+def run_bench(*args: str, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env, check=False,
+    )
+
+
+def check_metrics(scenario: str, target: str, metrics: dict[str, object]) -> None:
+    where = f"{scenario}/{target}"
+    assert metrics, f"{where}: no metrics"
+    for key, value in metrics.items():
+        assert isinstance(value, int | float) and not isinstance(value, bool), (where, key, value)
+    main = metrics[MAIN_METRIC[scenario]]
+    assert isinstance(main, int | float) and main > 0, (where, main)
+    if target != "direct":
+        cpu = metrics["proxy_cpu_us"]
+        assert isinstance(cpu, int | float) and cpu > 0, (where, "proxy_cpu_us", cpu)
+    if scenario in ("http_rps", "ws_connect_rate", "ws_echo_small", "ws_echo_bulk"):
+        assert metrics["p99_ms"] >= metrics["p50_ms"] > 0, (where, metrics)  # type: ignore[operator]
+    if scenario == "idle_ws_memory":
+        assert metrics["conns_full"] == 1000 and metrics["dropped"] == 0, (where, metrics)
+    if scenario == "reconnect_storm":
+        assert metrics["reconnected"] == metrics["clients"] == 1000, (where, metrics)
+
+
+@needs_tools
+@pytest.mark.timeout(240)
+def test_quick_bench_measures_every_scenario_on_every_target(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_bench("--quick", "--out", str(out), timeout=180)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    data = json.loads((out / "results.json").read_text())
+    assert set(data) == {"machine", "scenarios"}
+    assert data["machine"]["pinning"]["proxy"].startswith("CPU 1")
+    assert set(data["scenarios"]) == set(SCENARIOS)
+    for scenario, per_target in data["scenarios"].items():
+        assert set(per_target) == set(TARGETS), scenario
+        for target, metrics in per_target.items():
+            check_metrics(scenario, target, metrics)
+    report = (out / "report.md").read_text()
+    for name in (*SCENARIOS, "lbproxy/nginx", "lbproxy/haproxy", "nginx-default.conf",
+                 "haproxy-bulk.cfg", "lbproxy.toml"):
+        assert name in report, name
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "main_metrics.png" in pngs and "proxy_cpu.png" in pngs, pngs
+    assert all((out / p).stat().st_size > 1000 for p in pngs)
+
+
+def test_missing_tools_are_named_and_exit_non_zero(tmp_path: Path) -> None:
+    env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}  # nothing on PATH
+    proc = run_bench("--quick", "--out", str(tmp_path / "out"), "--targets", "direct,nginx,haproxy",
+                     timeout=60, env=env)
+    assert proc.returncode == 2
+    for tool in ("gcc", "taskset", "nginx", "haproxy"):
+        assert tool in proc.stderr, proc.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_unknown_target_is_a_usage_error(tmp_path: Path) -> None:
+    proc = run_bench("--targets", "direct,envoy", "--out", str(tmp_path), timeout=60)
+    assert proc.returncode == 2
+    assert "envoy" in proc.stderr
+
+
+@pytest.mark.parametrize("bulk", [False, True])
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed")
+def test_generated_nginx_config_is_valid(tmp_path: Path, bulk: bool) -> None:
+    spec = proxy_spec("nginx", tmp_path, Ports(listen=1, backend=2, admin=3), bulk=bulk)
+    assert spec.config_path is not None
+    text = spec.config_path.read_text()
+    assert "127.0.0.1:1 " in text and "127.0.0.1:2;" in text and "@" not in text
+    assert ("proxy_buffer_size 64k" in text) is bulk
+    cmd = [c for c in spec.command if c not in ("-g", "daemon off;")]
+    proc = subprocess.run([*cmd, "-t"], capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("bulk", [False, True])
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed")
+def test_generated_haproxy_config_is_valid(tmp_path: Path, bulk: bool) -> None:
+    spec = proxy_spec("haproxy", tmp_path, Ports(listen=1, backend=2, admin=3), bulk=bulk)
+    assert spec.config_path is not None
+    text = spec.config_path.read_text()
+    assert "bind 127.0.0.1:1 " in text and "server b1 127.0.0.1:2" in text
+    assert ("tune.bufsize 65536" in text) is bulk
+    proc = subprocess.run(["haproxy", "-c", "-f", str(spec.config_path)],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_generated_lbproxy_config_is_valid(tmp_path: Path) -> None:
+    spec = proxy_spec("lbproxy", tmp_path, Ports(listen=1, backend=2, admin=3), bulk=True)
+    assert spec.config_path is not None and spec.command[1:4] == ("-m", "lbproxy", "serve")
+    proc = subprocess.run([sys.executable, "-m", "lbproxy", "check-config", str(spec.config_path)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
