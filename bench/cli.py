@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="lbproxy-bench-"))
     settings = QUICK if args.quick else FULL
     command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
-    ok = False
+    ok = interrupted = False
     try:
         machine = machine_info(shutil.which("gcc") or "gcc", command, args.quick, args.repeat)
         machine["settings"] = dict(vars(settings))
@@ -117,10 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         ok = not gaps
     except KeyboardInterrupt:
         print("interrupted: every child was stopped by PID", file=sys.stderr)
+        interrupted = True
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if ok and not args.keep_run_dir:
+        if (ok or interrupted) and not args.keep_run_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
         else:
             print(f"run dir kept: {run_dir}", file=sys.stderr)

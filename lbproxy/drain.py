@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 
 from lbproxy.pool import Backend, BackendState, Closable, Pool
 
 log = logging.getLogger("lbproxy.drain")
 
 
-async def close_spread(conns: list[Closable], spread: float) -> None:
+async def close_spread(conns: Sequence[Closable], spread: float) -> None:
     """Ask each connection to go away, evenly spread over ``spread`` seconds."""
     if not conns:
         return
@@ -47,12 +48,18 @@ class Drainer:
             if backend not in self._tasks:
                 task = asyncio.get_running_loop().create_task(self._drain(pool, backend))
                 self._tasks[backend] = task
-                task.add_done_callback(lambda _t, b=backend: self._tasks.pop(b, None))
+                task.add_done_callback(self._forget)
         elif new is BackendState.UP:
-            task = self._tasks.pop(backend, None)
-            if task is not None:
-                task.cancel()
+            running = self._tasks.get(backend)
+            if running is not None:
+                del self._tasks[backend]
+                running.cancel()
                 log.info("pool %s backend %s: drain cancelled (%s)", pool.name, backend.id, reason)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        for backend, running in list(self._tasks.items()):
+            if running is task:
+                del self._tasks[backend]
 
     async def _drain(self, pool: Pool, backend: Backend) -> None:
         config = pool.config

@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 import h11
+import websockets
 
 from lbproxy.backend.server import BackendOptions, serve_backend
 from lbproxy.config_types import Address
@@ -127,3 +128,118 @@ def healthz(port: int) -> int:
         return 0
     finally:
         conn.close()
+
+
+class ChatClient:
+    """A /chat websocket speaking JSON, for tests."""
+
+    def __init__(self, ws: websockets.ClientConnection) -> None:
+        self.ws = ws
+
+    @classmethod
+    async def open(
+        cls, address: Address, user: str | None = "u", cookie: str | None = None
+    ) -> ChatClient:
+        query = "" if user is None else f"?user={user}"
+        headers = {"Cookie": cookie} if cookie else None
+        ws = await websockets.connect(
+            f"ws://{address}/chat{query}", additional_headers=headers, compression=None
+        )
+        return cls(ws)
+
+    async def send(self, **message: Any) -> None:
+        await self.ws.send(json.dumps(message))
+
+    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        assert isinstance(raw, str), raw
+        result: dict[str, Any] = json.loads(raw)
+        return result
+
+    async def join(self, room: str, since: int | None = None) -> dict[str, Any]:
+        if since is None:
+            await self.send(op="join", room=room)
+        else:
+            await self.send(op="join", room=room, since=since)
+        joined = await self.recv()
+        assert joined["op"] == "joined" and joined["room"] == room, joined
+        return joined
+
+    async def say(self, room: str, text: str, client_msg_id: str | None = None) -> None:
+        await self.send(op="send", room=room, text=text, client_msg_id=client_msg_id or text)
+
+    async def messages(self, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+        """The next ``count`` msg events (failing on anything else)."""
+        out = []
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(out) < count:
+            event = await self.recv(max(0.01, deadline - asyncio.get_running_loop().time()))
+            assert event["op"] == "msg", event
+            out.append(event)
+        return out
+
+    async def nothing_for(self, seconds: float) -> None:
+        """Assert that no event arrives within ``seconds``."""
+        with contextlib.suppress(TimeoutError):
+            event = await self.recv(seconds)
+            raise AssertionError(f"unexpected event {event}")
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+class CuttableProxy:
+    """A TCP forwarder to ``target`` whose connectivity a test can cut and restore."""
+
+    def __init__(self, target: Address) -> None:
+        self.target = target
+        self.server: asyncio.Server | None = None
+        self.links: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    async def start(self) -> CuttableProxy:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def cut(self) -> None:
+        """Stop accepting and reset every open connection."""
+        assert self.server is not None
+        self.server.close()
+        for writer in list(self.links):
+            writer.transport.abort()
+        self.links.clear()
+        await self.server.wait_closed()
+        self.server = None
+
+    async def restore(self) -> None:
+        await self.start()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.cut()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.target.host, self.target.port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.links |= {writer, up_writer}
+        await asyncio.gather(
+            _pipe(reader, up_writer), _pipe(up_reader, writer), return_exceptions=True
+        )
+        self.links -= {writer, up_writer}
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.transport.abort()

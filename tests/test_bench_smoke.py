@@ -23,10 +23,17 @@ needs_tools = pytest.mark.skipif(
 )
 
 
-def run_bench(*args: str, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_bench(
+    *args: str, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "bench", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
     )
 
 
@@ -63,8 +70,14 @@ def test_quick_bench_measures_every_scenario_on_every_target(tmp_path: Path) -> 
         for target, metrics in per_target.items():
             check_metrics(scenario, target, metrics)
     report = (out / "report.md").read_text()
-    for name in (*SCENARIOS, "lbproxy/nginx", "lbproxy/haproxy", "nginx-default.conf",
-                 "haproxy-bulk.cfg", "lbproxy.toml"):
+    for name in (
+        *SCENARIOS,
+        "lbproxy/nginx",
+        "lbproxy/haproxy",
+        "nginx-default.conf",
+        "haproxy-bulk.cfg",
+        "lbproxy.toml",
+    ):
         assert name in report, name
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert "main_metrics.png" in pngs and "proxy_cpu.png" in pngs, pngs
@@ -73,8 +86,15 @@ def test_quick_bench_measures_every_scenario_on_every_target(tmp_path: Path) -> 
 
 def test_missing_tools_are_named_and_exit_non_zero(tmp_path: Path) -> None:
     env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}  # nothing on PATH
-    proc = run_bench("--quick", "--out", str(tmp_path / "out"), "--targets", "direct,nginx,haproxy",
-                     timeout=60, env=env)
+    proc = run_bench(
+        "--quick",
+        "--out",
+        str(tmp_path / "out"),
+        "--targets",
+        "direct,nginx,haproxy",
+        timeout=60,
+        env=env,
+    )
     assert proc.returncode == 2
     for tool in ("gcc", "taskset", "nginx", "haproxy"):
         assert tool in proc.stderr, proc.stderr
@@ -108,14 +128,24 @@ def test_generated_haproxy_config_is_valid(tmp_path: Path, bulk: bool) -> None:
     text = spec.config_path.read_text()
     assert "bind 127.0.0.1:1 " in text and "server b1 127.0.0.1:2" in text
     assert ("tune.bufsize 65536" in text) is bulk
-    proc = subprocess.run(["haproxy", "-c", "-f", str(spec.config_path)],
-                          capture_output=True, text=True, timeout=30, check=False)
+    proc = subprocess.run(
+        ["haproxy", "-c", "-f", str(spec.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_generated_lbproxy_config_is_valid(tmp_path: Path) -> None:
     spec = proxy_spec("lbproxy", tmp_path, Ports(listen=1, backend=2, admin=3), bulk=True)
     assert spec.config_path is not None and spec.command[1:4] == ("-m", "lbproxy", "serve")
-    proc = subprocess.run([sys.executable, "-m", "lbproxy", "check-config", str(spec.config_path)],
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lbproxy", "check-config", str(spec.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr

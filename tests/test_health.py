@@ -23,9 +23,9 @@ from tests.support import await_until, free_port
 
 
 class TinyServer:
-    """A loopback server: "tcp" accepts and closes, "http" answers ``status``, "eof" reads
-    the request and closes without answering, "hang" reads the request and never answers, "ws-no-pong" accepts a websocket
-    upgrade (wsproto) and then ignores pings."""
+    """A loopback server. Modes: "tcp" accepts and closes; "http" answers ``status``;
+    "eof" reads the request and closes without answering; "hang" reads the request and
+    never answers; "ws-no-pong" accepts a websocket upgrade (wsproto), then ignores pings."""
 
     def __init__(self, mode: str = "tcp", status: int = 200, port: int = 0) -> None:
         self.mode = mode
@@ -152,7 +152,9 @@ def count(stats: Stats, backend_id: str, result: str) -> int:
 
 async def test_tcp_check_marks_down_after_fall_and_up_after_rise() -> None:
     async with servers({}, {}) as (a, b):
-        pool = make_pool({"a": a.address, "b": b.address}, interval=0.1, timeout=0.5, fall=2, rise=3)
+        pool = make_pool(
+            {"a": a.address, "b": b.address}, interval=0.1, timeout=0.5, fall=2, rise=3
+        )
         stats = Stats()
         log = Transitions(pool, stats)
         async with running(pool, stats):

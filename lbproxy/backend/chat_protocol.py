@@ -116,7 +116,7 @@ def dumps(value: dict[str, Any]) -> str:
 
 
 def error(code: str, **fields: Any) -> str:
-    return dumps({"op": "error", "code": code, **fields})
+    return dumps({**fields, "op": "error", "code": code})
 
 
 def joined(room: str, backend: str, user: str) -> str:

@@ -40,6 +40,8 @@ class WsHandler(Protocol):
 class ChatService(Protocol):
     """What the server needs from the chat (``chat.ChatHub``)."""
 
+    max_message: int  # longest accepted chat message in bytes
+
     async def admit(self, request: WebSocketRequest) -> tuple[str, list[Header]] | Response:
         """The user name and extra 101 headers for a /chat upgrade, or the rejection."""
         ...
@@ -297,6 +299,7 @@ class Connection(asyncio.Protocol):
             self.conn.reject_websocket(outcome.status, outcome.body)
         else:
             user, headers = outcome
+            self.conn.max_message = chat.max_message
             self._accept(headers, None)
             self.handler = chat.attach(self, user)
         self._flush()

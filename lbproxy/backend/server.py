@@ -15,6 +15,7 @@ from lbproxy.config_types import Address
 from lbproxy.errors import RegistryError
 
 if TYPE_CHECKING:
+    from lbproxy.backend.chat import ChatHub
     from lbproxy.registry import Registration
 
 __all__ = ["BackendOptions", "run_backend", "serve_backend"]
@@ -93,7 +94,14 @@ async def serve_backend(
     signals = _Signals(backend)
     signals.install()
     registration: Registration | None = None
+    hub: ChatHub | None = None
     try:
+        if options.redis_url is not None:
+            from lbproxy.backend.chat import ChatHub
+
+            hub = ChatHub(options, backend.backend_id)
+            await hub.start()
+            backend.chat = hub
         await tcp.start_serving()
         if options.redis_url is not None:
             registration = await _register(options, backend.backend_id, bound)
@@ -114,6 +122,8 @@ async def serve_backend(
         if registration is not None:
             with contextlib.suppress(RegistryError, OSError):
                 await registration.stop()
+        if hub is not None:
+            await hub.stop()
         log.info("backend %s stopped", backend.backend_id)
 
 

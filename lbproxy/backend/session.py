@@ -216,5 +216,5 @@ class ChatSession:
 
 def _context(command: proto.Command) -> dict[str, str]:
     if isinstance(command, proto.Send):
-        return {"op": "send", "room": command.room, "client_msg_id": command.client_msg_id}
-    return {"op": type(command).__name__.lower(), "room": command.room}
+        return {"request": "send", "room": command.room, "client_msg_id": command.client_msg_id}
+    return {"request": type(command).__name__.lower(), "room": command.room}

@@ -84,6 +84,5 @@ async def connect_with_retries(
             backend = None
             continue
         pool.connect_succeeded(chosen)
-        transport = cast(asyncio.Transport, transport)
         return chosen, transport, protocol
     return 502

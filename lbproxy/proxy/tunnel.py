@@ -211,7 +211,7 @@ class Link(asyncio.Protocol):
 class WsLink(Link):
     """A websocket tunnel: follows backend frame boundaries to inject a 1001 close."""
 
-    __slots__ = ("cursor", "going_away")
+    __slots__ = ("cursor",)
 
     def __init__(
         self,
@@ -224,7 +224,6 @@ class WsLink(Link):
     ) -> None:
         super().__init__(ctx, backend, transport, client_transport, client_addr, started)
         self.cursor = FrameCursor()
-        self.going_away = False
 
     def start(self, to_client: bytes, to_backend: bytes, head_len: int = 0) -> None:
         """``to_client`` is the 101 response head (``head_len`` bytes) plus any first frames."""
@@ -235,45 +234,54 @@ class WsLink(Link):
     def data_received(self, data: bytes) -> None:
         n = len(data)
         self.nbytes += n
-        cursor = self.cursor
-        if n <= cursor.skip:  # inside a frame (a split header has skip == 0)
-            cursor.skip -= n
-            self.out.write(data)
-            return
-        if self.going_away:
-            self._forward_until_boundary(data)
-            return
         self.out.write(data)
+        cursor = self.cursor
+        skip = cursor.skip
+        if n <= skip:  # inside a frame (a split header has skip == 0)
+            cursor.skip = skip - n
+            return
+        if skip == 0 and n < 127 and not cursor.partial:
+            # The common case: exactly one small unmasked non-close frame.
+            b1 = data[1] if n > 1 else 0x7F
+            if b1 == n - 2 and data[0] & 0x0F != 0x8:
+                return
         cursor.feed(data)
 
     def go_away(self) -> None:
-        if self.going_away:
+        if self.reason.startswith("drained"):
             return
-        self.going_away = True
         self.reason = "drained (1001 going away)"
         if self.cursor.saw_close:  # the backend is already closing this websocket
             self._part_both()
         elif self.cursor.at_boundary:
             self._send_going_away()
-
-    def _forward_until_boundary(self, data: bytes) -> None:
-        k = self.cursor.to_boundary(data)
-        if k < 0:
-            self.out.write(data)
-            self.cursor.feed(data)
-            return
-        head = data[:k]
-        if head:
-            self.out.write(head)
-            self.cursor.feed(head)
-        if self.cursor.saw_close:
-            self._part_both()
-        else:
-            self._send_going_away()
+        else:  # finish the frame in flight first
+            self.__class__ = GoingAwayWsLink
 
     def _send_going_away(self) -> None:
         self.out.write(GOING_AWAY_FRAME)
         self._part_both()
+
+
+class GoingAwayWsLink(WsLink):
+    """A WsLink that forwards only up to the end of the current frame, then sends 1001."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        cursor = self.cursor
+        k = cursor.to_boundary(data)
+        head = data if k < 0 else data[:k]
+        if head:
+            self.nbytes += len(head)
+            self.out.write(head)
+            cursor.feed(head)
+        if k < 0:
+            return
+        if cursor.saw_close:
+            self._part_both()
+        else:
+            self._send_going_away()
 
 
 class Discard(asyncio.Protocol):
