@@ -29,6 +29,19 @@ def _pyplot() -> Any:
     return plt
 
 
+def _label(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def _grid(plt: Any, count: int) -> tuple[Any, Any]:
+    cols = min(3, count)
+    rows = (count + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    for ax in list(axes.flat)[count:]:
+        ax.axis("off")
+    return fig, axes
+
+
 def _targets(values: dict[str, Metrics], key: str) -> list[str]:
     return [t for t in TARGETS if t in values and key in values[t]]
 
@@ -41,19 +54,15 @@ def bar_grid(
     if not panels:
         return None
     plt = _pyplot()
-    cols = min(3, len(panels))
-    rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = _grid(plt, len(panels))
     for ax, (scenario, key) in zip(axes.flat, panels, strict=False):
         names = _targets(results[scenario], key)
         vals = [results[scenario][t][key] for t in names]
         bars = ax.bar(names, vals, color=[COLORS[t] for t in names])
-        ax.bar_label(bars, labels=[f"{v:,.4g}" for v in vals], fontsize=8)
+        ax.bar_label(bars, labels=[_label(v) for v in vals], fontsize=8)
         ax.set_title(scenario, fontsize=10)
         ax.set_ylabel(UNITS.get(key, key), fontsize=8)
         ax.tick_params(labelsize=8)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -67,7 +76,7 @@ def latency_bars(results: dict[str, dict[str, Metrics]], path: Path) -> Path | N
     if not panels:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    fig, axes = _grid(plt, len(panels))
     for ax, scenario in zip(axes.flat, panels, strict=False):
         names = _targets(results[scenario], "p99_ms")
         xs = range(len(names))
@@ -92,7 +101,7 @@ def cdf_plot(cdfs: dict[str, dict[str, Cdf]], path: Path) -> Path | None:
     if not panels:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    fig, axes = _grid(plt, len(panels))
     for ax, scenario in zip(axes.flat, panels, strict=False):
         for target in TARGETS:
             points = cdfs[scenario].get(target)

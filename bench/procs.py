@@ -149,6 +149,23 @@ def tree_pids(root: int) -> list[int]:
     return pids
 
 
+def cpus_allowed(pid: int) -> str:
+    """The ``Cpus_allowed_list`` of ``pid`` (e.g. "1"), or "" when it is gone."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                return line.split(":", 1)[1].strip()
+    return ""
+
+
+def check_pinned(pids: Sequence[int], cpu: int) -> None:
+    """Raise unless every live process in ``pids`` may run on ``cpu`` only."""
+    wrong = {pid: cpus_allowed(pid) for pid in pids}
+    wrong = {pid: allowed for pid, allowed in wrong.items() if allowed not in ("", str(cpu))}
+    if wrong:
+        raise RuntimeError(f"pinning not applied (want CPU {cpu}): {wrong}")
+
+
 def cpu_ticks(pids: Sequence[int]) -> int:
     """Sum of utime + stime (clock ticks) of ``pids``; vanished processes count 0."""
     total = 0

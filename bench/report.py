@@ -30,13 +30,15 @@ METHOD = """\
 - Every (scenario, target) pair runs with fresh processes: the C backend (`bench/native/backend.c`,
   HTTP 200 + websocket echo on one port) pinned to CPU 0, the proxy pinned to CPU 1, the C load
   generator (`bench/native/loadgen.c`) pinned to CPU 0; all with `taskset`, all on 127.0.0.1,
-  all stopped by PID at the end. `direct` = the generator talks to the backend, no proxy.
+  all stopped by PID at the end (pinning checked in `/proc/PID/status` Cpus_allowed_list).
+  `direct` = the generator talks to the backend, no proxy.
 - CPU: utime+stime from `/proc/PID/stat` (the proxy's whole process tree) sampled when the
   generator prints MEASURE_START / MEASURE_END; `proxy_cpu_us` = proxy CPU-µs per operation
   (request, connection, message echoed, idle websocket opened, reconnection) — **lower is
   better**. `*_cpu_pct` = CPU used by that process over the window (100 = one core), and
   `cpu0_busy_pct`/`cpu1_busy_pct` = whole-core busy from `/proc/stat` (includes other load on
-  the machine), so a reader can see whether the generator side (CPU 0) saturated.
+  the machine), so a reader can see whether the generator side (CPU 0) saturated. CPU times
+  come in 10 ms ticks: short windows (quick mode, idle/storm) are coarse.
 - `http_rps`: closed loop of keep-alive `GET /` on {http_conns} connections, one in flight each.
 - `ws_connect_rate`: {connect_slots} concurrent slots each repeating connect, websocket handshake,
   one {small_size} B message + echo, close frame, wait for the server's close and FIN.

@@ -10,7 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.build import NativeTools
-from bench.procs import ChildSet, free_port, http_get_ok, poll_until, port_open
+from bench.procs import (
+    ChildSet,
+    check_pinned,
+    free_port,
+    http_get_ok,
+    poll_until,
+    port_open,
+    tree_pids,
+)
 from bench.scenarios import SCENARIOS, Cdf, Metrics, ScenarioResult, Settings, Stage
 from bench.targets import Ports, proxy_spec
 
@@ -68,6 +76,8 @@ def run_pair(
                 raise RuntimeError(
                     f"{target} exited (rc={proxy.popen.wait()}):\n{proxy.log_tail()}"
                 )
+            check_pinned(tree_pids(proxy.pid), cpu=1)
+        check_pinned([backend.pid], cpu=0)
         stage = Stage(target, port, children, tools.loadgen, backend, proxy, settings)
         result = SCENARIOS[scenario](stage)
         if proxy is not None and not proxy.alive():

@@ -12,6 +12,7 @@ from bench.procs import (
     Child,
     ChildSet,
     Sample,
+    check_pinned,
     fd_count,
     poll_until,
     rss_bytes,
@@ -77,7 +78,9 @@ class Stage:
 
     def generator(self, mode: str, *args: str, alarm: float = 300) -> Child:
         cmd = [str(self.loadgen), "-m", mode, "-p", str(self.port), "-T", str(int(alarm)), *args]
-        return self.children.start(f"loadgen-{self.target}-{mode}", cmd, cpu=0, interactive=True)
+        gen = self.children.start(f"loadgen-{self.target}-{mode}", cmd, cpu=0, interactive=True)
+        check_pinned([gen.pid], cpu=0)
+        return gen
 
 
 def parse_result(line: str) -> dict[str, object]:

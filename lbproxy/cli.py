@@ -162,40 +162,48 @@ def register(
     )
 
 
-def _token() -> str:
-    return os.environ.get("LBPROXY_ADMIN_TOKEN", "")
+def _token(token: str | None) -> str:
+    return token or os.environ.get("LBPROXY_ADMIN_TOKEN", "")
+
+
+token_option = click.option(
+    "--token", default=None, help="admin bearer token (default: $LBPROXY_ADMIN_TOKEN)"
+)
 
 
 @main.command()
 @click.option("--admin", "admin_url", default=DEFAULT_ADMIN, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the raw /api/pools JSON")
-def status(admin_url: str, as_json: bool) -> None:
+@token_option
+def status(admin_url: str, as_json: bool, token: str | None) -> None:
     """Show pools and backends (client of the admin API)."""
     from lbproxy import admin_client
 
-    sys.exit(admin_client.status(admin_url, as_json, _token()))
+    sys.exit(admin_client.status(admin_url, as_json, _token(token)))
 
 
 @main.command()
 @click.argument("pool")
 @click.argument("backend_id")
 @click.option("--admin", "admin_url", default=DEFAULT_ADMIN, show_default=True)
-def drain(pool: str, backend_id: str, admin_url: str) -> None:
+@token_option
+def drain(pool: str, backend_id: str, admin_url: str, token: str | None) -> None:
     """Drain a backend: no new connections; open ones get drain_timeout, then 1001."""
     from lbproxy import admin_client
 
-    sys.exit(admin_client.drain(admin_url, pool, backend_id, _token()))
+    sys.exit(admin_client.drain(admin_url, pool, backend_id, _token(token)))
 
 
 @main.command()
 @click.argument("pool")
 @click.argument("backend_id")
 @click.option("--admin", "admin_url", default=DEFAULT_ADMIN, show_default=True)
-def enable(pool: str, backend_id: str, admin_url: str) -> None:
+@token_option
+def enable(pool: str, backend_id: str, admin_url: str, token: str | None) -> None:
     """Return a drained backend to service."""
     from lbproxy import admin_client
 
-    sys.exit(admin_client.enable(admin_url, pool, backend_id, _token()))
+    sys.exit(admin_client.enable(admin_url, pool, backend_id, _token(token)))
 
 
 @main.command()

@@ -465,6 +465,13 @@ def test_smooth_round_robin_set_changes() -> None:
     assert ids[rr.pick(ids, [2, 1, 5])] in ids
 
 
+def test_smooth_round_robin_survivors_keep_their_state() -> None:
+    rr = SmoothRoundRobin()
+    assert run(rr, ["a", "b", "c"], [5, 1, 1], 3) == "aab"  # state now a=1, b=-4, c=3
+    # c leaves, d joins at 0: a=1+5 wins, a=-1+5 wins, then d (0+1+1+1) beats a (-3+5=2).
+    assert run(rr, ["a", "b", "d"], [5, 1, 1], 3) == "aad"  # a full reset would give "aab"
+
+
 def test_smooth_round_robin_vanished_state_is_dropped() -> None:
     rr = SmoothRoundRobin()
     fresh = SmoothRoundRobin()

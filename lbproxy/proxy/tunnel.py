@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from lbproxy.proxy.accesslog import log_connection
-from lbproxy.proxy.wsframe import FrameCursor, close_frame
+from lbproxy.proxy.wsframe import FrameScan, close_frame
 
 if TYPE_CHECKING:
     from lbproxy.pool import Backend
@@ -208,10 +208,10 @@ class Link(asyncio.Protocol):
             Discard.take_over(transport, self)
 
 
-class WsLink(Link):
+class WsLink(Link, FrameScan):
     """A websocket tunnel: follows backend frame boundaries to inject a 1001 close."""
 
-    __slots__ = ("cursor",)
+    __slots__ = ("partial", "saw_close", "skip")
 
     def __init__(
         self,
@@ -223,37 +223,37 @@ class WsLink(Link):
         started: float,
     ) -> None:
         super().__init__(ctx, backend, transport, client_transport, client_addr, started)
-        self.cursor = FrameCursor()
+        self.skip = 0
+        self.partial = b""
+        self.saw_close = False
 
     def start(self, to_client: bytes, to_backend: bytes, head_len: int = 0) -> None:
         """``to_client`` is the 101 response head (``head_len`` bytes) plus any first frames."""
         super().start(to_client, to_backend)
         if len(to_client) > head_len:
-            self.cursor.feed(to_client[head_len:])
+            self.feed(to_client[head_len:])
 
     def data_received(self, data: bytes) -> None:
         n = len(data)
         self.nbytes += n
         self.out.write(data)
-        cursor = self.cursor
-        skip = cursor.skip
+        skip = self.skip
         if n <= skip:  # inside a frame (a split header has skip == 0)
-            cursor.skip = skip - n
+            self.skip = skip - n
             return
-        if skip == 0 and n < 127 and not cursor.partial:
-            # The common case: exactly one small unmasked non-close frame.
-            b1 = data[1] if n > 1 else 0x7F
-            if b1 == n - 2 and data[0] & 0x0F != 0x8:
+        # The common case: exactly one small unmasked non-close frame.
+        if skip == 0 and 1 < n < 127 and data[1] == n - 2 and data[0] & 0x0F != 0x8:
+            if not self.partial:
                 return
-        cursor.feed(data)
+        self.feed(data)
 
     def go_away(self) -> None:
         if self.reason.startswith("drained"):
             return
         self.reason = "drained (1001 going away)"
-        if self.cursor.saw_close:  # the backend is already closing this websocket
+        if self.saw_close:  # the backend is already closing this websocket
             self._part_both()
-        elif self.cursor.at_boundary:
+        elif self.at_boundary:
             self._send_going_away()
         else:  # finish the frame in flight first
             self.__class__ = GoingAwayWsLink
@@ -269,16 +269,15 @@ class GoingAwayWsLink(WsLink):
     __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
-        cursor = self.cursor
-        k = cursor.to_boundary(data)
+        k = self.to_boundary(data)
         head = data if k < 0 else data[:k]
         if head:
             self.nbytes += len(head)
             self.out.write(head)
-            cursor.feed(head)
+            self.feed(head)
         if k < 0:
             return
-        if cursor.saw_close:
+        if self.saw_close:
             self._part_both()
         else:
             self._send_going_away()

@@ -9,6 +9,7 @@ chunk inside a large frame and a few index operations per frame header.
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING
 
 OPCODE_CLOSE = 0x8
 GOING_AWAY = 1001
@@ -23,20 +24,21 @@ def close_frame(code: int = GOING_AWAY, reason: bytes = b"", mask: bytes | None 
     return bytes((0x80 | OPCODE_CLOSE, 0x80 | len(payload))) + mask + masked
 
 
-class FrameCursor:
+class FrameScan:
     """Tracks frame boundaries in a websocket byte stream fed chunk by chunk.
 
     ``skip`` is the number of bytes until the next frame header; ``partial``
     holds the start of a header split across chunks. ``saw_close`` turns true
-    once a close frame header went by (the peer is closing by itself).
+    once a close frame header went by (the peer is closing by itself). A mixin
+    without slots of its own, so the tunnel protocol can carry the three fields
+    itself and its hot path reads them without an extra indirection.
     """
 
-    __slots__ = ("partial", "saw_close", "skip")
-
-    def __init__(self) -> None:
-        self.skip = 0
-        self.partial = b""
-        self.saw_close = False
+    if not TYPE_CHECKING:  # no slots of its own (mypy: the concrete classes declare them)
+        __slots__ = ()
+    skip: int
+    partial: bytes
+    saw_close: bool
 
     @property
     def at_boundary(self) -> bool:
@@ -68,6 +70,7 @@ class FrameCursor:
         return end if end <= len(data) else -1
 
     def _scan(self, data: bytes) -> None:
+        """Walk the frame headers that start within ``data``."""
         buf = self.partial + data if self.partial else data
         pos = self.skip if not self.partial else 0
         n = len(buf)
@@ -105,3 +108,14 @@ def _frame_length(buf: bytes, pos: int) -> int | None:
     if b1 & 0x80:
         header += 4
     return header + size
+
+
+class FrameCursor(FrameScan):
+    """A standalone frame scanner."""
+
+    __slots__ = ("partial", "saw_close", "skip")
+
+    def __init__(self) -> None:
+        self.skip = 0
+        self.partial = b""
+        self.saw_close = False
