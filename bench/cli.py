@@ -87,44 +87,53 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def run_and_report(args: argparse.Namespace, command: str, out: Path, run_dir: Path) -> list[str]:
+    """Build the tools, run every pair, write the outputs; returns the pairs without numbers."""
+    started = time.monotonic()
+    settings = QUICK if args.quick else FULL
+    gcc = shutil.which("gcc") or "gcc"
+    machine = machine_info(gcc, command, args.quick, args.repeat)
+    machine["settings"] = dict(vars(settings))
+    tools = build_tools(gcc, out / ".build")
+    print(f"run dir {run_dir}; tools built in {out / '.build'}", flush=True)
+    outcome = run_all(args.targets, args.scenarios, settings, args.repeat, tools, run_dir)
+    machine["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
+    machine["elapsed_s"] = round(time.monotonic() - started, 1)
+    write_results_json(out, machine, outcome)
+    plots = make_plots(outcome.results, outcome.cdfs, MAIN_METRIC, out)
+    write_report(out, machine, outcome, settings, plots, copy_configs(outcome, out))
+    return incomplete(outcome, args.targets, args.scenarios)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     missing = missing_prerequisites(args.targets)
     if missing:
         print("python -m bench: missing: " + "; ".join(missing), file=sys.stderr)
         return 2
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    os.sched_setaffinity(0, {0})  # the driver stays off the proxy's CPU
     started = time.monotonic()
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="lbproxy-bench-"))
-    settings = QUICK if args.quick else FULL
     command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
-    ok = interrupted = False
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {0})  # the driver stays off the proxy's CPU
+    gaps: list[str] | None = None
+    interrupted = False
     try:
-        machine = machine_info(shutil.which("gcc") or "gcc", command, args.quick, args.repeat)
-        machine["settings"] = dict(vars(settings))
-        tools = build_tools(shutil.which("gcc") or "gcc", out / ".build")
-        print(f"run dir {run_dir}; tools built in {out / '.build'}", flush=True)
-        outcome = run_all(args.targets, args.scenarios, settings, args.repeat, tools, run_dir)
-        machine["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
-        machine["elapsed_s"] = round(time.monotonic() - started, 1)
-        write_results_json(out, machine, outcome)
-        plots = make_plots(outcome.results, outcome.cdfs, MAIN_METRIC, out)
-        write_report(out, machine, outcome, settings, plots, copy_configs(outcome, out))
-        gaps = incomplete(outcome, args.targets, args.scenarios)
-        ok = not gaps
+        gaps = run_and_report(args, command, out, run_dir)
     except KeyboardInterrupt:
         print("interrupted: every child was stopped by PID", file=sys.stderr)
         interrupted = True
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if (ok or interrupted) and not args.keep_run_dir:
+        os.sched_setaffinity(0, affinity)
+        if (gaps == [] or interrupted) and not args.keep_run_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
         else:
-            print(f"run dir kept: {run_dir}", file=sys.stderr)
+            print(f"run dir kept (logs): {run_dir}", file=sys.stderr)
     elapsed = time.monotonic() - started
     print(f"wrote {out / 'results.json'} and {out / 'report.md'} in {elapsed:.0f}s", flush=True)
     if args.quick and elapsed > QUICK_BUDGET_S:

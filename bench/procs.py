@@ -20,7 +20,8 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 class Child:
-    """One process started in its own session (so its group id is its PID)."""
+    """One process started by the bench (in the bench's process group, so that killing the
+    bench's group also kills every child, e.g. when a test times out)."""
 
     def __init__(self, name: str, popen: subprocess.Popen[str], log_path: Path | None) -> None:
         self.name = name
@@ -69,14 +70,19 @@ class Child:
         return self.log_path.read_text(errors="replace")[-chars:]
 
     def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM the process, SIGKILL its process group (id = its PID) after ``grace``."""
-        if self.popen.poll() is None:
+        """SIGTERM the process; after ``grace``, SIGKILL it and every descendant seen, by PID."""
+        family = [identity(pid) for pid in tree_pids(self.pid)] if self.alive() else []
+        if self.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=grace)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
+        if self.alive():
+            family += [identity(pid) for pid in tree_pids(self.pid)]
+        for pid, started in family:
+            if started and identity(pid) == (pid, started):  # still that process, not a reused PID
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=5)
         if self.reader is not None:  # the process is gone: its stdout reaches EOF
@@ -105,7 +111,6 @@ class ChildSet:
                 stdout=subprocess.PIPE if interactive else log,
                 stderr=log,
                 text=True,
-                start_new_session=True,
                 cwd=self.log_dir,
             )
         child = Child(name, popen, log_path)
@@ -147,6 +152,14 @@ def tree_pids(root: int) -> list[int]:
                         for p in Path(f"/proc/{pid}/task/{task}/children").read_text().split()
                     )
     return pids
+
+
+def identity(pid: int) -> tuple[int, int]:
+    """(pid, start time in ticks since boot); start time 0 when the process is gone."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return pid, int(stat[stat.rindex(")") + 2 :].split()[19])
+    return pid, 0
 
 
 def cpus_allowed(pid: int) -> str:

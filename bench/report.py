@@ -104,7 +104,9 @@ def scenario_table(scenario: str, per_target: dict[str, Metrics]) -> list[str]:
     lb = per_target.get("lbproxy")
     for m in metrics:
         cells = [fmt(per_target[t][m]) if m in per_target[t] else "—" for t in targets]
-        ratios = [ratio(lb, per_target.get("nginx"), m), ratio(lb, per_target.get("haproxy"), m)]
+        ratios = ["", ""]  # ratios only where better/worse has a direction
+        if m in HIGHER_BETTER | LOWER_BETTER:
+            ratios = [ratio(lb, per_target.get(other), m) for other in ("nginx", "haproxy")]
         lines.append(f"| {m}{direction(m)} | " + " | ".join(cells + ratios) + " |")
     return lines
 

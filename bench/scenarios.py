@@ -227,7 +227,7 @@ def idle_ws_memory(stage: Stage) -> ScenarioResult:
         "setup_p99_ms": num(res, "p99_us") / 1000.0,
         **cpu_metrics(s0, s1, open2),
     }
-    notes = ["direct: RSS of the C backend (no proxy)"] if stage.proxy is None else []
+    notes = ["RSS of the C backend (there is no proxy)"] if stage.proxy is None else []
     return ScenarioResult(metrics, None, notes)
 
 

@@ -147,7 +147,9 @@ class App:
         await self._sync_watcher(new)
         if self.admin is not None and self._admin_config(new) != self._admin_config(self.config):
             await self.admin.stop()
-            self.admin = AdminServer(self._admin_config(new), lambda: self.pools, self.admin.registry)
+            self.admin = AdminServer(
+                self._admin_config(new), lambda: self.pools, self.admin.registry
+            )
             self.admin_address = await self.admin.start()
         self.config = new
 

@@ -56,11 +56,19 @@ def main() -> None:
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
-@click.option("--log-format", default="text", show_default=True, type=click.Choice(["text", "json"]))
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+)
+@click.option(
+    "--log-format", default="text", show_default=True, type=click.Choice(["text", "json"])
+)
 @click.option("--worker-index", default=-1, hidden=True, type=int)
-def serve(config_path: str, workers: int, log_level: str, log_format: str, worker_index: int) -> None:
+def serve(
+    config_path: str, workers: int, log_level: str, log_format: str, worker_index: int
+) -> None:
     """Run the load balancer until SIGTERM/SIGINT (then drain and exit 0)."""
     from lbproxy.logsetup import setup_logging
 
@@ -87,9 +95,7 @@ def serve(config_path: str, workers: int, log_level: str, log_format: str, worke
 def check_config(path: str) -> None:
     """Validate a configuration file: exit 0 when valid, else 2 with one line per problem."""
     config = _load_or_exit(path)
-    click.echo(
-        f"{path}: ok ({len(config.listeners)} listener(s), {len(config.pools)} pool(s))"
-    )
+    click.echo(f"{path}: ok ({len(config.listeners)} listener(s), {len(config.pools)} pool(s))")
 
 
 @main.command()
@@ -137,8 +143,13 @@ def backend(
 @click.option("--id", "backend_id", default=None)
 @click.option("--weight", default=1, show_default=True, type=click.IntRange(1, 256))
 @click.option("--ttl", default=6.0, show_default=True, type=click.FloatRange(min=1.0))
-@click.option("--drain-first", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
-              help="on SIGTERM, mark draining and wait this long before deregistering")
+@click.option(
+    "--drain-first",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0.0),
+    help="on SIGTERM, mark draining and wait this long before deregistering",
+)
 def register(
     redis_url: str,
     prefix: str,

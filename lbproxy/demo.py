@@ -69,26 +69,55 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: flo
 def run_demo() -> int:
     redis_exe = shutil.which("redis-server")
     if redis_exe is None:
-        print("lbproxy demo needs redis-server on PATH (apt-get install redis-server)",
-              file=sys.stderr)
+        print(
+            "lbproxy demo needs redis-server on PATH (apt-get install redis-server)",
+            file=sys.stderr,
+        )
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="lbproxy-demo-"))
     procs: list[subprocess.Popen[bytes]] = []
     me = [sys.executable, "-m", "lbproxy"]
     try:
         redis_port = _port(0)
-        redis = subprocess.Popen([redis_exe, "--port", str(redis_port), "--bind", "127.0.0.1",
-                                  "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-                                 stdout=subprocess.DEVNULL)
+        redis = subprocess.Popen(
+            [
+                redis_exe,
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         procs.append(redis)
         _wait_port(redis_port, redis, "redis-server")
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
         for i in range(1, 4):
             port = _port(9000 + i)
-            backend = subprocess.Popen([*me, "backend", "--listen", f"127.0.0.1:{port}",
-                                        "--id", f"chat-{i}", "--redis", redis_url,
-                                        "--prefix", "lbproxy-demo", "--pool", "chat",
-                                        "--log-level", "warning"])
+            backend = subprocess.Popen(
+                [
+                    *me,
+                    "backend",
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    "--id",
+                    f"chat-{i}",
+                    "--redis",
+                    redis_url,
+                    "--prefix",
+                    "lbproxy-demo",
+                    "--pool",
+                    "chat",
+                    "--log-level",
+                    "warning",
+                ]
+            )
             procs.append(backend)
             _wait_port(port, backend, f"backend chat-{i}")
         public, admin = _port(8080), _port(9901)

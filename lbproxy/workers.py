@@ -24,8 +24,18 @@ log = logging.getLogger("lbproxy.workers")
 
 def _spawn(path: str, index: int, log_level: str, log_format: str) -> subprocess.Popen[bytes]:
     args = [
-        sys.executable, "-m", "lbproxy", "serve", "--config", path,
-        "--worker-index", str(index), "--log-level", log_level, "--log-format", log_format,
+        sys.executable,
+        "-m",
+        "lbproxy",
+        "serve",
+        "--config",
+        path,
+        "--worker-index",
+        str(index),
+        "--log-level",
+        log_level,
+        "--log-format",
+        log_format,
     ]
     return subprocess.Popen(args)
 

@@ -34,7 +34,7 @@ def wait_until(cond: Callable[[], object], timeout: float = 10.0, interval: floa
             value = cond()
             if value:
                 return value
-        except Exception as exc:  # noqa: BLE001 - keep polling until the deadline
+        except Exception as exc:  # keep polling until the deadline
             last_exc = exc
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s (last error: {last_exc!r})")
@@ -65,13 +65,19 @@ class Proc:
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: str | None = None):
         self.args = args
-        self.log = tempfile.NamedTemporaryFile(prefix="lbproxy-test-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
+            prefix="lbproxy-test-", suffix=".log", delete=False
+        )
         full_env = dict(os.environ)
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         if env:
             full_env.update(env)
         self.popen = subprocess.Popen(
-            args, stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
+            args,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=cwd,
             start_new_session=True,
         )
         self.pid = self.popen.pid
@@ -128,10 +134,23 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        self.proc = Proc([
-            self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", self.dir, "--daemonize", "no",
-        ])
+        self.proc = Proc(
+            [
+                self.exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--daemonize",
+                "no",
+            ]
+        )
         wait_until(lambda: port_open(self.port), timeout=10)
         return self
 
@@ -179,10 +198,18 @@ class Backend:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> Backend:
-        self.proc = Proc(lbproxy_cmd(
-            "backend", "--listen", self.address, "--id", self.id, "--log-level", "warning",
-            *self.extra,
-        ))
+        self.proc = Proc(
+            lbproxy_cmd(
+                "backend",
+                "--listen",
+                self.address,
+                "--id",
+                self.id,
+                "--log-level",
+                "warning",
+                *self.extra,
+            )
+        )
         wait_until(lambda: port_open(self.port), timeout=15)
         return self
 
@@ -195,8 +222,14 @@ class Backend:
 class Lbproxy:
     """An `lbproxy serve` subprocess with a config written from a TOML string."""
 
-    def __init__(self, config_text: str, workdir: Path, *extra: str, name: str = "lbproxy",
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config_text: str,
+        workdir: Path,
+        *extra: str,
+        name: str = "lbproxy",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.path = workdir / f"{name}.toml"
         self.path.write_text(config_text)
         self.extra = extra

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,15 +29,27 @@ needs_tools = pytest.mark.skipif(
 def run_bench(
     *args: str, timeout: float, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    """Run ``python -m bench`` in its own process group; on timeout kill the whole group
+    (the bench keeps its children in its group, so nothing is left running)."""
+    proc = subprocess.Popen(
         [sys.executable, "-m", "bench", *args],
         cwd=REPO,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
         env=env,
-        check=False,
+        start_new_session=True,
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"bench timed out after {timeout}s:\n{out[-3000:]}\n{err[-3000:]}")
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # anything left in the group
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def check_metrics(scenario: str, target: str, metrics: dict[str, object]) -> None:

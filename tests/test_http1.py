@@ -144,6 +144,7 @@ def test_leading_empty_lines_are_skipped_and_counted(parser: Parser) -> None:
     assert request_status(b"\n" + head_with(b"Host: a"), parser) == 400
     assert request_status(b"\r\n\n", parser) == 400
     assert request_status(b"\rGET", parser) == 400
+    assert request_status(b"\n\r" + head_with(b"Host: a"), parser) == 400
 
 
 @pytest.mark.parametrize(
@@ -201,6 +202,9 @@ def test_keep_alive_rules(
 def test_request_body_framing(lines: tuple[bytes, ...], body: BodyFraming, parser: Parser) -> None:
     head = request(head_with(b"Host: a", *lines, start=b"POST / HTTP/1.1"), parser)
     assert head.body == body
+    if body.kind == "chunked":  # as h11 reports it, whatever the case received
+        assert head.header(b"transfer-encoding") == b"chunked"
+        assert head.raw_headers[-1] == (b"Transfer-Encoding", b"chunked")
 
 
 def test_431_for_an_incomplete_head_over_the_limit(parser: Parser) -> None:
@@ -334,6 +338,7 @@ _HEAD_PIECES = st.sampled_from(
         b"Content-Length: 05",
         b"Transfer-Encoding: chunked",
         b"Transfer-Encoding: gzip",
+        b"Transfer-Encoding: Chunked",
         b"Connection: close",
         b"Connection: Upgrade",
         b"Upgrade: websocket",
@@ -618,7 +623,7 @@ def test_error_response_is_a_complete_response(status: int) -> None:
     conn.send(h11.EndOfMessage())
     conn.receive_data(data)
     conn.receive_data(b"")
-    events = []
+    events: list[object] = []
     while not events or not isinstance(events[-1], h11.EndOfMessage):
         event = conn.next_event()
         assert event is not h11.NEED_DATA
@@ -735,6 +740,8 @@ def test_chunked_tracker_does_not_look_at_chunk_data() -> None:
         b"0x5\r\nhello\r\n",
         b"11111111111111111\r\n",
         b"5\nhello\r\n",
+        b"15\nhello\r\n",
+        b"0\r\nX: 1\rY: 2\r\n\r\n",
         b"5\r\nhelloXX0\r\n\r\n",
         b"5\r\nhello\r0\r\n\r\n",
         b"5\r\nhello\n0\r\n\r\n",
@@ -760,6 +767,13 @@ def test_chunked_tracker_limits_size_lines_across_feeds() -> None:
     ok = ChunkedTracker()
     assert ok.feed(b"1;" + b"e" * (MAX_LINE - 3)) == -1
     assert ok.feed(b"\r\nx\r\n0\r\n\r\n") == 10
+
+
+@pytest.mark.parametrize("ext", [61, 62, 200, MAX_LINE - 4])
+def test_chunked_tracker_long_size_lines_in_a_memoryview(ext: int) -> None:
+    body = b"1;" + b"e" * ext + b"\r\nx\r\n0\r\n\r\n"
+    assert ChunkedTracker().feed(memoryview(body + b"next")) == len(body)
+    assert ChunkedTracker().feed(memoryview(b"junk" + body), 4) == 4 + len(body)
 
 
 def test_chunked_tracker_limits_trailers() -> None:

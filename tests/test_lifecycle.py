@@ -34,8 +34,9 @@ def ws_count(backend: Backend) -> int:
     return int(httpx.get(f"http://{backend.address}/whoami").json()["connections"])
 
 
-def open_on(port: int, backends: list[Backend], stack: contextlib.ExitStack, n: int
-            ) -> dict[str, list[ClientConnection]]:
+def open_on(
+    port: int, backends: list[Backend], stack: contextlib.ExitStack, n: int
+) -> dict[str, list[ClientConnection]]:
     """Open n websockets one by one and note which backend each landed on."""
     placed: dict[str, list[ClientConnection]] = {b.id: [] for b in backends}
     for _ in range(n):
@@ -101,8 +102,9 @@ def test_sigterm_drains_with_1001_and_exits_0(backends, tmp_path: Path) -> None:
     lb = Lbproxy(text, tmp_path).start(wait_ports=(port,))
     try:
         with contextlib.ExitStack() as stack:
-            sockets = [stack.enter_context(ws_connect(f"ws://127.0.0.1:{port}/echo"))
-                       for _ in range(4)]
+            sockets = [
+                stack.enter_context(ws_connect(f"ws://127.0.0.1:{port}/echo")) for _ in range(4)
+            ]
             assert all(echoes(ws) for ws in sockets)
             assert lb.proc is not None
             started = time.monotonic()
@@ -117,16 +119,21 @@ def test_sigterm_drains_with_1001_and_exits_0(backends, tmp_path: Path) -> None:
 
 def test_sighup_reload_adds_and_removes_backends(backends, tmp_path: Path) -> None:
     b1, b2 = backends
-    text, port, admin = proxy_config([(b1.id, b1.address)],
-                                     pool={"drain_timeout": 1.0, "close_spread": 0.2})
+    text, port, admin = proxy_config(
+        [(b1.id, b1.address)], pool={"drain_timeout": 1.0, "close_spread": 0.2}
+    )
     lb = Lbproxy(text, tmp_path).start(wait_ports=(port,))
     assert lb.proc is not None
     try:
         with ws_connect(f"ws://127.0.0.1:{port}/echo") as ws:
             assert echoes(ws)
             assert ws_count(b1) == 1
-            new_text, _, _ = proxy_config([(b2.id, b2.address)], port=port, admin_port=admin,
-                                          pool={"drain_timeout": 1.0, "close_spread": 0.2})
+            new_text, _, _ = proxy_config(
+                [(b2.id, b2.address)],
+                port=port,
+                admin_port=admin,
+                pool={"drain_timeout": 1.0, "close_spread": 0.2},
+            )
             lb.path.write_text(new_text)
             lb.proc.signal(signal.SIGHUP)
             wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/whoami").json()["id"] == "b2")

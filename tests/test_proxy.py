@@ -75,8 +75,10 @@ def test_least_connections_spreads_websockets(backends, start_proxy) -> None:
     with contextlib.ExitStack() as stack:
         for _ in range(30):
             stack.enter_context(ws_connect(f"ws://127.0.0.1:{port}/echo"))
-        counts = {b.id: json.loads(httpx.get(f"http://{b.address}/whoami").text)["connections"]
-                  for b in backends}
+        counts = {
+            b.id: json.loads(httpx.get(f"http://{b.address}/whoami").text)["connections"]
+            for b in backends
+        }
         assert counts == {"b1": 10, "b2": 10, "b3": 10}
 
 
@@ -122,8 +124,12 @@ def test_trusted_proxy_keeps_xff(backends, start_proxy) -> None:
 def test_cookie_affinity_sets_cookie_on_101(backends, start_proxy) -> None:
     text, port, _ = proxy_config(
         pairs(backends),
-        pool={"balance": "hash", "hash_key": "cookie:lbid", "sticky_cookie": True,
-              "hash_balance_factor": 0},
+        pool={
+            "balance": "hash",
+            "hash_key": "cookie:lbid",
+            "sticky_cookie": True,
+            "hash_balance_factor": 0,
+        },
     )
     start_proxy(text, port)
     with ws_connect(f"ws://127.0.0.1:{port}/echo") as ws:
@@ -135,8 +141,11 @@ def test_cookie_affinity_sets_cookie_on_101(backends, start_proxy) -> None:
         assert whoami(port, headers={"Cookie": cookie}) == first
         with ws_connect(f"ws://127.0.0.1:{port}/echo", additional_headers={"Cookie": cookie}) as ws:
             assert ws.response.headers.get("Set-Cookie") is None
-            owner = [b.id for b in backends
-                     if httpx.get(f"http://{b.address}/whoami").json()["connections"] == 1]
+            owner = [
+                b.id
+                for b in backends
+                if httpx.get(f"http://{b.address}/whoami").json()["connections"] == 1
+            ]
             assert owner == [first]
     # different keys spread over the backends
     seen = {whoami(port, headers={"Cookie": f"lbid=user{i}"}) for i in range(40)}
@@ -173,8 +182,9 @@ def raw_request(port: int, data: bytes, src: str = "127.0.0.1", read: bool = Tru
 
 def test_tcp_mode_affinity_by_source_ip(backends, start_proxy) -> None:
     text, port, _ = proxy_config(
-        pairs(backends), mode="tcp", pool={"balance": "hash", "hash_key": "ip",
-                                           "hash_balance_factor": 0},
+        pairs(backends),
+        mode="tcp",
+        pool={"balance": "hash", "hash_key": "ip", "hash_balance_factor": 0},
     )
     start_proxy(text, port)
     request = b"GET /whoami HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -198,8 +208,10 @@ def test_error_statuses(backends, start_proxy) -> None:
     text, port, _ = proxy_config(pairs(backends), listener={"handshake_timeout": 0.5})
     start_proxy(text, port)
     assert status_of(raw_request(port, b"NOT HTTP AT ALL\r\n\r\n")) == 400
-    smuggle = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
-               b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    smuggle = (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
     assert status_of(raw_request(port, smuggle)) == 400
     huge = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n"
     assert status_of(raw_request(port, huge)) == 431
@@ -214,8 +226,9 @@ def test_error_statuses(backends, start_proxy) -> None:
 
 def test_502_when_backends_unreachable_and_503_when_none_up(start_proxy) -> None:
     dead = [("d1", f"127.0.0.1:{free_port()}"), ("d2", f"127.0.0.1:{free_port()}")]
-    text, port, _ = proxy_config(dead, pool={"retries": 1, "connect_timeout": 1.0},
-                                 health={"passive_failures": 0})
+    text, port, _ = proxy_config(
+        dead, pool={"retries": 1, "connect_timeout": 1.0}, health={"passive_failures": 0}
+    )
     start_proxy(text, port)
     assert httpx.get(f"http://127.0.0.1:{port}/").status_code == 502
     # passive health marks them down; then nothing is up -> 503
@@ -227,8 +240,9 @@ def test_502_when_backends_unreachable_and_503_when_none_up(start_proxy) -> None
 
 def test_retries_past_a_dead_backend(backends, start_proxy) -> None:
     servers = [("dead", f"127.0.0.1:{free_port()}"), *pairs(backends)[:1]]
-    text, port, _ = proxy_config(servers, pool={"balance": "round-robin", "retries": 2},
-                                 health={"passive_failures": 0})
+    text, port, _ = proxy_config(
+        servers, pool={"balance": "round-robin", "retries": 2}, health={"passive_failures": 0}
+    )
     start_proxy(text, port)
     for _ in range(10):
         assert whoami(port) == "b1"

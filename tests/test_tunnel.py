@@ -100,11 +100,13 @@ def test_proxy_protocol_header_reaches_backend(proxy, version: str) -> None:
         return data
 
     server = TcpServer(grab)
-    text, port, _ = proxy_config([("t", f"127.0.0.1:{server.port}")], mode="tcp",
-                                 listener={"proxy_protocol": version})
+    text, port, _ = proxy_config(
+        [("t", f"127.0.0.1:{server.port}")], mode="tcp", listener={"proxy_protocol": version}
+    )
     proxy(text, port)
-    with socket.create_connection(("127.0.0.1", port), timeout=10,
-                                  source_address=("127.0.0.7", 0)) as c:
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=10, source_address=("127.0.0.7", 0)
+    ) as c:
         src_port = c.getsockname()[1]
         c.sendall(b"payload")
         assert c.recv(10) == b"ok"
@@ -139,7 +141,8 @@ def masked_frame(payload: bytes) -> bytes:
     n = len(payload)
     head = b"\x82" + bytes((0x80 | 127,)) + struct.pack("!Q", n)
     body = (int.from_bytes(payload, "big") ^ int.from_bytes(mask * (n // 4), "big")).to_bytes(
-        n, "big")
+        n, "big"
+    )
     return head + mask + body
 
 

@@ -91,7 +91,7 @@ async def test_going_away_waits_for_the_frame_boundary() -> None:
 
 
 async def test_going_away_at_boundary_is_immediate() -> None:
-    link, backend_t, client_t = make_link()
+    link, _backend_t, client_t = make_link()
     link.data_received(frame(0x1, b"a") + frame(0x1, b"b" * 200))
     link.go_away()
     assert client_t.written.endswith(GOING_AWAY_FRAME)
@@ -99,7 +99,7 @@ async def test_going_away_at_boundary_is_immediate() -> None:
 
 
 async def test_backend_close_frame_is_not_doubled() -> None:
-    link, backend_t, client_t = make_link()
+    link, _backend_t, client_t = make_link()
     close = frame(0x8, b"\x03\xe8")
     link.data_received(close)
     link.go_away()

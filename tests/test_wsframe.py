@@ -27,13 +27,17 @@ def frame(opcode: int, payload: bytes, mask: bytes | None = None) -> bytes:
     return head + payload
 
 
-sizes = st.lists(st.sampled_from([0, 1, 5, 125, 126, 127, 300, 65535, 65536, 70000]), min_size=1,
-                 max_size=6)
+sizes = st.lists(
+    st.sampled_from([0, 1, 5, 125, 126, 127, 300, 65535, 65536, 70000]), min_size=1, max_size=6
+)
 
 
 @settings(max_examples=60, deadline=None)
-@given(sizes=sizes, cuts=st.lists(st.integers(min_value=1, max_value=90000), max_size=8),
-       masked=st.booleans())
+@given(
+    sizes=sizes,
+    cuts=st.lists(st.integers(min_value=1, max_value=90000), max_size=8),
+    masked=st.booleans(),
+)
 def test_boundaries_follow_any_split(sizes: list[int], cuts: list[int], masked: bool) -> None:
     frames = [frame(0x2, b"x" * n, b"abcd" if masked else None) for n in sizes]
     stream = b"".join(frames)
@@ -70,9 +74,10 @@ def test_close_frames_are_seen_and_built() -> None:
     assert cursor.saw_close
     assert close_frame(1001) == b"\x88\x02\x03\xe9"
     masked = close_frame(1001, b"", mask=b"\x01\x02\x03\x04")
-    assert masked[:2] == b"\x88\x82" and bytes(
-        b ^ m for b, m in zip(masked[6:], b"\x01\x02", strict=True)
-    ) == b"\x03\xe9"
+    assert (
+        masked[:2] == b"\x88\x82"
+        and bytes(b ^ m for b, m in zip(masked[6:], b"\x01\x02", strict=True)) == b"\x03\xe9"
+    )
 
 
 def test_proxy_protocol_v1_and_v2() -> None:

@@ -50,7 +50,7 @@ def locate_head(
             raise HttpError(too_big, f"no complete head within {max_head} bytes")
         return None
     end += 4
-    if end > max_head + 1:
+    if end > max_head:
         raise HttpError(too_big, f"head longer than {max_head} bytes")
     _check_line_endings(buf, start, end, bad)
     return start, end

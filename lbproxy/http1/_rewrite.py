@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from types import MappingProxyType
 
-from lbproxy.http1._types import Headers, RequestHead
+from lbproxy.http1._types import RequestHead
 
 _FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-port")
 _HOP_BY_HOP = (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer")
@@ -38,11 +38,10 @@ REASONS = MappingProxyType(
 )
 
 
-def _connection_named(headers: Headers) -> frozenset[bytes]:
+def _connection_named(values: list[bytes]) -> frozenset[bytes]:
     named: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            named.update(token.strip(b" \t") for token in value.lower().split(b","))
+    for value in values:
+        named.update(token.strip(b" \t") for token in value.lower().split(b","))
     return frozenset(named) - _NEVER_HOP_BY_HOP
 
 
@@ -65,8 +64,9 @@ def rewrite_request(
 ) -> bytes:
     """The request head to send to the backend (see the package docstring for the rules)."""
     drop = _DROP_WEBSOCKET if head.websocket else _DROP_PLAIN
-    if head.header(b"connection") is not None:
-        drop = drop | _connection_named(head.headers)
+    connection = [value for name, value in head.headers if name == b"connection"]
+    if connection:
+        drop = drop | _connection_named(connection)
     out = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
     forwarded_for: list[bytes] = []
     for (name, _), (raw_name, value) in zip(head.headers, head.raw_headers, strict=True):

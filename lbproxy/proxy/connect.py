@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, TypeVar, cast
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ async def connect_with_retries(
         try:
             async with asyncio.timeout(pool.config.connect_timeout):
                 transport, protocol = await loop.create_connection(
-                    lambda: factory(chosen), chosen.address.host, chosen.address.port
+                    partial(factory, chosen), chosen.address.host, chosen.address.port
                 )
         except (OSError, TimeoutError) as exc:
             reason = _reason(exc)

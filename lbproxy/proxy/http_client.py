@@ -372,8 +372,16 @@ class HttpClient(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         if ctx.access_log:
-            log_connection(ctx, self.ip, self.backend, time.monotonic() - self.started,
-                           self.nbytes_in, self.nbytes_out, f"rejected: {detail}", status)
+            log_connection(
+                ctx,
+                self.ip,
+                self.backend,
+                time.monotonic() - self.started,
+                self.nbytes_in,
+                self.nbytes_out,
+                f"rejected: {detail}",
+                status,
+            )
         upstream = self.upstream
         if upstream is not None:
             upstream.client = None

@@ -44,7 +44,9 @@ class Listener:
         self.stats = stats
         self.reuse_port = reuse_port
         self.log_json = log_json
-        self.ctx = ListenerContext(config, pool, stats, asyncio.get_running_loop(), log_json=log_json)
+        self.ctx = ListenerContext(
+            config, pool, stats, asyncio.get_running_loop(), log_json=log_json
+        )
         self.server: asyncio.Server | None = None
         self.address: Address | None = None
         self._sweeper: asyncio.Task[None] | None = None

@@ -16,9 +16,7 @@ def _unmap(host: str) -> str:
     return str(addr)
 
 
-def proxy_header(
-    version: str, src: tuple[str, int], dst: tuple[str, int]
-) -> bytes:
+def proxy_header(version: str, src: tuple[str, int], dst: tuple[str, int]) -> bytes:
     """The PROXY header announcing a TCP connection from ``src`` to ``dst``."""
     src_host, dst_host = _unmap(src[0]), _unmap(dst[0])
     v6 = ":" in src_host or ":" in dst_host
@@ -36,5 +34,7 @@ def proxy_header(
             + struct.pack("!HH", src[1], dst[1])
         )
         fam_byte = 0x21 if v6 else 0x11  # AF_INET6/AF_INET + STREAM
-        return V2_SIGNATURE + bytes((0x21, fam_byte)) + struct.pack("!H", len(addresses)) + addresses
+        return (
+            V2_SIGNATURE + bytes((0x21, fam_byte)) + struct.pack("!H", len(addresses)) + addresses
+        )
     raise ValueError(f"unknown PROXY protocol version {version!r}")

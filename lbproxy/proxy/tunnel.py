@@ -242,9 +242,14 @@ class WsLink(Link, FrameScan):
             self.skip = skip - n
             return
         # The common case: exactly one small unmasked non-close frame.
-        if skip == 0 and 1 < n < 127 and data[1] == n - 2 and data[0] & 0x0F != 0x8:
-            if not self.partial:
-                return
+        if (
+            skip == 0
+            and 1 < n < 127
+            and data[1] == n - 2
+            and data[0] & 0x0F != 0x8
+            and not self.partial
+        ):
+            return
         self.feed(data)
 
     def go_away(self) -> None:

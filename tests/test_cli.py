@@ -1,0 +1,102 @@
+"""The command line as users run it: check-config, serve on a bad config, --workers, --version."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lbproxy import __version__
+from tests.proxyconf import proxy_config
+from tests.support import REPO, Backend, Lbproxy, free_port, lbproxy_cmd, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(lbproxy_cmd(*args), capture_output=True, text=True, timeout=30)
+
+
+def test_version() -> None:
+    out = run("--version")
+    assert out.returncode == 0 and __version__ in out.stdout
+
+
+def test_check_config_accepts_the_examples() -> None:
+    for name in ("lbproxy.toml", "static-demo.toml"):
+        out = run("check-config", str(REPO / "config" / name))
+        assert out.returncode == 0, out.stderr
+
+
+def test_bad_config_exits_2_with_file_key_and_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[listeners.public]\nbind = "127.0.0.1:8080"\nmode = "udp"\npool = "nope"\n'
+        '[pools.chat]\nbalance = "random"\nbackends = [{ id = "a", address = "127.0.0.1" }]\n'
+    )
+    for args in (("check-config", str(bad)), ("serve", "--config", str(bad))):
+        out = run(*args)
+        assert out.returncode == 2
+        lines = out.stderr.strip().splitlines()
+        assert f"{bad}: listeners.public.mode: must be one of 'http', 'tcp', got 'udp'" in lines
+        assert any(line.startswith(f"{bad}: listeners.public.pool: ") for line in lines)
+        assert any(line.startswith(f"{bad}: pools.chat.balance: ") for line in lines)
+        assert any(line.startswith(f"{bad}: pools.chat.backends[0].address: ") for line in lines)
+    out = run("check-config", str(tmp_path / "missing.toml"))
+    assert out.returncode == 2 and "missing.toml: cannot read" in out.stderr
+
+
+def test_admin_clients_report_unreachable_admin() -> None:
+    out = run("status", "--admin", f"http://127.0.0.1:{free_port()}")
+    assert out.returncode == 1 and "cannot reach admin API" in out.stderr
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> None:
+    backend = Backend("w1").start()
+    try:
+        admin, port = free_port(), free_port()
+        while not _free(admin + 1) or port in (admin, admin + 1):
+            admin, port = free_port(), free_port()
+        text, port, admin = proxy_config(
+            [(backend.id, backend.address)], port=port, admin_port=admin
+        )
+        lb = Lbproxy(text, tmp_path, "--workers", "2").start(wait_ports=(port,))
+        assert lb.proc is not None
+        try:
+            # each worker runs its own admin API on admin port + index
+            wait_until(lambda: httpx.get(f"http://127.0.0.1:{admin}/healthz").status_code == 200)
+            wait_until(
+                lambda: httpx.get(f"http://127.0.0.1:{admin + 1}/healthz").status_code == 200
+            )
+            for _ in range(20):
+                with httpx.Client() as client:  # new connections: the kernel spreads them
+                    assert client.get(f"http://127.0.0.1:{port}/whoami").json()["id"] == "w1"
+            served = sum(
+                int(float(line.split()[-1]))
+                for a in (admin, admin + 1)
+                for line in httpx.get(f"http://127.0.0.1:{a}/metrics").text.splitlines()
+                if line.startswith("lbproxy_connections_total{")
+            )
+            assert served >= 20
+            lb.proc.signal(signal.SIGTERM)
+            assert lb.proc.wait(timeout=20) == 0
+            out = subprocess.run(["pgrep", "-f", str(lb.path)], capture_output=True, text=True)
+            assert out.stdout.strip() == ""  # no worker left behind
+        finally:
+            lb.stop()
+    finally:
+        backend.stop()
