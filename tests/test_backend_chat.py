@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -24,6 +24,26 @@ from tests.test_backend_support import (
     running_backend,
     whoami,
 )
+
+Opener = Callable[..., Awaitable[ChatClient]]
+
+
+@pytest.fixture
+async def open_chat() -> AsyncIterator[Opener]:
+    """Opens ChatClients and closes them all when the test ends."""
+    opened: list[ChatClient] = []
+
+    async def open_(
+        address: Address, user: str | None = "u", cookie: str | None = None
+    ) -> ChatClient:
+        client = await ChatClient.open(address, user, cookie)
+        opened.append(client)
+        return client
+
+    yield open_
+    for client in opened:
+        await client.close()
+
 
 FAST = {"rate": 1e6, "burst": 1_000_000}  # no rate limiting in tests that are about other things
 
@@ -44,11 +64,11 @@ async def two_backends(redis: RedisServer, **extra: Any) -> AsyncIterator[tuple[
 
 
 async def test_two_backends_exchange_1000_messages_in_order_exactly_once(
-    redis: RedisServer,
+    redis: RedisServer, open_chat: Opener
 ) -> None:
     async with two_backends(redis) as (a, b):
-        alice = await ChatClient.open(a, "alice")
-        bob = await ChatClient.open(b, "bob")
+        alice = await open_chat(a, "alice")
+        bob = await open_chat(b, "bob")
         assert (await alice.join("lobby"))["backend"] == "A"
         assert (await bob.join("lobby"))["backend"] == "B"
 
@@ -76,9 +96,11 @@ async def test_two_backends_exchange_1000_messages_in_order_exactly_once(
         await bob.nothing_for(0.1)
 
 
-async def test_duplicate_client_msg_id_is_stored_once(redis: RedisServer) -> None:
+async def test_duplicate_client_msg_id_is_stored_once(
+    redis: RedisServer, open_chat: Opener
+) -> None:
     async with two_backends(redis) as (a, b):
-        alice, bob = await ChatClient.open(a, "alice"), await ChatClient.open(b, "bob")
+        alice, bob = await open_chat(a, "alice"), await open_chat(b, "bob")
         await alice.join("r")
         await bob.join("r")
         await alice.say("r", "hello", "c-1")
@@ -97,9 +119,11 @@ async def test_duplicate_client_msg_id_is_stored_once(redis: RedisServer) -> Non
             await client.aclose()
 
 
-async def test_join_since_replays_then_goes_live_and_gap_is_reported(redis: RedisServer) -> None:
+async def test_join_since_replays_then_goes_live_and_gap_is_reported(
+    redis: RedisServer, open_chat: Opener
+) -> None:
     async with two_backends(redis, history=5) as (a, b):
-        writer = await ChatClient.open(a, "w")
+        writer = await open_chat(a, "w")
         for i in range(8):
             await writer.say("r", f"m{i}")
         # not a member: each send is answered with its msg directly
@@ -107,27 +131,29 @@ async def test_join_since_replays_then_goes_live_and_gap_is_reported(redis: Redi
         ids = [m["id"] for m in sent]
         assert ids == sorted(ids)
 
-        reader = await ChatClient.open(b, "r")
+        reader = await open_chat(b, "r")
         await reader.join("r", since=ids[4])  # m5.. are retained: no gap
         assert [m["text"] for m in await reader.messages(3)] == ["m5", "m6", "m7"]
         await writer.say("r", "live")
         assert [m["text"] for m in await reader.messages(1)] == ["live"]
 
-        late = await ChatClient.open(b, "late")
+        late = await open_chat(b, "late")
         await late.join("r", since=ids[1])  # m2 was trimmed (history=5 keeps m4..live)
         gap = await late.recv()
         assert gap == {"op": "error", "code": "history_gap", "room": "r", "oldest": ids[4]}
         assert [m["text"] for m in await late.messages(5)] == ["m4", "m5", "m6", "m7", "live"]
 
-        live_only = await ChatClient.open(a, "l")
+        live_only = await open_chat(a, "l")
         await live_only.join("r")  # no since: live messages only
         await live_only.nothing_for(0.3)
 
 
-async def test_no_gap_or_duplicate_at_the_replay_seam(redis: RedisServer) -> None:
+async def test_no_gap_or_duplicate_at_the_replay_seam(
+    redis: RedisServer, open_chat: Opener
+) -> None:
     """Joins with since=0 while another backend publishes continuously."""
     async with two_backends(redis) as (a, b):
-        writer = await ChatClient.open(a, "w")
+        writer = await open_chat(a, "w")
         await writer.join("seam")
         total = 400
 
@@ -139,7 +165,7 @@ async def test_no_gap_or_duplicate_at_the_replay_seam(redis: RedisServer) -> Non
 
         async def join_late(delay: float) -> list[dict[str, Any]]:
             await asyncio.sleep(delay)
-            reader = await ChatClient.open(b, f"r{delay}")
+            reader = await open_chat(b, f"r{delay}")
             await reader.join("seam", since=0)
             return await reader.messages(total, timeout=40)
 
@@ -150,11 +176,13 @@ async def test_no_gap_or_duplicate_at_the_replay_seam(redis: RedisServer) -> Non
             assert [m["text"] for m in got] == [str(i) for i in range(total)]
 
 
-async def test_presence_across_backends_and_expiry_after_sigkill(redis: RedisServer) -> None:
+async def test_presence_across_backends_and_expiry_after_sigkill(
+    redis: RedisServer, open_chat: Opener
+) -> None:
     proc, b = backend_process(redis_url=redis.url, prefix="t", id="B", presence_ttl=2.0)
     try:
         async with running_backend(options(redis, id="A", presence_ttl=2.0)) as a:
-            alice, bob = await ChatClient.open(a, "alice"), await ChatClient.open(b, "bob")
+            alice, bob = await open_chat(a, "alice"), await open_chat(b, "bob")
             await alice.join("p")
             await bob.join("p")
             await alice.send(op="presence", room="p")
@@ -182,9 +210,9 @@ async def test_presence_across_backends_and_expiry_after_sigkill(redis: RedisSer
         proc.stop()
 
 
-async def test_rate_limit_burst_then_usable(redis: RedisServer) -> None:
+async def test_rate_limit_burst_then_usable(redis: RedisServer, open_chat: Opener) -> None:
     async with running_backend(options(redis, rate=5.0, burst=3)) as a:
-        c = await ChatClient.open(a, "fast")
+        c = await open_chat(a, "fast")
         for i in range(6):
             await c.say("rl", f"m{i}")
         events = [await c.recv() for _ in range(6)]
@@ -195,14 +223,16 @@ async def test_rate_limit_burst_then_usable(redis: RedisServer) -> None:
         await asyncio.sleep(limited["retry_after"])
         await c.say("rl", "after")
         assert (await c.recv())["text"] == "after"
-        other = await ChatClient.open(a, "other")  # limits are per user
+        other = await open_chat(a, "other")  # limits are per user
         await other.say("rl", "x")
         assert (await other.recv())["op"] == "msg"
 
 
-async def test_bad_messages_are_answered_and_connection_kept(redis: RedisServer) -> None:
+async def test_bad_messages_are_answered_and_connection_kept(
+    redis: RedisServer, open_chat: Opener
+) -> None:
     async with running_backend(options(redis, max_message=1000)) as a:
-        c = await ChatClient.open(a, "u")
+        c = await open_chat(a, "u")
         await c.ws.send("{not json")
         assert (await c.recv())["code"] == "bad_request"
         await c.ws.send(b"\x00binary")
@@ -219,20 +249,22 @@ async def test_bad_messages_are_answered_and_connection_kept(redis: RedisServer)
         assert (await whoami(a))["connections"] == 1
 
 
-async def test_session_cookie_is_reused_on_reconnect(redis: RedisServer) -> None:
+async def test_session_cookie_is_reused_on_reconnect(redis: RedisServer, open_chat: Opener) -> None:
     async with running_backend(options(redis)) as a:
-        first = await ChatClient.open(a, "carol")
+        first = await open_chat(a, "carol")
         cookie = first.ws.response.headers["set-cookie"]
         assert cookie.startswith("session=") and "HttpOnly" in cookie
         await first.close()
-        again = await ChatClient.open(a, None, cookie=cookie.split(";")[0])
+        again = await open_chat(a, None, cookie=cookie.split(";")[0])
         assert (await again.join("r"))["user"] == "carol"
         with pytest.raises(InvalidStatus) as info:
-            await ChatClient.open(a, None)
+            await open_chat(a, None)
         assert info.value.response.status_code == 400
 
 
-async def test_subscription_recovers_and_catches_up_after_a_cut(redis: RedisServer) -> None:
+async def test_subscription_recovers_and_catches_up_after_a_cut(
+    redis: RedisServer, open_chat: Opener
+) -> None:
     """A's Redis link is cut while B keeps publishing: A's members get everything after."""
     proxy = await CuttableProxy(Address("127.0.0.1", redis.port)).start()
     try:
@@ -240,7 +272,7 @@ async def test_subscription_recovers_and_catches_up_after_a_cut(redis: RedisServ
             running_backend(options(proxy.url, id="A")) as a,
             running_backend(options(redis, id="B")) as b,
         ):
-            alice, bob = await ChatClient.open(a, "alice"), await ChatClient.open(b, "bob")
+            alice, bob = await open_chat(a, "alice"), await open_chat(b, "bob")
             await alice.join("r")
             await bob.join("r")
             await bob.say("r", "before")
@@ -260,11 +292,11 @@ async def test_subscription_recovers_and_catches_up_after_a_cut(redis: RedisServ
         await proxy.stop()
 
 
-async def test_redis_killed_and_restarted_under_running_backends() -> None:
+async def test_redis_killed_and_restarted_under_running_backends(open_chat: Opener) -> None:
     redis = RedisServer().start()
     try:
         async with two_backends(redis) as (a, b):
-            alice, bob = await ChatClient.open(a, "alice"), await ChatClient.open(b, "bob")
+            alice, bob = await open_chat(a, "alice"), await open_chat(b, "bob")
             await alice.join("r")
             await bob.join("r")
             await bob.say("r", "before")
@@ -301,12 +333,12 @@ async def _send_until_stored(client: ChatClient, count: int) -> list[dict[str, A
     return stored
 
 
-async def test_message_rate_of_one_backend(redis: RedisServer) -> None:
+async def test_message_rate_of_one_backend(redis: RedisServer, open_chat: Opener) -> None:
     """Simple throughput measurement: 4 senders, 1 receiver, all on one backend."""
     async with running_backend(options(redis)) as a:
-        receiver = await ChatClient.open(a, "rx")
+        receiver = await open_chat(a, "rx")
         await receiver.join("bench")
-        senders = [await ChatClient.open(a, f"tx{i}") for i in range(4)]
+        senders = [await open_chat(a, f"tx{i}") for i in range(4)]
         per_sender = 500
 
         async def blast(client: ChatClient, n: int) -> None:
@@ -331,9 +363,9 @@ def test_options_are_frozen_and_defaults_match_the_spec() -> None:
     assert replace(opts, rate=2.0).rate == 2.0
 
 
-async def test_whoami_counts_chat_connections(redis: RedisServer) -> None:
+async def test_whoami_counts_chat_connections(redis: RedisServer, open_chat: Opener) -> None:
     async with running_backend(options(redis)) as a:
-        clients = [await ChatClient.open(a, f"u{i}") for i in range(3)]
+        clients = [await open_chat(a, f"u{i}") for i in range(3)]
         assert (await whoami(a))["connections"] == 3
         for c in clients:
             await c.close()

@@ -62,7 +62,16 @@ def rewrite_request(
     keep_xff: bool,
     upstream_keep_alive: bool,
 ) -> bytes:
-    """The request head to send to the backend (see the package docstring for the rules)."""
+    """The request head to send to the backend, always as HTTP/1.1, headers in original case.
+
+    X-Forwarded-For is ``client_ip``, or "<incoming values>, client_ip" when ``keep_xff`` (the
+    client is a trusted proxy) and it sent one; incoming X-Forwarded-Proto/-Port are replaced by
+    ``proto`` and ``port``. Hop-by-hop headers (Connection and the headers it names, Keep-Alive,
+    Proxy-Connection, TE, Trailer, Upgrade) are removed; Connection can never name Host,
+    Content-Length or Transfer-Encoding away. "Connection: close" is added when not
+    ``upstream_keep_alive``. A websocket request keeps Upgrade and gets "Connection: Upgrade".
+    An HTTP/1.0 request without Host gets one (the absolute-form authority, else empty).
+    """
     drop = _DROP_WEBSOCKET if head.websocket else _DROP_PLAIN
     connection = [value for name, value in head.headers if name == b"connection"]
     if connection:

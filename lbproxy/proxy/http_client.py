@@ -44,6 +44,7 @@ class HttpClient(asyncio.Protocol):
         "head",
         "ip",
         "key",
+        "last_backend",
         "mark_in",
         "mark_out",
         "nbytes_in",
@@ -75,6 +76,7 @@ class HttpClient(asyncio.Protocol):
         self.key: bytes | None = None
         self.set_cookie: tuple[bytes, bytes] | None = None
         self.backend: Backend | None = None
+        self.last_backend: Backend | None = None
         self.upstream: Upstream | None = None
         self.tracker: ChunkedTracker | LengthTracker | None = None
         self.closing = False
@@ -138,7 +140,7 @@ class HttpClient(asyncio.Protocol):
             log_connection(
                 ctx,
                 self.ip,
-                None,
+                self.last_backend,
                 time.monotonic() - self.started,
                 self.nbytes_in,
                 self.nbytes_out,
@@ -239,7 +241,7 @@ class HttpClient(asyncio.Protocol):
         ctx = self.ctx
         head = self.head
         assert head is not None
-        self.backend = backend
+        self.backend = self.last_backend = backend
         self.upstream = upstream
         self.state = FORWARD
         ctx.pool.attach(backend, self)

@@ -76,6 +76,7 @@ class TcpClient(asyncio.Protocol):
             header = proxy_header(ctx.config.proxy_protocol, self.peer, (sock[0], sock[1]))
         link = Link(ctx, backend, upstream, client, self.peer[0], self.started)
         ctx.stats.requests[(ctx.pool.name, backend.id)] += 1
+        ctx.stats.handshake_seconds.observe(time.monotonic() - self.started)
         link.start(bytes(pending.buf), header + bytes(self.buf))
         if self.eof:
             link.client.eof_received()
