@@ -93,7 +93,7 @@ def test_two_instances_follow_the_registry_and_agree(
             proc.signal(signal.SIGTERM)
             wait_until(lambda: owner not in members(admin1), timeout=5)
             # the open connection drained with 1001 rather than being cut
-            with pytest.raises(Exception) as info:  # noqa: PT011
+            with pytest.raises(Exception) as info:
                 ws.recv(timeout=5)
             assert getattr(getattr(info.value, "rcvd", None), "code", None) == 1001
         # Redis goes away: both instances keep serving the last known set
