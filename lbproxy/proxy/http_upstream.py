@@ -167,7 +167,7 @@ class Upstream(asyncio.Protocol):
         self.tracker = (
             LengthTracker(head.body.length)
             if kind == "length"
-            else ChunkedTracker()
+            else ChunkedTracker(502)
             if kind == "chunked"
             else None
         )
