@@ -86,6 +86,8 @@ class Pool:
         self._observers: list[StateObserver] = []
         self._round_robin = SmoothRoundRobin()
         self._up: list[Backend] = []
+        self._up_ids: list[str] = []
+        self._up_weights: list[int] = []
         self._hash: ConsistentHash | None = None
         self._lc_start = 0
         for backend in config.backends:
@@ -129,6 +131,8 @@ class Pool:
         members = [(b.id, b.weight) for b in up]
         old_members = [(b.id, b.weight) for b in self._up]
         self._up = up
+        self._up_ids = [b.id for b in up]
+        self._up_weights = [b.weight for b in up]
         if self.config.balance == "hash" and (self._hash is None or members != old_members):
             self._hash = ConsistentHash(members) if members else None
 
@@ -263,14 +267,17 @@ class Pool:
         up = self._up
         if exclude:
             up = [b for b in up if b.id not in exclude]
+        elif len(up) == 1:
+            return up[0]
         if not up:
             return None
         balance = self.config.balance
         if balance == "hash" and key is not None:
             return self._pick_hash(key, up, exclude)
         if balance == "round-robin":
-            index = self._round_robin.pick([b.id for b in up], [b.weight for b in up])
-            return up[index]
+            if up is self._up:
+                return up[self._round_robin.pick(self._up_ids, self._up_weights)]
+            return up[self._round_robin.pick([b.id for b in up], [b.weight for b in up])]
         now = self._clock()
         self._lc_start += 1
         index = least_connections(

@@ -98,9 +98,9 @@ async def whoami(address: Address) -> dict[str, Any]:
     return result
 
 
-def backend_process(**options: Any) -> tuple[Proc, Address]:
+def backend_process(port: int | None = None, **options: Any) -> tuple[Proc, Address]:
     """A backend in a subprocess via run_backend (uvloop), ready when /healthz answers."""
-    port = free_port()
+    port = port or free_port()
     fields = ", ".join(f"{k}={v!r}" for k, v in options.items())
     code = (
         "import logging; logging.basicConfig(level=logging.INFO)\n"
@@ -143,7 +143,10 @@ class ChatClient:
         query = "" if user is None else f"?user={user}"
         headers = {"Cookie": cookie} if cookie else None
         ws = await websockets.connect(
-            f"ws://{address}/chat{query}", additional_headers=headers, compression=None
+            f"ws://{address}/chat{query}",
+            additional_headers=headers,
+            compression=None,
+            close_timeout=2,
         )
         return cls(ws)
 

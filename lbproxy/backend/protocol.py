@@ -112,6 +112,17 @@ class BackendServer:
 class Connection(asyncio.Protocol):
     """One client connection: HTTP/1.1 keep-alive, then maybe a websocket (/echo or /chat)."""
 
+    __slots__ = (
+        "_paused",
+        "_task",
+        "_writable",
+        "conn",
+        "handler",
+        "is_websocket",
+        "server",
+        "transport",
+    )
+
     def __init__(self, server: BackendServer) -> None:
         self.server = server
         self.conn = ServerConnection()

@@ -124,6 +124,22 @@ def _is_websocket_upgrade(headers: Sequence[Header]) -> bool:
 class ServerConnection:
     """One client connection as a state machine: bytes in, events out, bytes to send."""
 
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_h11",
+        "_handshake",
+        "_message_size",
+        "_out",
+        "_parts",
+        "_request",
+        "_ws",
+        "max_body",
+        "max_message",
+        "must_close",
+        "phase",
+    )
+
     def __init__(
         self, *, max_body: int = DEFAULT_MAX_BODY, max_message: int = DEFAULT_MAX_MESSAGE
     ) -> None:

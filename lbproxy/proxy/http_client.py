@@ -16,6 +16,7 @@ from lbproxy.balance import extract_key, new_sticky_value
 from lbproxy.errors import HttpError
 from lbproxy.http1 import (
     MAX_HEAD,
+    BodyFraming,
     ChunkedTracker,
     LengthTracker,
     RequestHead,
@@ -23,6 +24,7 @@ from lbproxy.http1 import (
     parse_request_head,
     rewrite_request,
 )
+from lbproxy.http1.lanes import quick_request
 from lbproxy.pool import Backend
 from lbproxy.proxy.accesslog import log_connection
 from lbproxy.proxy.connect import connect_with_retries
@@ -31,6 +33,9 @@ from lbproxy.proxy.http_upstream import Upstream
 from lbproxy.proxy.tunnel import Linger, WsLink
 
 HEAD, CONNECTING, FORWARD, DONE = range(4)
+
+# What a request taken by the fast lane amounts to (see http1.lanes.quick_request).
+QUICK_GET = RequestHead(b"GET", b"/", b"1.1", (), (), True, False, BodyFraming("none"))
 
 
 class HttpClient(asyncio.Protocol):
@@ -50,12 +55,14 @@ class HttpClient(asyncio.Protocol):
         "nbytes_in",
         "nbytes_out",
         "port",
+        "quick",
         "requests",
         "reused",
         "set_cookie",
         "started",
         "state",
         "status",
+        "suffix",
         "task",
         "timer",
         "tracker",
@@ -84,6 +91,8 @@ class HttpClient(asyncio.Protocol):
         self.started = 0.0
         self.requests = 0
         self.status = 0
+        self.quick: bytes | None = None
+        self.suffix = b""
         self.nbytes_in = self.nbytes_out = self.mark_in = self.mark_out = 0
 
     # -- asyncio callbacks ---------------------------------------------------
@@ -106,6 +115,8 @@ class HttpClient(asyncio.Protocol):
         self.nbytes_in += len(data)
         state = self.state
         if state == HEAD:
+            if not self.buf and quick_request(data) and self._quick(data):
+                return
             self.buf += data
             self._try_head()
         elif state == FORWARD and self.tracker is not None:
@@ -181,9 +192,54 @@ class HttpClient(asyncio.Protocol):
         del self.buf[:used]
         self._dispatch(head)
 
+    def _quick(self, data: bytes) -> bool:
+        """Fast lane: a plain GET on a warm keep-alive upstream connection (False: full path)."""
+        ctx = self.ctx
+        pool = ctx.pool
+        config = pool.config
+        key = None
+        if config.balance == "hash":
+            if ctx.key_spec().kind != "ip":
+                return False
+            key = self.ip.encode()
+        backend = pool.pick(key)
+        if backend is None:
+            return False
+        transport = ctx.idle.take(backend)
+        if transport is None:
+            return False
+        upstream = cast(Upstream, transport.get_protocol())
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.requests += 1
+        self.head = QUICK_GET
+        self.quick = data
+        self.key = key
+        self.set_cookie = None
+        self.reused = True
+        self.backend = self.last_backend = backend
+        self.upstream = upstream
+        self.state = FORWARD
+        self.tracker = None
+        pool.attach(backend, self)
+        ctx.stats.requests[(pool.name, backend.id)] += 1
+        self.mark_in = self.nbytes_in - len(data)
+        self.mark_out = self.nbytes_out
+        suffix = self.suffix
+        if not suffix:
+            suffix = self.suffix = (
+                f"X-Forwarded-For: {self.ip}\r\nX-Forwarded-Proto: {ctx.proto.decode()}\r\n"
+                f"X-Forwarded-Port: {ctx.port}\r\n\r\n"
+            ).encode()
+        upstream.expect(self, b"GET", False, None)
+        upstream.transport.write(data[:-2] + suffix)
+        return True
+
     def _dispatch(self, head: RequestHead) -> None:
         ctx = self.ctx
         pool = ctx.pool
+        self.quick = None
         self.head = head
         self.state = CONNECTING
         self.requests += 1
@@ -331,6 +387,11 @@ class HttpClient(asyncio.Protocol):
         ):
             # A kept-alive connection closed under us before any answer: retry once, fresh.
             self._end_request()
+            if self.quick is not None:  # the fast lane kept only the bytes: parse them now
+                parsed = parse_request_head(self.quick)
+                assert parsed is not None
+                self.head = parsed[0]
+                self.quick = None
             self.state = CONNECTING
             self.reused = False
             self.transport.pause_reading()

@@ -13,6 +13,7 @@ from lbproxy.http1 import (
     add_response_headers,
     parse_response_head,
 )
+from lbproxy.http1.lanes import quick_response
 from lbproxy.pool import Backend, BackendState
 from lbproxy.proxy.context import ListenerContext
 from lbproxy.proxy.tunnel import HIGH_WATER
@@ -84,6 +85,14 @@ class Upstream(asyncio.Protocol):
             self._body(data)
         elif state == HEAD:
             self.got_response = True
+            if (
+                not self.buf
+                and self.set_cookie is None
+                and self.method == b"GET"
+                and not self.websocket
+                and self._quick(data)
+            ):
+                return
             self.buf += data
             self._head()
         else:  # an idle connection must not talk: drop it
@@ -114,6 +123,30 @@ class Upstream(asyncio.Protocol):
             self.client.transport.resume_reading()
 
     # -- response ------------------------------------------------------------
+    def _quick(self, data: bytes) -> bool:
+        """Fast lane: a plain Content-Length response (False: use the full parser)."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        quick = quick_response(data[: end + 4])
+        if quick is None:
+            return False
+        total = end + 4 + quick[1]
+        have = len(data)
+        if have > total:  # bytes beyond the response: let the full path refuse them
+            return False
+        client = self.client
+        assert client is not None
+        client.status = quick[0]
+        client.write(data)
+        if have == total:
+            self._done(reusable=True, close_client=False)
+        else:
+            self.keep = True
+            self.tracker = LengthTracker(total - have)
+            self.state = BODY
+        return True
+
     def _fail(self, detail: str) -> None:
         client = self.client
         self.client = None

@@ -1,0 +1,65 @@
+"""Fast lanes: recognise the most common heads with one regular-expression match.
+
+The proxy parses every request, but most keep-alive traffic is the same shape: a
+bodiless HTTP/1.1 GET with no hop-by-hop or forwarding headers, answered with a
+Content-Length response. For those, building a RequestHead/ResponseHead and
+re-serialising the head costs more than the proxying itself. These functions say
+"this head is exactly that simple shape" (the full parser would accept it, find no
+body, keep-alive, not a websocket) or "ask the full parser" — they never reject
+anything themselves. The tests check them against the full parser.
+"""
+
+from __future__ import annotations
+
+import re
+
+# A request line for GET, then header lines whose names are tokens other than the
+# ones that change framing, connection handling or forwarding (those go to the full
+# parser), then the blank line. Values: any byte but controls (HTAB allowed).
+_HEADER = (
+    rb"(?!(?i:content-length|transfer-encoding|connection|upgrade|keep-alive|te|trailer"
+    rb"|proxy-connection|x-forwarded-for|x-forwarded-proto|x-forwarded-port|expect|host)[ \t]*:)"
+    rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[ \t]*(?:[^\x00-\x08\x0a-\x1f\x7f][^\x00-\x08\x0a-\x1f\x7f]*)?\r\n"
+)
+_VALUE = rb"[ \t]*[^\x00-\x20\x7f][^\x00-\x08\x0a-\x1f\x7f]*"
+_QUICK_REQUEST = re.compile(
+    rb"GET /[\x21-\x7e]* HTTP/1\.1\r\n"
+    rb"(?:" + _HEADER + rb")*"
+    rb"[Hh][Oo][Ss][Tt]:" + _VALUE + rb"\r\n"
+    rb"(?:" + _HEADER + rb")*"
+    rb"\r\n"
+)
+_QUICK_RESPONSE = re.compile(
+    rb"HTTP/1\.1 ([2-5][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?\r\n"
+    rb"(?:(?!(?i:content-length|transfer-encoding|connection)[ \t]*:)"
+    rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[ \t]*(?:[^\x00-\x08\x0a-\x1f\x7f]*)\r\n)*"
+    rb"(?i:content-length):[ \t]*([0-9]{1,15})[ \t]*\r\n"
+    rb"(?:(?!(?i:content-length|transfer-encoding|connection)[ \t]*:)"
+    rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[ \t]*(?:[^\x00-\x08\x0a-\x1f\x7f]*)\r\n)*"
+    rb"\r\n"
+)
+
+
+def quick_request(head: bytes) -> bool:
+    """True when ``head`` (a whole request head, CRLFCRLF included) is a plain GET.
+
+    That is: HTTP/1.1, origin-form target, exactly one Host, no body, keep-alive, not
+    a websocket, and no header the proxy would drop or rewrite — so it can be sent on
+    as ``head[:-2]`` followed by the X-Forwarded-* lines and CRLF.
+    """
+    return _QUICK_REQUEST.fullmatch(head) is not None
+
+
+def quick_response(head: bytes) -> tuple[int, int] | None:
+    """(status, content length) when ``head`` is a plain keep-alive Content-Length response.
+
+    None means: use the full parser (chunked, close-delimited, 1xx/204/304, Connection
+    headers, anything unusual). The caller must not use this for responses to HEAD.
+    """
+    match = _QUICK_RESPONSE.fullmatch(head)
+    if match is None:
+        return None
+    status = int(match.group(1))
+    if status == 204 or status == 304:
+        return None
+    return status, int(match.group(2))

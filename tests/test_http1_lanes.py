@@ -1,0 +1,108 @@
+"""The fast lanes agree with the full parser wherever they take a head."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lbproxy.errors import HttpError
+from lbproxy.http1 import parse_request_head, parse_response_head
+from lbproxy.http1.lanes import quick_request, quick_response
+
+REQUEST = b"GET /x?y=1 HTTP/1.1\r\nHost: example\r\nUser-Agent: t\r\nAccept: */*\r\n\r\n"
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\n"
+
+
+def test_plain_get_and_plain_response_take_the_lane() -> None:
+    assert quick_request(REQUEST)
+    assert quick_request(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    assert quick_response(RESPONSE) == (200, 12)
+    assert quick_response(b"HTTP/1.1 404 \r\ncontent-length: 0\r\n\r\n") == (404, 0)
+
+
+def test_anything_unusual_goes_to_the_full_parser() -> None:
+    slow = [
+        b"POST / HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.0\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",  # no Host: the full parser answers 400
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",  # obs-fold
+        b"GET / HTTP/1.1\nHost: a\r\n\r\n",  # bare LF
+        b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX\x00: b\r\n\r\n",
+        b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+    ]
+    for head in slow:
+        assert not quick_request(head), head
+    for head in [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 101 Switching\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n",
+    ]:
+        assert quick_response(head) is None, head
+
+
+names = st.sampled_from(
+    [b"Host", b"host", b"HOST", b"Content-Length", b"Transfer-Encoding", b"Connection",
+     b"Upgrade", b"X-Forwarded-For", b"Accept", b"Cookie", b"X-Y", b"TE", b"Te ", b"Bad Name",
+     b"Keep-Alive", b"Expect"]
+)  # fmt: skip
+values = st.sampled_from([b"a", b"", b" x ", b"chunked", b"close", b"5", b"1, 1", b"\x00", b"\tv"])
+lines = st.lists(st.tuples(names, values), max_size=5)
+starts = st.sampled_from(
+    [b"GET / HTTP/1.1", b"GET /a?b HTTP/1.1", b"HEAD / HTTP/1.1", b"GET / HTTP/1.0",
+     b"GET  / HTTP/1.1", b"get / HTTP/1.1"]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(start=starts, fields=lines)
+def test_quick_request_implies_the_full_parser_agrees(
+    start: bytes, fields: list[tuple[bytes, bytes]]
+) -> None:
+    head = start + b"\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in fields) + b"\r\n"
+    if not quick_request(head):
+        return
+    parsed = parse_request_head(head)
+    assert parsed is not None
+    request, used = parsed
+    assert used == len(head)
+    assert request.method == b"GET" and request.body.kind == "none"
+    assert request.keep_alive and not request.websocket
+    dropped = {b"connection", b"keep-alive", b"te", b"trailer", b"upgrade", b"proxy-connection"}
+    assert not any(n in dropped or n.startswith(b"x-forwarded-") for n, _ in request.headers)
+
+
+statuses = st.sampled_from([b"200 OK", b"404 Not Found", b"204 No", b"304 x", b"101 S", b"500"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(status=statuses, fields=lines)
+def test_quick_response_implies_the_full_parser_agrees(
+    status: bytes, fields: list[tuple[bytes, bytes]]
+) -> None:
+    head = b"HTTP/1.1 " + status + b"\r\n"
+    head += b"".join(n + b": " + v + b"\r\n" for n, v in fields) + b"\r\n"
+    quick = quick_response(head)
+    if quick is None:
+        return
+    try:
+        parsed = parse_response_head(head, b"GET")
+    except HttpError as exc:  # pragma: no cover - a disagreement
+        raise AssertionError(f"lane took a head the parser refuses: {head!r}") from exc
+    assert parsed is not None
+    response, used = parsed
+    assert used == len(head) and response.keep_alive
+    assert response.body.kind in ("length", "none")
+    assert (response.status, response.body.length) == quick
