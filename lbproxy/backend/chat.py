@@ -28,8 +28,8 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from lbproxy.backend import chat_protocol as proto
+from lbproxy.backend.interfaces import WsConnectionPeer
 from lbproxy.backend.options import BackendOptions
-from lbproxy.backend.protocol import WsConnectionPeer
 from lbproxy.backend.ratelimit import RateLimit
 from lbproxy.backend.routes import Response
 from lbproxy.backend.session import REPLAY_BATCH, ChatSession

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import importlib.resources
 import logging
 from collections.abc import Coroutine
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any
 
-from lbproxy.backend.routes import Response, ServerView, StreamResponse, route_http, slow_body
+from lbproxy.backend.interfaces import ChatService, WsHandler
+from lbproxy.backend.routes import Response, StreamResponse, route_http, slow_body
 from lbproxy.backend.wire import (
     DEFAULT_MAX_MESSAGE,
     Header,
@@ -21,92 +20,15 @@ from lbproxy.backend.wire import (
     WsMessageTooBig,
 )
 
+if TYPE_CHECKING:
+    from lbproxy.backend.server import BackendServer
+
 log = logging.getLogger(__name__)
 
 PAUSE_WRITE = 1  # the transport's write buffer is above its high-water mark
 PAUSE_BUSY = 2  # a streamed response or a websocket admission is in progress
 PAUSE_HANDLER = 4  # the websocket handler has too much queued work
 CLOSE_GRACE = 2.0  # seconds clients get to answer our close frame before the transport is cut
-
-
-class WsHandler(Protocol):
-    """Application side of one accepted websocket (the chat session)."""
-
-    def on_message(self, data: str | bytes) -> None: ...
-    def on_too_big(self, size: int) -> None: ...
-    def on_closed(self) -> None: ...
-
-
-class ChatService(Protocol):
-    """What the server needs from the chat (``chat.ChatHub``)."""
-
-    max_message: int  # longest accepted chat message in bytes
-
-    async def admit(self, request: WebSocketRequest) -> tuple[str, list[Header]] | Response:
-        """The user name and extra 101 headers for a /chat upgrade, or the rejection."""
-        ...
-
-    def attach(self, peer: WsConnectionPeer, user: str) -> WsHandler: ...
-
-
-class WsConnectionPeer(Protocol):
-    """What a websocket handler may do with its connection."""
-
-    def send_text(self, text: str) -> bool: ...
-    def close(self, code: int, reason: str = "") -> None: ...
-    def hold_reading(self, hold: bool) -> None: ...
-    def write_buffer_size(self) -> int: ...
-
-
-def load_page() -> bytes:
-    return importlib.resources.files("lbproxy.backend").joinpath("static/index.html").read_bytes()
-
-
-class BackendServer:
-    """State shared by the connections of one backend process."""
-
-    def __init__(self, backend_id: str, page: bytes, chat: ChatService | None = None) -> None:
-        self.backend_id = backend_id
-        self.page = page
-        self.chat = chat
-        self.draining = False
-        self.hurried = False  # a second stop signal: skip the rest of the drain
-        self.connections: set[Connection] = set()
-        self.websockets: set[Connection] = set()
-        self.changed = asyncio.Event()  # set whenever a websocket or a connection goes away
-
-    def view(self) -> ServerView:
-        return ServerView(self.backend_id, len(self.websockets), self.draining, self.page)
-
-    def protocol(self) -> Connection:
-        return Connection(self)
-
-    def hurry(self) -> None:
-        self.hurried = True
-        self.changed.set()
-
-    async def drain(self, seconds: float) -> None:
-        """Wait up to ``seconds`` for websockets to leave, then close the rest with 1001."""
-        self.draining = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        while self.websockets and loop.time() < deadline and not self.hurried:
-            self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), deadline - loop.time())
-        await self.close_all(1001, "going away")
-
-    async def close_all(self, code: int, reason: str) -> None:
-        for conn in list(self.websockets):
-            conn.close(code, reason)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + CLOSE_GRACE
-        while self.websockets and loop.time() < deadline and not self.hurried:
-            self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), deadline - loop.time())
-        for conn in list(self.connections):
-            conn.abort()
 
 
 class Connection(asyncio.Protocol):

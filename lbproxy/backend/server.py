@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.resources
 import logging
 import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from lbproxy.backend.interfaces import ChatService
 from lbproxy.backend.options import BackendOptions
-from lbproxy.backend.protocol import BackendServer, load_page
+from lbproxy.backend.protocol import CLOSE_GRACE, Connection
+from lbproxy.backend.routes import ServerView
 from lbproxy.config_types import Address
 from lbproxy.errors import RegistryError
 
@@ -23,6 +26,57 @@ __all__ = ["BackendOptions", "run_backend", "serve_backend"]
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def load_page() -> bytes:
+    return importlib.resources.files("lbproxy.backend").joinpath("static/index.html").read_bytes()
+
+
+class BackendServer:
+    """State shared by the connections of one backend process."""
+
+    def __init__(self, backend_id: str, page: bytes, chat: ChatService | None = None) -> None:
+        self.backend_id = backend_id
+        self.page = page
+        self.chat = chat
+        self.draining = False
+        self.hurried = False  # a second stop signal: skip the rest of the drain
+        self.connections: set[Connection] = set()
+        self.websockets: set[Connection] = set()
+        self.changed = asyncio.Event()  # set whenever a websocket or a connection goes away
+
+    def view(self) -> ServerView:
+        return ServerView(self.backend_id, len(self.websockets), self.draining, self.page)
+
+    def protocol(self) -> Connection:
+        return Connection(self)
+
+    def hurry(self) -> None:
+        self.hurried = True
+        self.changed.set()
+
+    async def drain(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for websockets to leave, then close the rest with 1001."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while self.websockets and loop.time() < deadline and not self.hurried:
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), deadline - loop.time())
+        await self.close_all(1001, "going away")
+
+    async def close_all(self, code: int, reason: str) -> None:
+        for conn in list(self.websockets):
+            conn.close(code, reason)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSE_GRACE
+        while self.websockets and loop.time() < deadline and not self.hurried:
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), deadline - loop.time())
+        for conn in list(self.connections):
+            conn.abort()
 
 
 def _bound_address(server: asyncio.Server) -> Address:

@@ -27,7 +27,7 @@ from lbproxy.backend.store import Duplicate, Limited, Stored
 
 if TYPE_CHECKING:
     from lbproxy.backend.chat import ChatHub
-    from lbproxy.backend.protocol import WsConnectionPeer
+    from lbproxy.backend.interfaces import WsConnectionPeer
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,8 @@ asyncio: the I/O layer (``server.py``) is a thin loop around this class.
 
 from __future__ import annotations
 
-import enum
 import http
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlsplit
+from collections.abc import Sequence
 
 import h11
 import wsproto
@@ -22,90 +19,33 @@ from wsproto.connection import Connection as WsConnection
 from wsproto.connection import ConnectionState as WsState
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
-Header = tuple[str, str]
+from lbproxy.backend.events import (
+    Event,
+    Header,
+    HttpRequest,
+    Phase,
+    WebSocketRequest,
+    WsClosed,
+    WsMessage,
+    WsMessageTooBig,
+    header_value,
+)
+
+__all__ = [
+    "Event",
+    "Header",
+    "HttpRequest",
+    "Phase",
+    "ServerConnection",
+    "WebSocketRequest",
+    "WsClosed",
+    "WsMessage",
+    "WsMessageTooBig",
+]
 
 MAX_HEAD = 64 * 1024
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class HttpRequest:
-    """A complete plain HTTP request (head and body). Header names are lower case."""
-
-    method: str
-    target: str
-    headers: tuple[Header, ...]
-    body: bytes = b""
-
-    @property
-    def path(self) -> str:
-        return urlsplit(self.target).path
-
-    @property
-    def query(self) -> dict[str, str]:
-        return dict(parse_qsl(urlsplit(self.target).query))
-
-    def header(self, name: str) -> str | None:
-        return header_value(self.headers, name)
-
-
-@dataclass(frozen=True, slots=True)
-class WebSocketRequest:
-    """A valid websocket upgrade request; answer with accept_websocket or reject_websocket."""
-
-    target: str
-    headers: tuple[Header, ...]
-
-    @property
-    def path(self) -> str:
-        return urlsplit(self.target).path
-
-    @property
-    def query(self) -> dict[str, str]:
-        return dict(parse_qsl(urlsplit(self.target).query))
-
-    def header(self, name: str) -> str | None:
-        return header_value(self.headers, name)
-
-
-@dataclass(frozen=True, slots=True)
-class WsMessage:
-    """One complete websocket message (text as str, binary as bytes)."""
-
-    data: str | bytes
-
-
-@dataclass(frozen=True, slots=True)
-class WsMessageTooBig:
-    """A message longer than ``max_message`` arrived; its content was discarded."""
-
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class WsClosed:
-    """The websocket is closed (close frame received, protocol error, or connection lost)."""
-
-    code: int
-    reason: str
-
-
-Event = HttpRequest | WebSocketRequest | WsMessage | WsMessageTooBig | WsClosed
-
-
-class Phase(enum.Enum):
-    HTTP = "http"  # h11 request/response cycles
-    UPGRADING = "upgrading"  # a websocket request waits for accept_websocket/reject_websocket
-    WEBSOCKET = "websocket"
-    CLOSED = "closed"
-
-
-def header_value(headers: Iterable[Header], name: str) -> str | None:
-    for key, value in headers:
-        if key == name:
-            return value
-    return None
 
 
 def _reason(status: int) -> bytes:
