@@ -1,4 +1,4 @@
-"""Compile the native tools (bench/native/*.c) with gcc into a cache keyed by source hash."""
+"""Compile the native tools (bench/native/*.c) with gcc (into the run dir; keyed by source hash)."""
 
 from __future__ import annotations
 

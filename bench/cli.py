@@ -94,8 +94,8 @@ def run_and_report(args: argparse.Namespace, command: str, out: Path, run_dir: P
     gcc = shutil.which("gcc") or "gcc"
     machine = machine_info(gcc, command, args.quick, args.repeat)
     machine["settings"] = dict(vars(settings))
-    tools = build_tools(gcc, out / ".build")
-    print(f"run dir {run_dir}; tools built in {out / '.build'}", flush=True)
+    tools = build_tools(gcc, run_dir / "bin")  # never under --out: no binaries in results
+    print(f"run dir {run_dir} (configs, logs, native tools)", flush=True)
     outcome = run_all(args.targets, args.scenarios, settings, args.repeat, tools, run_dir)
     machine["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     machine["elapsed_s"] = round(time.monotonic() - started, 1)

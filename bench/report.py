@@ -10,6 +10,7 @@ from bench.runner import MAIN_METRIC, RunOutcome
 from bench.scenarios import Metrics, Settings
 from bench.targets import TARGETS
 
+QUIET_LOAD = 1.5
 HIGHER_BETTER = {"rps", "conn_per_s", "msgs_per_s", "mb_per_s", "reconnected"}
 LOWER_BETTER = {
     "p50_ms",
@@ -147,6 +148,21 @@ def method_text(settings: Settings) -> str:
     return METHOD.format(idle_half=settings.idle_conns // 2, **vars(settings))
 
 
+def load_warning(machine: dict[str, object]) -> list[str]:
+    """A warning when other work was running (1-min load average above 1.5 at start or end)."""
+    loads = [machine.get("load_avg_start"), machine.get("load_avg_end")]
+    busy = [v[0] for v in loads if isinstance(v, list) and v and v[0] > QUIET_LOAD]
+    if not busy:
+        return []
+    return [
+        f"**Warning: the machine was not quiet** (1-min load average {loads[0]} at start, "
+        f"{loads[1]} at end; quiet means below {QUIET_LOAD}). Other processes shared both CPUs, "
+        "so throughput is low and noisy; CPU-µs per operation is the more stable figure. "
+        "Re-run on a quiet machine (e.g. with `--repeat 3`) before quoting numbers.",
+        "",
+    ]
+
+
 def write_report(
     out: Path,
     machine: dict[str, object],
@@ -156,6 +172,7 @@ def write_report(
     configs: list[Path],
 ) -> Path:
     lines = ["# lbproxy side-by-side benchmark", "", f"Command: `{machine['command']}`", ""]
+    lines += load_warning(machine)
     lines += ["## Machine", "", "| key | value |", "|---|---|"]
     lines += [
         f"| {k} | {json.dumps(v) if isinstance(v, dict | list) else v} |"

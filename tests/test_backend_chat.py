@@ -252,6 +252,7 @@ async def test_bad_messages_are_answered_and_connection_kept(
 async def test_session_cookie_is_reused_on_reconnect(redis: RedisServer, open_chat: Opener) -> None:
     async with running_backend(options(redis)) as a:
         first = await open_chat(a, "carol")
+        assert first.ws.response is not None
         cookie = first.ws.response.headers["set-cookie"]
         assert cookie.startswith("session=") and "HttpOnly" in cookie
         await first.close()
@@ -377,3 +378,21 @@ async def test_whoami_counts_chat_connections(redis: RedisServer, open_chat: Ope
         while (await whoami(a))["connections"] != 0:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.02)
+
+
+async def test_rejoin_replays_from_the_new_since_and_keeps_presence(
+    redis: RedisServer, open_chat: Opener
+) -> None:
+    async with running_backend(options(redis)) as a:
+        c = await open_chat(a, "re")
+        await c.join("r")
+        for i in range(3):
+            await c.say("r", f"m{i}")
+        first = await c.messages(3)
+        await c.join("r", since=first[0]["id"])  # again, from the first message
+        assert [m["text"] for m in await c.messages(2)] == ["m1", "m2"]
+        await c.send(op="presence", room="r")
+        assert (await c.recv())["users"] == ["re"]
+        await c.say("r", "live")
+        assert [m["text"] for m in await c.messages(1)] == ["live"]
+        await c.nothing_for(0.3)

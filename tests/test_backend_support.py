@@ -173,7 +173,7 @@ class ChatClient:
 
     async def messages(self, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
         """The next ``count`` msg events (failing on anything else)."""
-        out = []
+        out: list[dict[str, Any]] = []
         deadline = asyncio.get_running_loop().time() + timeout
         while len(out) < count:
             event = await self.recv(max(0.01, deadline - asyncio.get_running_loop().time()))

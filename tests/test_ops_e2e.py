@@ -8,6 +8,7 @@ that what lbproxy reports matches what the backends see.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -355,7 +357,8 @@ def test_slow_start_ramps_a_backend_that_comes_up(fresh, start_proxy) -> None:
     so during the burst its weight was at most ``(burst_end - last_down) / slow_start``.
     Least-connections picks it only while ``(its + 1) / weight <= other + 1``, which bounds
     its share of the burst even on a slow, loaded machine; plain least-connections would
-    give it all ten.
+    give it all ten. Backends present at startup ramp as well, so ``a`` is given
+    ``slow_start`` seconds to reach full weight before ``b`` comes up.
     """
     a = fresh("a")
     b = fresh("b", start=False)  # its port is closed: health checks mark it down
@@ -364,11 +367,14 @@ def test_slow_start_ramps_a_backend_that_comes_up(fresh, start_proxy) -> None:
         pool={"balance": "least-connections", "slow_start": SLOW_START},
         health={"check": "http", "interval": 0.2, "fall": 2, "rise": 2},
     )
+    launched = time.monotonic()
     start_proxy(text, port, admin)
     wait_until(lambda: states(admin)["b"] == "down", timeout=5)
     with contextlib.ExitStack() as stack:
         open_ws(port, stack, 20)
         assert ws_count(a) == 20
+        # lbproxy ramps every backend from its start too: let a reach its full weight first
+        wait_until(lambda: time.monotonic() > launched + SLOW_START, timeout=SLOW_START + 1)
         started = last_down = time.monotonic()
         b.start()
         while True:
@@ -393,3 +399,38 @@ def test_slow_start_ramps_a_backend_that_comes_up(fresh, start_proxy) -> None:
         open_ws(port, stack, gap)
         assert ws_count(b) == on_b + gap
         assert ws_count(a) == ws_count(b)
+
+
+# -- 8. plain GETs on new connections are balanced ----------------------------------
+def curl_get(port: int, path: str = "/whoami") -> bytes:
+    """One curl-shaped GET (no Connection header) on a new connection; the response body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: curl/8\r\nAccept: */*\r\n\r\n".encode()
+        )
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            assert chunk, data
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        lengths = [h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")]
+        length = int(lengths[0].split(b":", 1)[1])
+        while len(body) < length:
+            chunk = s.recv(65536)
+            assert chunk, body
+            body += chunk
+        return body
+
+
+@pytest.mark.parametrize("balance", ["round-robin", "least-connections"])
+def test_plain_gets_on_new_connections_are_spread(shared, start_proxy, balance: str) -> None:
+    """Each request is balanced on its own, whatever path (fast lane or full parser) takes it."""
+    text, port, admin = proxy_config(pairs(shared), pool={"balance": balance})
+    start_proxy(text, port, admin)
+    ids = Counter(json.loads(curl_get(port))["id"] for _ in range(20))
+    if balance == "round-robin":
+        assert ids == {"b1": 10, "b2": 10}
+    else:  # sequential requests: every pick is a tie, and ties rotate
+        assert set(ids) == {"b1", "b2"} and min(ids.values()) >= 5, ids

@@ -18,7 +18,6 @@ import logging
 import random
 import secrets
 from collections.abc import Coroutine
-from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
 from redis.asyncio import Redis
@@ -28,6 +27,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from lbproxy.backend import chat_protocol as proto
+from lbproxy.backend.admission import admit
 from lbproxy.backend.interfaces import WsConnectionPeer
 from lbproxy.backend.options import BackendOptions
 from lbproxy.backend.ratelimit import RateLimit
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 PING_INTERVAL = 1.0  # seconds between PINGs on an idle pub/sub connection
 DEAD_AFTER = 3.0  # no answer at all for this long: the pub/sub connection is re-opened
 BACKOFF_BASE, BACKOFF_CAP = 0.05, 2.0
-COOKIE = "session"
 
 
 class Room:
@@ -70,7 +69,7 @@ def open_client(url: str) -> Redis:
 
 
 class ChatHub:
-    """Rooms, the pub/sub subscription and presence of one backend (a server.ChatService)."""
+    """Rooms, the pub/sub subscription and presence of one backend (an interfaces.ChatService)."""
 
     def __init__(self, options: BackendOptions, backend_id: str) -> None:
         assert options.redis_url is not None
@@ -116,30 +115,10 @@ class ChatHub:
     def member(self, user: str) -> str:
         return f"{user}{MEMBER_SEPARATOR}{self.instance}"
 
-    # ---- admission (server.ChatService) ---------------------------------------------------------
+    # ---- admission (interfaces.ChatService) ------------------------------------------------------
 
     async def admit(self, request: WebSocketRequest) -> tuple[str, list[Header]] | Response:
-        user = request.query.get("user") or None
-        if user is not None and not proto.valid_name(user):
-            return _reject(400, f"user must be 1-{proto.MAX_NAME} printable characters")
-        session_id = _session_cookie(request.header("cookie"))
-        try:
-            known = None if session_id is None else await self.store.session_user(session_id)
-            if user is None and known is None:
-                return _reject(400, "user required: /chat?user=NAME (no valid session cookie)")
-            user = user or known
-            assert user is not None
-            if known is None or session_id is None:
-                session_id = secrets.token_urlsafe(18)
-            await self.store.save_session(session_id, user)
-        except (RedisError, OSError) as exc:
-            if user is None:
-                return _reject(503, f"sessions unavailable: {exc}")
-            log.warning("chat: session store unavailable (%s); %s connects without one", exc, user)
-            return user, []
-        max_age = max(1, int(self.options.session_ttl))
-        cookie = f"{COOKIE}={session_id}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax"
-        return user, [("set-cookie", cookie)]
+        return await admit(self.store, request, self.options.session_ttl)
 
     def attach(self, peer: WsConnectionPeer, user: str) -> ChatSession:
         return ChatSession(self, peer, user)
@@ -153,23 +132,36 @@ class ChatHub:
             self.rooms[name] = room
             self._by_channel[room.channel] = room
             self._commands.put_nowait((True, room.channel))
-        room.members[session] = None
-        room.users[session.user] += 1
+        if session not in room.members:
+            room.members[session] = None
+            room.users[session.user] += 1
         return room
 
-    def leave(self, name: str, session: ChatSession) -> None:
+    def leave(self, name: str, session: ChatSession) -> bool:
+        """Remove ``session`` from room ``name``; True when it was its user's last one here.
+
+        The caller then removes the user's presence (``forget``), now or in the background.
+        """
         room = self.rooms.get(name)
         if room is None or session not in room.members:
-            return
+            return False
         del room.members[session]
         room.users[session.user] -= 1
-        if room.users[session.user] <= 0:
+        last = room.users[session.user] <= 0
+        if last:
             del room.users[session.user]
-            self._spawn(self.store.presence_remove(name, self.member(session.user)))
         if not room.members:
             del self.rooms[name]
             del self._by_channel[room.channel]
             self._commands.put_nowait((False, room.channel))
+        return last
+
+    async def forget(self, name: str, user: str) -> None:
+        """Remove ``user`` (as present through this backend) from the presence of ``name``."""
+        await self.store.presence_remove(name, self.member(user))
+
+    def forget_later(self, name: str, user: str) -> None:
+        self._spawn(self.forget(name, user))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         async def run() -> None:
@@ -309,23 +301,3 @@ class ChatHub:
                 await self.store.presence_touch(members)
             except (RedisError, OSError) as exc:
                 log.info("chat: presence refresh failed: %s", exc)
-
-
-def _reject(status: int, text: str) -> Response:
-    return Response(status, (("content-type", "text/plain; charset=utf-8"),), text.encode())
-
-
-def _session_cookie(header: str | None) -> str | None:
-    if not header:
-        return None
-    cookie: SimpleCookie = SimpleCookie()
-    try:
-        cookie.load(header)
-    except CookieError:
-        return None
-    morsel = cookie.get(COOKIE)
-    if morsel is None:
-        return None
-    value = morsel.value
-    ok = 16 <= len(value) <= 64 and all(c.isalnum() or c in "-_" for c in value)
-    return value if ok else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from lbproxy.backend.interfaces import ChatService, WsHandler
 from lbproxy.backend.routes import Response, StreamResponse, route_http, slow_body

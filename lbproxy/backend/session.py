@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT = 5.0  # seconds a join waits for the room subscription before "unavailable"
 REPLAY_BATCH = 500
+MAX_ROOMS = 100  # rooms one connection may be in at once
 INBOX_HIGH = 64  # queued client messages before we stop reading from the socket
 INBOX_LOW = 16
 MAX_OUTPUT = 8 * 1024 * 1024  # unsent bytes before a client is closed as too slow (1013)
@@ -56,7 +57,7 @@ class Membership:
 
 
 class ChatSession:
-    """The chat side of one accepted /chat websocket (a server.WsHandler)."""
+    """The chat side of one accepted /chat websocket (an interfaces.WsHandler)."""
 
     def __init__(self, hub: ChatHub, peer: WsConnectionPeer, user: str) -> None:
         self.hub = hub
@@ -153,7 +154,10 @@ class ChatSession:
             users = await self.hub.store.presence_list(command.room)
             self._send(proto.presence(command.room, users))
         else:
-            self._leave(command.room)
+            if self.rooms.pop(command.room, None) is not None and self.hub.leave(
+                command.room, self
+            ):
+                await self.hub.forget(command.room, self.user)
             self._send(proto.left(command.room))
 
     async def _send_message(self, command: proto.Send) -> None:
@@ -169,8 +173,10 @@ class ChatSession:
 
     async def _join(self, command: proto.Join) -> None:
         room = command.room
-        self._leave(room)  # joining again restarts from the new ``since``
-        member = Membership()
+        if room not in self.rooms and len(self.rooms) >= MAX_ROOMS:
+            self._send(proto.error("bad_request", detail=f"at most {MAX_ROOMS} rooms at once"))
+            return
+        member = Membership()  # joining again restarts from the new ``since``
         self.rooms[room] = member
         hub_room = self.hub.enter(room, self)
         try:
@@ -210,8 +216,8 @@ class ChatSession:
             after = entries[-1].id
 
     def _leave(self, room: str) -> None:
-        if self.rooms.pop(room, None) is not None:
-            self.hub.leave(room, self)
+        if self.rooms.pop(room, None) is not None and self.hub.leave(room, self):
+            self.hub.forget_later(room, self.user)
 
 
 def _context(command: proto.Command) -> dict[str, str]:
