@@ -125,7 +125,7 @@ def backend(
     address = _address(listen, "--listen")
     options = BackendOptions(
         listen=address,
-        id=backend_id or f"backend-{address.port}",
+        id=backend_id or "",  # "" -> backend-<bound port>
         redis_url=redis_url,
         prefix=prefix,
         pool=pool,

@@ -79,9 +79,13 @@ def test_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> None:
         try:
             # each worker runs its own admin API on admin port + index
             wait_until(lambda: httpx.get(f"http://127.0.0.1:{admin}/healthz").status_code == 200)
-            wait_until(
-                lambda: httpx.get(f"http://127.0.0.1:{admin + 1}/healthz").status_code == 200
-            )
+            try:
+                wait_until(
+                    lambda: httpx.get(f"http://127.0.0.1:{admin + 1}/healthz").status_code == 200,
+                    timeout=20,
+                )
+            except AssertionError:
+                raise AssertionError(lb.proc.output()) from None
             for _ in range(20):
                 with httpx.Client() as client:  # new connections: the kernel spreads them
                     assert client.get(f"http://127.0.0.1:{port}/whoami").json()["id"] == "w1"
