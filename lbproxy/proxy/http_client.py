@@ -206,8 +206,15 @@ class HttpClient(asyncio.Protocol):
         if backend is None:
             return False
         transport = ctx.idle.take(backend)
-        if transport is None:
-            return False
+        if transport is None:  # no warm connection: the full path, to the backend just picked
+            parsed = parse_request_head(data)
+            if parsed is None or parsed[1] != len(data):
+                return False
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            self._dispatch(parsed[0], backend)
+            return True
         upstream = cast(Upstream, transport.get_protocol())
         if self.timer is not None:
             self.timer.cancel()
@@ -236,7 +243,7 @@ class HttpClient(asyncio.Protocol):
         upstream.transport.write(data[:-2] + suffix)
         return True
 
-    def _dispatch(self, head: RequestHead) -> None:
+    def _dispatch(self, head: RequestHead, picked: Backend | None = None) -> None:
         ctx = self.ctx
         pool = ctx.pool
         self.quick = None
@@ -247,7 +254,7 @@ class HttpClient(asyncio.Protocol):
         self.transport.pause_reading()
         first = None
         if not head.websocket:
-            first = pool.pick(self.key)
+            first = picked or pool.pick(self.key)
             if first is None:
                 self._reject(503, "no healthy backend")
                 return
