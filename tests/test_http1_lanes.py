@@ -106,3 +106,68 @@ def test_quick_response_implies_the_full_parser_agrees(
     assert used == len(head) and response.keep_alive
     assert response.body.kind in ("length", "none")
     assert (response.status, response.body.length) == quick
+
+
+WS = (
+    b"GET /chat?user=a HTTP/1.1\r\nHost: example:8080\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\nOrigin: http://example:8080\r\n\r\n"
+)
+
+
+def test_websocket_lane() -> None:
+    from lbproxy.http1.lanes import quick_websocket, switching_protocols
+
+    assert quick_websocket(WS)
+    assert not quick_request(WS)
+    for bad in (
+        WS.replace(b"Connection: Upgrade", b"Connection: keep-alive, Upgrade"),
+        WS.replace(b"Upgrade: websocket", b"Upgrade: h2c"),
+        WS.replace(b"HTTP/1.1", b"HTTP/1.0"),
+        WS.replace(b"Host: example:8080\r\n", b""),
+        WS.replace(b"Origin", b"X-Forwarded-For"),
+        WS + b"x",
+        WS.replace(b"\r\n\r\n", b"\r\nHost: other\r\n\r\n"),
+    ):
+        assert not quick_websocket(bad), bad
+    ok = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    assert switching_protocols(ok)
+    assert not switching_protocols(ok.replace(b"101", b"200"))
+    assert not switching_protocols(ok.replace(b"Upgrade: websocket", b"Upgrade : websocket"))
+
+
+ws_names = st.sampled_from(
+    [b"Host", b"Upgrade", b"Connection", b"Sec-WebSocket-Key", b"Content-Length", b"TE",
+     b"Transfer-Encoding", b"X-Forwarded-Proto", b"Cookie", b"Keep-Alive"]
+)  # fmt: skip
+ws_values = st.sampled_from([b"websocket", b"Upgrade", b"upgrade", b"a", b"0", b"chunked", b"x y"])
+
+
+REQUIRED = [(b"Host", b"h"), (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fields=st.lists(st.tuples(ws_names, ws_values), max_size=4).flatmap(
+        lambda extra: st.permutations(REQUIRED + extra)
+    )
+)
+def test_quick_websocket_implies_the_full_parser_agrees(fields: list[tuple[bytes, bytes]]) -> None:
+    from lbproxy.http1 import rewrite_request
+    from lbproxy.http1.lanes import quick_websocket
+
+    head = b"GET /ws HTTP/1.1\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in fields) + b"\r\n"
+    if not quick_websocket(head):
+        return
+    parsed = parse_request_head(head)
+    assert parsed is not None and parsed[1] == len(head)
+    request = parsed[0]
+    assert request.websocket and request.body.kind == "none"
+    # what the full path would send carries the same lines as head + the forwarding lines
+    full = rewrite_request(
+        request, client_ip="1.2.3.4", proto=b"http", port=80, keep_xff=False,
+        upstream_keep_alive=True,
+    )  # fmt: skip
+    suffix = b"X-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Port: 80\r\n"
+    quick = head[:-2] + suffix + b"\r\n"
+    assert sorted(full.lower().split(b"\r\n")) == sorted(quick.lower().split(b"\r\n"))

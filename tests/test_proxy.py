@@ -269,3 +269,26 @@ def test_idle_timeout_closes_quiet_tunnels(backends, start_proxy) -> None:
         assert ws.recv(timeout=5) == "hi"
         with pytest.raises(Exception):  # noqa: B017 - closed by the proxy, any close error
             ws.recv(timeout=5)
+
+
+@pytest.mark.parametrize(
+    "connection", [b"Upgrade", b"keep-alive, Upgrade"], ids=["fast-lane", "full-parser"]
+)
+def test_upgrade_shapes_take_either_path(backends, start_proxy, connection: bytes) -> None:
+    import base64
+
+    text, port, _ = proxy_config(pairs(backends))
+    start_proxy(text, port)
+    key = base64.b64encode(os.urandom(16))
+    request = (
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: " + connection
+        + b"\r\nSec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )  # fmt: skip
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(1)
+        assert head.startswith(b"HTTP/1.1 101")
+        s.sendall(b"\x81\x82abcd" + bytes(b ^ m for b, m in zip(b"hi", b"ab", strict=True)))
+        assert s.recv(4) == b"\x81\x02hi"

@@ -16,10 +16,26 @@ import re
 # A request line for GET, then header lines whose names are tokens other than the
 # ones that change framing, connection handling or forwarding (those go to the full
 # parser), then the blank line. Values: any byte but controls (HTAB allowed).
+_NAME = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_TEXT = rb"[^\x00-\x08\x0a-\x1f\x7f]*"  # a field value: no controls but HTAB
+_FORBIDDEN = (
+    rb"content-length|transfer-encoding|keep-alive|te|trailer|proxy-connection"
+    rb"|x-forwarded-for|x-forwarded-proto|x-forwarded-port|expect"
+)
 _HEADER = (
-    rb"(?!(?i:content-length|transfer-encoding|connection|upgrade|keep-alive|te|trailer"
-    rb"|proxy-connection|x-forwarded-for|x-forwarded-proto|x-forwarded-port|expect|host)[ \t]*:)"
-    rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[ \t]*(?:[^\x00-\x08\x0a-\x1f\x7f][^\x00-\x08\x0a-\x1f\x7f]*)?\r\n"
+    rb"(?!(?i:"
+    + _FORBIDDEN
+    + rb"|connection|upgrade|host)[ \t]*:)"
+    + _NAME
+    + rb":"
+    + _TEXT
+    + rb"\r\n"
+)
+# Websocket upgrades: the same, but Host/Upgrade/Connection may appear (counted afterwards).
+_WS_HEADER = rb"(?!(?i:" + _FORBIDDEN + rb")[ \t]*:)" + _NAME + rb":" + _TEXT + rb"\r\n"
+_QUICK_WEBSOCKET = re.compile(rb"GET /[\x21-\x7e]* HTTP/1\.1\r\n(?:" + _WS_HEADER + rb")+\r\n")
+_SWITCHING = re.compile(
+    rb"HTTP/1\.1 101(?: " + _TEXT + rb")?\r\n(?:" + _NAME + rb":" + _TEXT + rb"\r\n)*\r\n"
 )
 _VALUE = rb"[ \t]*[^\x00-\x20\x7f][^\x00-\x08\x0a-\x1f\x7f]*"
 _QUICK_REQUEST = re.compile(
@@ -48,6 +64,32 @@ def quick_request(head: bytes) -> bool:
     as ``head[:-2]`` followed by the X-Forwarded-* lines and CRLF.
     """
     return _QUICK_REQUEST.fullmatch(head) is not None
+
+
+def quick_websocket(head: bytes) -> bool:
+    """True when ``head`` is a plain websocket upgrade the proxy can forward as it is.
+
+    GET, HTTP/1.1, origin-form, exactly one Host, exactly one ``Upgrade: websocket``
+    and one ``Connection: Upgrade`` (as browsers and most clients send them), no body
+    and no header the proxy would drop or rewrite: forwarded as ``head[:-2]`` plus
+    the X-Forwarded-* lines and CRLF.
+    """
+    if _QUICK_WEBSOCKET.fullmatch(head) is None:
+        return False
+    low = head.lower()
+    return (
+        low.count(b"\r\nhost:") == 1
+        and low.count(b"\r\nupgrade:") == 1
+        and low.count(b"\r\nconnection:") == 1
+        and b"\r\nupgrade: websocket\r\n" in low
+        and b"\r\nconnection: upgrade\r\n" in low
+        and b"\r\nhost: " in low
+    )
+
+
+def switching_protocols(head: bytes) -> bool:
+    """True when ``head`` is a well-formed ``101 Switching Protocols`` response head."""
+    return _SWITCHING.fullmatch(head) is not None
 
 
 def quick_response(head: bytes) -> tuple[int, int] | None:

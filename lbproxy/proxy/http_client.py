@@ -24,7 +24,7 @@ from lbproxy.http1 import (
     parse_request_head,
     rewrite_request,
 )
-from lbproxy.http1.lanes import quick_request
+from lbproxy.http1.lanes import quick_request, quick_websocket
 from lbproxy.pool import Backend
 from lbproxy.proxy.accesslog import log_connection
 from lbproxy.proxy.connect import connect_with_retries
@@ -35,7 +35,9 @@ from lbproxy.proxy.tunnel import Linger, WsLink
 HEAD, CONNECTING, FORWARD, DONE = range(4)
 
 # What a request taken by the fast lane amounts to (see http1.lanes.quick_request).
+QUICK_LIMIT = 8192  # larger heads take the full path (and its limits)
 QUICK_GET = RequestHead(b"GET", b"/", b"1.1", (), (), True, False, BodyFraming("none"))
+QUICK_WEBSOCKET = RequestHead(b"GET", b"/", b"1.1", (), (), True, True, BodyFraming("none"))
 
 
 class HttpClient(asyncio.Protocol):
@@ -115,8 +117,12 @@ class HttpClient(asyncio.Protocol):
         self.nbytes_in += len(data)
         state = self.state
         if state == HEAD:
-            if not self.buf and quick_request(data) and self._quick(data):
-                return
+            if not self.buf and len(data) <= QUICK_LIMIT:
+                if quick_request(data):
+                    if self._quick(data):
+                        return
+                elif quick_websocket(data) and self._quick_websocket(data):
+                    return
             self.buf += data
             self._try_head()
         elif state == FORWARD and self.tracker is not None:
@@ -207,7 +213,10 @@ class HttpClient(asyncio.Protocol):
             return False
         transport = ctx.idle.take(backend)
         if transport is None:  # no warm connection: the full path, to the backend just picked
-            parsed = parse_request_head(data)
+            try:
+                parsed = parse_request_head(data)
+            except HttpError:
+                return False
             if parsed is None or parsed[1] != len(data):
                 return False
             if self.timer is not None:
@@ -233,14 +242,41 @@ class HttpClient(asyncio.Protocol):
         ctx.stats.requests[(pool.name, backend.id)] += 1
         self.mark_in = self.nbytes_in - len(data)
         self.mark_out = self.nbytes_out
+        upstream.expect(self, b"GET", False, None)
+        upstream.transport.write(data[:-2] + self._suffix())
+        return True
+
+    def _suffix(self) -> bytes:
+        """The X-Forwarded-* lines (and the final CRLF) fast-lane requests get."""
         suffix = self.suffix
         if not suffix:
+            ctx = self.ctx
             suffix = self.suffix = (
                 f"X-Forwarded-For: {self.ip}\r\nX-Forwarded-Proto: {ctx.proto.decode()}\r\n"
                 f"X-Forwarded-Port: {ctx.port}\r\n\r\n"
             ).encode()
-        upstream.expect(self, b"GET", False, None)
-        upstream.transport.write(data[:-2] + suffix)
+        return suffix
+
+    def _quick_websocket(self, data: bytes) -> bool:
+        """Fast lane for a plain websocket upgrade: route and forward it without re-parsing."""
+        ctx = self.ctx
+        key = None
+        if ctx.pool.config.balance == "hash":
+            if ctx.key_spec().kind != "ip":
+                return False
+            key = self.ip.encode()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.requests += 1
+        self.head = QUICK_WEBSOCKET
+        self.quick = data
+        self.key = key
+        self.set_cookie = None
+        self.reused = False
+        self.state = CONNECTING
+        self.transport.pause_reading()
+        self.task = ctx.loop.create_task(self._connect(None))
         return True
 
     def _dispatch(self, head: RequestHead, picked: Backend | None = None) -> None:
@@ -311,14 +347,18 @@ class HttpClient(asyncio.Protocol):
         ctx.stats.requests[(ctx.pool.name, backend.id)] += 1
         self.mark_in = self.nbytes_in - len(self.buf)
         self.mark_out = self.nbytes_out
-        out = rewrite_request(
-            head,
-            client_ip=self.ip,
-            proto=ctx.proto,
-            port=ctx.port,
-            keep_xff=ctx.is_trusted(self.ip),
-            upstream_keep_alive=True,
-        )
+        quick = self.quick
+        if quick is not None:
+            out = quick[:-2] + self._suffix()
+        else:
+            out = rewrite_request(
+                head,
+                client_ip=self.ip,
+                proto=ctx.proto,
+                port=ctx.port,
+                keep_xff=ctx.is_trusted(self.ip),
+                upstream_keep_alive=True,
+            )
         upstream.expect(self, head.method, head.websocket, self.set_cookie)
         body = head.body
         if body.kind == "length" and body.length:

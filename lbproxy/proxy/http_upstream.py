@@ -13,7 +13,7 @@ from lbproxy.http1 import (
     add_response_headers,
     parse_response_head,
 )
-from lbproxy.http1.lanes import quick_response
+from lbproxy.http1.lanes import quick_response, switching_protocols
 from lbproxy.pool import Backend, BackendState
 from lbproxy.proxy.context import ListenerContext
 from lbproxy.proxy.tunnel import HIGH_WATER
@@ -85,6 +85,8 @@ class Upstream(asyncio.Protocol):
             self._body(data)
         elif state == HEAD:
             self.got_response = True
+            if self.websocket and not self.buf and self._quick_switch(data):
+                return
             if (
                 not self.buf
                 and self.set_cookie is None
@@ -123,6 +125,22 @@ class Upstream(asyncio.Protocol):
             self.client.transport.resume_reading()
 
     # -- response ------------------------------------------------------------
+    def _quick_switch(self, data: bytes) -> bool:
+        """Fast lane: a well-formed 101 answering a websocket upgrade: straight to the tunnel."""
+        end = data.find(b"\r\n\r\n") + 4
+        if end < 4 or not switching_protocols(data[:end]):
+            return False
+        client = self.client
+        assert client is not None
+        self.state = IDLE
+        self.client = None
+        if self.set_cookie is not None:
+            head = add_response_headers(data[:end], [self.set_cookie])
+            client.start_tunnel(self, head + data[end:], len(head))
+        else:
+            client.start_tunnel(self, data, end)
+        return True
+
     def _quick(self, data: bytes) -> bool:
         """Fast lane: a plain Content-Length response (False: use the full parser)."""
         end = data.find(b"\r\n\r\n")
