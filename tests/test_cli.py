@@ -104,3 +104,40 @@ def test_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> None:
             lb.stop()
     finally:
         backend.stop()
+
+
+def test_json_access_log_has_one_line_per_connection(tmp_path: Path) -> None:
+    import json
+
+    from websockets.sync.client import connect as ws_connect
+
+    backend = Backend("j1").start()
+    try:
+        text, port, _ = proxy_config([(backend.id, backend.address)])
+        lb = Lbproxy(text, tmp_path, "--log-format", "json").start(wait_ports=(port,))
+        assert lb.proc is not None
+        try:
+            with ws_connect(f"ws://127.0.0.1:{port}/echo") as ws:
+                ws.send("x" * 1000)
+                assert ws.recv(timeout=5) == "x" * 1000
+
+            def access_lines() -> list[dict[str, object]]:
+                out = []
+                for line in lb.proc.output().splitlines():  # type: ignore[union-attr]
+                    if line.startswith("{"):
+                        record = json.loads(line)
+                        if record["logger"] == "lbproxy.access":
+                            out.append(record)
+                return out
+
+            wait_until(lambda: any(r.get("backend") == "j1" for r in access_lines()))
+            (record,) = [r for r in access_lines() if r.get("backend") == "j1"]
+            assert record["listener"] == "public" and record["pool"] == "main"
+            assert record["client"] == "127.0.0.1"
+            assert int(record["bytes_in"]) > 1000 and int(record["bytes_out"]) > 1000  # type: ignore[call-overload]
+            assert float(record["duration"]) >= 0  # type: ignore[arg-type]
+            assert record["reason"]
+        finally:
+            lb.stop()
+    finally:
+        backend.stop()
