@@ -19,7 +19,8 @@ from bench.machine import machine_info
 from bench.plots import make_plots
 from bench.report import copy_configs, write_report, write_results_json
 from bench.runner import MAIN_METRIC, RunOutcome, run_all
-from bench.scenarios import FULL, QUICK, SCENARIOS
+from bench.scenarios import SCENARIOS, targets_for
+from bench.stage import FULL, QUICK
 from bench.targets import TARGETS, lbproxy_available
 
 QUICK_BUDGET_S = 120.0
@@ -70,10 +71,11 @@ def missing_prerequisites(targets: list[str]) -> list[str]:
 
 
 def incomplete(outcome: RunOutcome, targets: list[str], scenarios: list[str]) -> list[str]:
-    """Pairs without numbers for their main metric (or with non-finite numbers)."""
+    """Pairs without numbers for their main metric (or with non-finite numbers); a scenario
+    that only some targets take part in (workers_scaling: lbproxy only) is checked for those."""
     gaps = []
     for scenario in scenarios:
-        for target in targets:
+        for target in targets_for(scenario, targets):
             metrics = outcome.results.get(scenario, {}).get(target, {})
             good = metrics and all(
                 isinstance(v, int | float) and math.isfinite(v) for v in metrics.values()

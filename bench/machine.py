@@ -18,6 +18,7 @@ PINNING = {
     "generator": "CPU 0 (taskset -c 0)",
     "backend": "CPU 0 (taskset -c 0)",
     "bench driver": "CPU 0 (sched_setaffinity)",
+    "workers_scaling": "lbproxy (1 or 2 workers), backend and generator unpinned (taskset -c 0-1)",
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.scenarios import Cdf, Metrics
+from bench.stage import Cdf, Metrics
 from bench.targets import TARGETS
 
 COLORS = {"direct": "#999999", "lbproxy": "#d62728", "nginx": "#2ca02c", "haproxy": "#1f77b4"}
@@ -17,6 +17,7 @@ UNITS = {
     "bytes_per_conn": "bytes per idle websocket",
     "storm_s": "seconds until all reconnected",
     "proxy_cpu_us": "proxy CPU-µs per op",
+    "scaling": "conn/s with 2 workers ÷ 1 worker",
 }
 
 

@@ -17,6 +17,7 @@ from types import TracebackType
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+BOTH_CPUS = "0-1"  # taskset list for a process left free to run on either core
 
 
 class Child:
@@ -100,8 +101,11 @@ class ChildSet:
         self.log_dir = log_dir
         self.children: list[Child] = []
 
-    def start(self, name: str, args: Sequence[str], cpu: int, interactive: bool = False) -> Child:
-        """Start ``args`` pinned to ``cpu`` (taskset execs, so the PID is the program's)."""
+    def start(
+        self, name: str, args: Sequence[str], cpu: int | str, interactive: bool = False
+    ) -> Child:
+        """Start ``args`` pinned to ``cpu`` (a CPU or a taskset list such as ``BOTH_CPUS``;
+        taskset execs, so the PID is the program's)."""
         cmd = ["taskset", "-c", str(cpu), *args]
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "ab") as log:
@@ -171,8 +175,9 @@ def cpus_allowed(pid: int) -> str:
     return ""
 
 
-def check_pinned(pids: Sequence[int], cpu: int) -> None:
-    """Raise unless every live process in ``pids`` may run on ``cpu`` only."""
+def check_pinned(pids: Sequence[int], cpu: int | str) -> None:
+    """Raise unless every live process in ``pids`` may run on ``cpu`` only (a CPU, or a list
+    written as /proc shows it, e.g. "0-1")."""
     wrong = {pid: cpus_allowed(pid) for pid in pids}
     wrong = {pid: allowed for pid, allowed in wrong.items() if allowed not in ("", str(cpu))}
     if wrong:
@@ -263,6 +268,39 @@ def http_get_ok(port: int, path: str = "/") -> bool:
             return sock.recv(64).startswith(b"HTTP/1.1 200")
     except OSError:
         return False
+
+
+def http_get(port: int, path: str, timeout: float = 3.0) -> bytes:
+    """The whole raw response to one ``GET path`` with Connection: close (b"" on error)."""
+    chunks: list[bytes] = []
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+            )
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    except OSError:
+        return b""
+    return b"".join(chunks)
+
+
+def free_port_run(count: int, avoid: Sequence[int] = ()) -> int:
+    """A port P such that P .. P+count-1 are all free now and none is in ``avoid``."""
+    for _ in range(200):
+        first = free_port()
+        run = range(first, first + count)
+        if first + count > 65536 or any(p in avoid for p in run):
+            continue
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in run:
+                    sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return first
+    raise RuntimeError(f"no run of {count} free ports found")
 
 
 def free_port() -> int:

@@ -7,11 +7,21 @@ import shutil
 from pathlib import Path
 
 from bench.runner import MAIN_METRIC, RunOutcome
-from bench.scenarios import Metrics, Settings
+from bench.scenarios import SCENARIO_TARGETS
+from bench.stage import Metrics, Settings
 from bench.targets import TARGETS
 
 QUIET_LOAD = 1.5
-HIGHER_BETTER = {"rps", "conn_per_s", "msgs_per_s", "mb_per_s", "reconnected"}
+WORKER_SUFFIXES = ("_1w", "_2w")
+HIGHER_BETTER = {
+    "rps",
+    "conn_per_s",
+    "msgs_per_s",
+    "mb_per_s",
+    "reconnected",
+    "scaling",
+    "worker_share_min",
+}
 LOWER_BETTER = {
     "p50_ms",
     "p99_ms",
@@ -28,7 +38,8 @@ LOWER_BETTER = {
     "setup_p99_ms",
 }
 METHOD = """\
-- Every (scenario, target) pair runs with fresh processes: the C backend (`bench/native/backend.c`,
+- Every (scenario, target) pair runs with fresh processes (pinning as follows except in
+  `workers_scaling`, below): the C backend (`bench/native/backend.c`,
   HTTP 200 + websocket echo on one port) pinned to CPU 0, the proxy pinned to CPU 1, the C load
   generator (`bench/native/loadgen.c`) pinned to CPU 0; all with `taskset`, all on 127.0.0.1,
   all stopped by PID at the end (pinning checked in `/proc/PID/status` Cpus_allowed_list).
@@ -56,6 +67,16 @@ METHOD = """\
   all {storm_clients} clients reconnect at once (connect() for all in one loop; each does the
   handshake + one echo; a failed attempt is retried after 10-100 ms). `storm_s` = time until
   the last client had its echo; p50/p99 = per-client time from the storm start.
+- `workers_scaling` (**lbproxy only**): the `ws_connect_rate` load against `lbproxy serve
+  --workers 1`, then against a fresh `--workers 2` ({duration:g} s each; the workers share
+  the listen port with SO_REUSEPORT, worker k has its admin API on the admin port + k).
+  Nothing is pinned here: lbproxy, the backend and the generator may all run on CPUs 0-1
+  (pinning the proxy to one CPU would defeat the purpose). `scaling` = conn/s with 2 workers
+  ÷ conn/s with 1; `proxy_cpu_us` = CPU of the whole lbproxy process tree (the parent and
+  every worker) per connection; `cpu0/cpu1_busy_pct` = both cores. On 2 cores the generator
+  and backend compete with the two workers for the same CPUs, so `scaling` is a **lower
+  bound** of what 2 cores dedicated to the proxy would give. `worker_share_min` = the least
+  busy worker's share of the connections accepted (0.5 = an even SO_REUSEPORT spread).
 - Each timed scenario measures {duration:g} s after a {warmup:g} s warm-up; `--repeat N` reports
   the median of each metric over N runs.
 """
@@ -77,7 +98,13 @@ def fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
+def base_metric(metric: str) -> str:
+    """``proxy_cpu_us_2w`` -> ``proxy_cpu_us`` (workers_scaling's per-run metrics)."""
+    return metric[:-3] if metric.endswith(WORKER_SUFFIXES) else metric
+
+
 def direction(metric: str) -> str:
+    metric = base_metric(metric)
     if metric in HIGHER_BETTER:
         return " ↑"
     if metric in LOWER_BETTER:
@@ -93,7 +120,33 @@ def ratio(row: Metrics | None, other: Metrics | None, metric: str) -> str:
     return f"{row[metric] / other[metric]:.2f}"
 
 
+def lbproxy_only(scenario: str) -> bool:
+    return SCENARIO_TARGETS.get(scenario) == ("lbproxy",)
+
+
+def workers_table(metrics: Metrics) -> list[str]:
+    """workers_scaling: one row per metric, its value with 1 and with 2 workers side by side."""
+    head = ["metric (lbproxy only)", "--workers 1", "--workers 2", "2 workers / 1 worker"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if "scaling" in metrics:
+        lines.append(f"| scaling{direction('scaling')} | | | {fmt(metrics['scaling'])} |")
+    bases: list[str] = []
+    for key in metrics:
+        if key.endswith(WORKER_SUFFIXES) and base_metric(key) not in bases:
+            bases.append(base_metric(key))
+    for base in bases:
+        one, two = metrics.get(f"{base}_1w"), metrics.get(f"{base}_2w")
+        cells = [fmt(v) if v is not None else "—" for v in (one, two)]
+        cells.append(f"{two / one:.2f}" if one and two is not None else "—")
+        lines.append(f"| {base}{direction(base)} | " + " | ".join(cells) + " |")
+    rest = [k for k in metrics if k != "scaling" and not k.endswith(WORKER_SUFFIXES)]
+    lines += [f"| {k}{direction(k)} | {fmt(metrics[k])} | | |" for k in rest]
+    return lines
+
+
 def scenario_table(scenario: str, per_target: dict[str, Metrics]) -> list[str]:
+    if lbproxy_only(scenario):
+        return workers_table(per_target.get("lbproxy", {}))
     targets = [t for t in TARGETS if t in per_target]
     metrics: list[str] = []
     for t in targets:
@@ -112,11 +165,22 @@ def scenario_table(scenario: str, per_target: dict[str, Metrics]) -> list[str]:
     return lines
 
 
+SUMMARY_METRICS = {
+    "workers_scaling": (
+        "scaling",
+        "conn_per_s_1w",
+        "conn_per_s_2w",
+        "proxy_cpu_us_1w",
+        "proxy_cpu_us_2w",
+    ),
+}
+
+
 def summary_table(outcome: RunOutcome) -> list[str]:
     head = ["scenario", "metric", *TARGETS, "lbproxy/nginx", "lbproxy/haproxy"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for scenario, per_target in outcome.results.items():
-        for metric in (MAIN_METRIC[scenario], "proxy_cpu_us"):
+        for metric in SUMMARY_METRICS.get(scenario, (MAIN_METRIC[scenario], "proxy_cpu_us")):
             if not any(metric in m for m in per_target.values()):
                 continue
             cells = [
@@ -128,6 +192,8 @@ def summary_table(outcome: RunOutcome) -> list[str]:
                 ratio(lb, per_target.get("nginx"), metric),
                 ratio(lb, per_target.get("haproxy"), metric),
             ]
+            if lbproxy_only(scenario):
+                ratios = ["lbproxy only", "lbproxy only"]
             lines.append(
                 f"| {scenario} | {metric}{direction(metric)} | " + " | ".join(cells + ratios) + " |"
             )

@@ -6,21 +6,28 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.build import NativeTools
 from bench.procs import (
+    BOTH_CPUS,
+    Child,
     ChildSet,
     check_pinned,
     free_port,
+    free_port_run,
     http_get_ok,
     poll_until,
     port_open,
     tree_pids,
 )
-from bench.scenarios import SCENARIOS, Cdf, Metrics, ScenarioResult, Settings, Stage
-from bench.targets import Ports, proxy_spec
+from bench.scenarios import SCENARIOS, targets_for
+from bench.stage import Cdf, Launched, Metrics, ScenarioResult, Settings, Stage
+from bench.targets import Ports, lbproxy_workers_spec, proxy_spec
+
+SELF_LAUNCHED = {"workers_scaling"}  # scenarios that start (and stop) the proxy themselves
 
 
 @dataclass
@@ -35,13 +42,61 @@ class RunOutcome:
     durations: dict[str, float] = field(default_factory=dict)
 
 
-def distinct_ports() -> Ports:
-    picked: list[int] = []
-    while len(picked) < 3:
+def distinct_ports(backend: int | None = None) -> Ports:
+    """Free listen, backend and admin ports; admin + 1 is free too (worker 1's admin API)."""
+    picked = [] if backend is None else [backend]
+    while len(picked) < 2:
         port = free_port()
         if port not in picked:
             picked.append(port)
-    return Ports(listen=picked[0], backend=picked[1], admin=picked[2])
+    admin = free_port_run(2, avoid=picked)
+    if backend is None:
+        return Ports(listen=picked[0], backend=picked[1], admin=admin)
+    return Ports(listen=picked[1], backend=backend, admin=admin)
+
+
+def start_proxy(
+    children: ChildSet, name: str, command: tuple[str, ...], port: int, cpu: int | str
+) -> Child:
+    """Start a proxy on ``cpu`` and wait until a GET through ``port`` gets a 200."""
+    proxy = children.start(name, command, cpu=cpu)
+    if not poll_until(lambda: not proxy.alive() or http_get_ok(port), timeout=30, interval=0.1):
+        raise RuntimeError(f"{name} did not serve within 30 s:\n{proxy.log_tail()}")
+    if not proxy.alive():
+        raise RuntimeError(f"{name} exited (rc={proxy.popen.wait()}):\n{proxy.log_tail()}")
+    return proxy
+
+
+def workers_launcher(
+    children: ChildSet, run_dir: Path, backend_port: int, outcome: RunOutcome
+) -> Callable[[int], Launched]:
+    """For ``workers_scaling``: start ``lbproxy serve --workers N`` (unpinned) on fresh ports."""
+
+    def launch(workers: int) -> Launched:
+        ports = distinct_ports(backend=backend_port)
+        spec = lbproxy_workers_spec(run_dir, ports, workers)
+        assert spec.config_path is not None
+        outcome.configs[spec.config_path.name] = spec.config_path
+        proxy = start_proxy(children, f"lbproxy-{workers}w", spec.command, ports.listen, BOTH_CPUS)
+        admin_ports = tuple(ports.admin + k for k in range(workers))
+        want = workers + 1 if workers > 1 else 1  # the parent only supervises its workers
+        if not poll_until(
+            lambda: (
+                all(http_get_ok(p, "/healthz") for p in admin_ports)
+                and len(tree_pids(proxy.pid)) == want
+            ),
+            timeout=30,
+            interval=0.1,
+        ):
+            raise RuntimeError(
+                f"lbproxy --workers {workers}: not {want} processes with every admin API "
+                f"{admin_ports} up within 30 s:\n{proxy.log_tail()}"
+            )
+        pids = tuple(sorted(tree_pids(proxy.pid)))
+        check_pinned(pids, cpu=BOTH_CPUS)
+        return Launched(proxy, ports.listen, admin_ports, pids)
+
+    return launch
 
 
 def run_pair(
@@ -52,36 +107,34 @@ def run_pair(
     run_dir: Path,
     outcome: RunOutcome,
 ) -> ScenarioResult:
-    """Start the backend (CPU 0) and the proxy (CPU 1), run ``scenario``, stop both by PID."""
+    """Start the backend (CPU 0) and the proxy (CPU 1), run ``scenario``, stop both by PID.
+    ``workers_scaling`` leaves everything unpinned and starts lbproxy itself (twice)."""
     ports = distinct_ports()
     log_dir = run_dir / "logs" / f"{scenario}-{target}"
     log_dir.mkdir(parents=True, exist_ok=True)
+    own_proxy = scenario in SELF_LAUNCHED
+    side_cpu: int | str = BOTH_CPUS if own_proxy else 0
     with ChildSet(log_dir) as children:
-        backend = children.start("backend", [str(tools.backend), "-p", str(ports.backend)], cpu=0)
+        backend_cmd = [str(tools.backend), "-p", str(ports.backend)]
+        backend = children.start("backend", backend_cmd, cpu=side_cpu)
         if not poll_until(lambda: port_open(ports.backend), timeout=10):
             raise RuntimeError(f"backend did not listen: {backend.log_tail()}")
-        spec = proxy_spec(target, run_dir, ports, bulk=scenario == "ws_echo_bulk")
-        if spec.config_path is not None:
-            outcome.configs[spec.config_path.name] = spec.config_path
-        proxy = None
-        port = ports.backend
-        if spec.command:
-            proxy = children.start(target, spec.command, cpu=1)
-            port = ports.listen
-            if not poll_until(
-                lambda: not proxy.alive() or http_get_ok(port), timeout=30, interval=0.1
-            ):
-                raise RuntimeError(f"{target} did not serve within 30 s:\n{proxy.log_tail()}")
-            if not proxy.alive():
-                raise RuntimeError(
-                    f"{target} exited (rc={proxy.popen.wait()}):\n{proxy.log_tail()}"
-                )
-            check_pinned(tree_pids(proxy.pid), cpu=1)
-        check_pinned([backend.pid], cpu=0)
-        stage = Stage(target, port, children, tools.loadgen, backend, proxy, settings)
+        check_pinned([backend.pid], cpu=side_cpu)
+        stage = Stage(target, ports.backend, children, tools.loadgen, backend, None, settings)
+        if own_proxy:
+            stage.gen_cpus = BOTH_CPUS
+            stage.launch = workers_launcher(children, run_dir, ports.backend, outcome)
+        else:
+            spec = proxy_spec(target, run_dir, ports, bulk=scenario == "ws_echo_bulk")
+            if spec.config_path is not None:
+                outcome.configs[spec.config_path.name] = spec.config_path
+            if spec.command:
+                stage.proxy = start_proxy(children, target, spec.command, ports.listen, cpu=1)
+                stage.port = ports.listen
+                check_pinned(stage.proxy_pids(), cpu=1)
         result = SCENARIOS[scenario](stage)
-        if proxy is not None and not proxy.alive():
-            raise RuntimeError(f"{target} died during {scenario}:\n{proxy.log_tail()}")
+        if stage.proxy is not None and not stage.proxy.alive():
+            raise RuntimeError(f"{target} died during {scenario}:\n{stage.proxy.log_tail()}")
         return result
 
 
@@ -100,9 +153,14 @@ def run_all(
 ) -> RunOutcome:
     outcome = RunOutcome()
     runs: dict[tuple[str, str], list[ScenarioResult]] = {}
+    for scenario in scenarios:
+        if not targets_for(scenario, targets):
+            print(f"{scenario}: skipped (not run against {','.join(targets)})", flush=True)
     for rep in range(1, repeat + 1):
         for scenario in scenarios:
-            for target in targets:  # targets interleaved so slow drift hits all of them alike
+            for target in targets_for(
+                scenario, targets
+            ):  # targets interleaved so slow drift hits all of them alike
                 label = f"[rep {rep}/{repeat}] {scenario} / {target}"
                 started = time.monotonic()
                 try:
@@ -136,9 +194,12 @@ MAIN_METRIC = {
     "ws_echo_bulk": "mb_per_s",
     "idle_ws_memory": "bytes_per_conn",
     "reconnect_storm": "storm_s",
+    "workers_scaling": "scaling",
 }
+HEADLINE_KEYS = ("p50_ms", "p99_ms", "proxy_cpu_us", "errors")
+SCALING_KEYS = ("conn_per_s_1w", "conn_per_s_2w", "proxy_cpu_us_1w", "proxy_cpu_us_2w")
 
 
 def headline(scenario: str, metrics: Metrics) -> str:
-    keys = [MAIN_METRIC[scenario], "p50_ms", "p99_ms", "proxy_cpu_us", "errors"]
+    keys = [MAIN_METRIC[scenario], *HEADLINE_KEYS, *SCALING_KEYS]
     return " ".join(f"{k}={metrics[k]:g}" for k in keys if k in metrics)

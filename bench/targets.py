@@ -16,6 +16,11 @@ NGINX_BULK_BUFFERS = (
     "            proxy_buffers 4 64k;          # only to satisfy the busy_buffers check"
 )
 HAPROXY_BULK_TUNE = "    tune.bufsize 65536            # bulk variant (default 16384)"
+LBPROXY_SINGLE_NOTE = "one process (no --workers), pinned to CPU 1 by taskset."
+LBPROXY_WORKERS_NOTE = (
+    "workers_scaling: --workers 1, then --workers 2 (SO_REUSEPORT on the\n"
+    "# listen port), not pinned (CPUs 0-1); worker k serves its admin API on the admin port + k."
+)
 
 
 @dataclass(frozen=True)
@@ -83,9 +88,25 @@ def proxy_spec(target: str, run_dir: Path, ports: Ports, bulk: bool) -> ProxySpe
         return ProxySpec(target, ("haproxy", "-db", "-f", str(path)), path, variant)
     if target == "lbproxy":
         path = run_dir / "lbproxy.toml"
+        values["RUN_NOTE"] = LBPROXY_SINGLE_NOTE
         path.write_text(render("lbproxy.toml", values))
         return ProxySpec(target, lbproxy_command(path), path, "default")
     raise ValueError(f"unknown target {target!r}")
+
+
+def lbproxy_workers_spec(run_dir: Path, ports: Ports, workers: int) -> ProxySpec:
+    """lbproxy with ``--workers N``: the listen port must be fixed (not 0) and the admin ports
+    ``ports.admin`` .. ``ports.admin + N - 1`` free (worker k's admin API is on admin + k)."""
+    path = run_dir / "lbproxy-workers.toml"
+    values = {
+        "RUN_NOTE": LBPROXY_WORKERS_NOTE,
+        "LISTEN_PORT": str(ports.listen),
+        "BACKEND_PORT": str(ports.backend),
+        "ADMIN_PORT": str(ports.admin),
+    }
+    path.write_text(render("lbproxy.toml", values))
+    command = (*lbproxy_command(path), "--workers", str(workers))
+    return ProxySpec("lbproxy", command, path, f"workers-{workers}")
 
 
 def tool_version(args: list[str]) -> str:

@@ -106,6 +106,22 @@ def check_config(path: str) -> None:
 @click.option("--pool", default="chat", show_default=True)
 @click.option("--advertise", default=None, help="HOST:PORT registered in Redis (default --listen)")
 @click.option("--drain-seconds", default=10.0, show_default=True, type=float)
+@click.option(
+    "--ttl",
+    default=6.0,
+    show_default=True,
+    type=click.FloatRange(min=1.0),
+    help="registration TTL in Redis (heartbeat every ttl/3)",
+)
+@click.option(
+    "--rate",
+    default=20.0,
+    show_default=True,
+    type=click.FloatRange(min=0.0),
+    help="chat messages per second per user (0 = no limit)",
+)
+@click.option("--burst", default=40, show_default=True, type=click.IntRange(min=1))
+@click.option("--presence-ttl", default=6.0, show_default=True, type=click.FloatRange(min=0.5))
 @click.option("--log-level", default="info", show_default=True)
 def backend(
     listen: str,
@@ -115,6 +131,10 @@ def backend(
     pool: str,
     advertise: str | None,
     drain_seconds: float,
+    ttl: float,
+    rate: float,
+    burst: int,
+    presence_ttl: float,
     log_level: str,
 ) -> None:
     """Run the reference chat/echo backend."""
@@ -131,6 +151,10 @@ def backend(
         pool=pool,
         advertise=_address(advertise, "--advertise") if advertise else None,
         drain_seconds=drain_seconds,
+        ttl=ttl,
+        rate=rate,
+        burst=burst,
+        presence_ttl=presence_ttl,
     )
     run_backend(options)
 

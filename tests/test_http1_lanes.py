@@ -171,3 +171,23 @@ def test_quick_websocket_implies_the_full_parser_agrees(fields: list[tuple[bytes
     suffix = b"X-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Port: 80\r\n"
     quick = head[:-2] + suffix + b"\r\n"
     assert sorted(full.lower().split(b"\r\n")) == sorted(quick.lower().split(b"\r\n"))
+
+
+def test_rewrite_response_drops_the_backends_hop_by_hop_headers() -> None:
+    from lbproxy.http1 import rewrite_response
+
+    raw = (
+        b"HTTP/1.1 200 OK\r\nConnection: close, X-Private\r\nKeep-Alive: timeout=5\r\n"
+        b"X-Private: secret\r\nContent-Length: 2\r\nX-Kept: yes\r\n\r\n"
+    )
+    out = rewrite_response(raw, close=False, extra=[(b"Set-Cookie", b"a=b")])
+    assert out == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Kept: yes\r\nSet-Cookie: a=b\r\n\r\n"
+    )
+    closing = rewrite_response(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", close=True)
+    assert closing.endswith(b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    # Connection may not remove the framing (a smuggling trick)
+    tricky = b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 2\r\n\r\n"
+    assert b"Content-Length: 2" in rewrite_response(tricky, close=False)
+    parsed = parse_response_head(out, b"GET")
+    assert parsed is not None and parsed[0].body.length == 2

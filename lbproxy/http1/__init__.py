@@ -33,6 +33,7 @@ from lbproxy.http1._rewrite import (
     error_response,
     reason_phrase,
     rewrite_request,
+    rewrite_response,
 )
 from lbproxy.http1._trackers import MAX_LINE, ChunkedTracker, LengthTracker
 from lbproxy.http1._types import MAX_HEAD, BodyFraming, RequestHead, ResponseHead
@@ -53,6 +54,7 @@ __all__ = [
     "parse_response_head",
     "reason_phrase",
     "rewrite_request",
+    "rewrite_response",
 ]
 
 Parser = Literal["fast", "h11"]

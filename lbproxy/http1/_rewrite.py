@@ -149,3 +149,37 @@ def error_response(
         "Connection: close\r\n"
     ).encode("ascii")
     return b"".join((head, _header_lines(extra_headers), b"\r\n", body))
+
+
+_RESPONSE_HOP_BY_HOP = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer")
+)
+
+
+def rewrite_response(
+    raw_head: bytes, *, close: bool, extra: Sequence[tuple[bytes, bytes]] = ()
+) -> bytes:
+    """The backend's response head as the client gets it (not used for a 101).
+
+    The backend's hop-by-hop headers (Connection, the headers it names, Keep-Alive, ...)
+    describe the backend connection, not the client's, so they are dropped; ``close``
+    adds ``Connection: close`` (lbproxy closes the client connection after this response);
+    ``extra`` lines (e.g. Set-Cookie) are added. Upgrade is dropped too unless 101.
+    """
+    if not raw_head.endswith(b"\r\n\r\n"):
+        raise ValueError("raw_head must end with the blank line (CRLF CRLF)")
+    lines = raw_head[:-4].split(b"\r\n")
+    named: set[bytes] = set()
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"connection":
+            named.update(t.strip(b" \t").lower() for t in value.split(b","))
+    drop = (_RESPONSE_HOP_BY_HOP | {b"upgrade"} | named) - _NEVER_HOP_BY_HOP
+    kept = [lines[0]]
+    kept += [line for line in lines[1:] if line.partition(b":")[0].strip().lower() not in drop]
+    out = b"\r\n".join(kept) + b"\r\n"
+    if extra:
+        out += _header_lines(extra)
+    if close:
+        out += b"Connection: close\r\n"
+    return out + b"\r\n"

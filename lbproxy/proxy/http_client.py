@@ -52,6 +52,7 @@ class HttpClient(asyncio.Protocol):
         "ip",
         "key",
         "last_backend",
+        "logged",
         "mark_in",
         "mark_out",
         "nbytes_in",
@@ -86,6 +87,7 @@ class HttpClient(asyncio.Protocol):
         self.set_cookie: tuple[bytes, bytes] | None = None
         self.backend: Backend | None = None
         self.last_backend: Backend | None = None
+        self.logged = False
         self.upstream: Upstream | None = None
         self.tracker: ChunkedTracker | LengthTracker | None = None
         self.closing = False
@@ -153,17 +155,8 @@ class HttpClient(asyncio.Protocol):
             upstream.client = None
             upstream.transport.close()
             self._end_request()
-        if ctx.access_log and self.requests:
-            log_connection(
-                ctx,
-                self.ip,
-                self.last_backend,
-                time.monotonic() - self.started,
-                self.nbytes_in,
-                self.nbytes_out,
-                f"client closed after {self.requests} request(s)",
-                self.status,
-            )
+        if self.requests:
+            self._log(f"client closed after {self.requests} request(s)")
 
     def pause_writing(self) -> None:
         if self.upstream is not None:
@@ -394,14 +387,19 @@ class HttpClient(asyncio.Protocol):
         if end < len(data):
             self.buf += data[end:]
 
+    def will_close(self) -> bool:
+        """Whether the client connection closes after the current response."""
+        head = self.head
+        return self.closing or head is None or not head.keep_alive
+
     def response_done(self, close_client: bool) -> None:
         """The backend finished its response (called by Upstream)."""
+        unfinished_body = self.tracker is not None  # answered before the body was sent
         self._end_request()
         head = self.head
         self.head = None
-        if close_client or self.closing or head is None or not head.keep_alive:
-            self.state = DONE
-            self.transport.close()
+        if close_client or unfinished_body or self.closing or head is None or not head.keep_alive:
+            self._close_after_response()
             return
         self.state = HEAD
         if self.buf:
@@ -474,6 +472,29 @@ class HttpClient(asyncio.Protocol):
         self.transport.write(data)
 
     # -- errors and lifecycle -------------------------------------------------
+    def _log(self, reason: str) -> None:
+        """The connection's access-log line (once)."""
+        ctx = self.ctx
+        if ctx.access_log and not self.logged:
+            self.logged = True
+            log_connection(
+                ctx,
+                self.ip,
+                self.last_backend,
+                time.monotonic() - self.started,
+                self.nbytes_in,
+                self.nbytes_out,
+                reason,
+                self.status,
+            )
+
+    def _close_after_response(self) -> None:
+        """Close once the response is out: FIN, then drop what the client still sends."""
+        self.state = DONE
+        self.ctx.connections.discard(self)
+        self._log(f"closed after {self.requests} request(s)")
+        Linger.close(self.transport, self.ctx.loop)
+
     def _reject(self, status: int, detail: str) -> None:
         ctx = self.ctx
         ctx.stats.rejected[(ctx.config.name, str(status))] += 1
@@ -481,17 +502,7 @@ class HttpClient(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if ctx.access_log:
-            log_connection(
-                ctx,
-                self.ip,
-                self.backend,
-                time.monotonic() - self.started,
-                self.nbytes_in,
-                self.nbytes_out,
-                f"rejected: {detail}",
-                status,
-            )
+        self._log(f"rejected: {detail}")
         upstream = self.upstream
         if upstream is not None:
             upstream.client = None

@@ -12,6 +12,7 @@ from lbproxy.http1 import (
     LengthTracker,
     add_response_headers,
     parse_response_head,
+    rewrite_response,
 )
 from lbproxy.http1.lanes import quick_response, switching_protocols
 from lbproxy.pool import Backend, BackendState
@@ -205,9 +206,9 @@ class Upstream(asyncio.Protocol):
             if head.status < 200:  # 100 Continue and friends: pass on, wait for the final one
                 client.write(raw)
                 continue
-            if self.set_cookie is not None:
-                raw = add_response_headers(raw, [self.set_cookie])
-            client.write(raw)
+            close = head.body.kind == "close" or client.will_close()
+            extra = [self.set_cookie] if self.set_cookie is not None else []
+            client.write(rewrite_response(raw, close=close, extra=extra))
             client.status = head.status
             self.keep = head.keep_alive
             break
@@ -258,6 +259,7 @@ class Upstream(asyncio.Protocol):
             reusable
             and self.backend.state is BackendState.UP
             and client is not None
+            and client.tracker is None  # the request body went out whole
             and self.ctx.idle.put(self.backend, self.transport)
         ):
             pass
