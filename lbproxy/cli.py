@@ -117,8 +117,8 @@ def check_config(path: str) -> None:
     "--rate",
     default=20.0,
     show_default=True,
-    type=click.FloatRange(min=0.0),
-    help="chat messages per second per user (0 = no limit)",
+    type=click.FloatRange(min=0.001),
+    help="chat messages per second per user, shared by all backends",
 )
 @click.option("--burst", default=40, show_default=True, type=click.IntRange(min=1))
 @click.option("--presence-ttl", default=6.0, show_default=True, type=click.FloatRange(min=0.5))
