@@ -47,21 +47,33 @@ def _targets(values: dict[str, Metrics], key: str) -> list[str]:
     return [t for t in TARGETS if t in values and key in values[t]]
 
 
+def _bars(values: dict[str, Metrics], key: str) -> tuple[list[str], list[float], list[str]]:
+    """Bar names, values and colours of ``key``: one bar per target, or for workers_scaling
+    (lbproxy only, metrics ``KEY_1w`` / ``KEY_2w``) one bar per worker count."""
+    names = _targets(values, key)
+    if names:
+        return names, [values[t][key] for t in names], [COLORS[t] for t in names]
+    runs = values.get("lbproxy", {})
+    keys = [(n, f"{key}_{n}w") for n in (1, 2) if f"{key}_{n}w" in runs]
+    labels = [f"lbproxy\n{n} worker{'s' if n > 1 else ''}" for n, _ in keys]
+    return labels, [runs[k] for _, k in keys], [COLORS["lbproxy"]] * len(keys)
+
+
 def bar_grid(
     results: dict[str, dict[str, Metrics]], keys: dict[str, str], title: str, path: Path
 ) -> Path | None:
-    """One bar chart per scenario of ``keys[scenario]`` across targets."""
-    panels = [(s, keys[s]) for s in results if s in keys and _targets(results[s], keys[s])]
+    """One bar chart per scenario of ``keys[scenario]`` across targets (or worker counts)."""
+    panels = [(s, keys[s]) for s in results if s in keys and _bars(results[s], keys[s])[0]]
     if not panels:
         return None
     plt = _pyplot()
     fig, axes = _grid(plt, len(panels))
     for ax, (scenario, key) in zip(axes.flat, panels, strict=False):
-        names = _targets(results[scenario], key)
-        vals = [results[scenario][t][key] for t in names]
-        bars = ax.bar(names, vals, color=[COLORS[t] for t in names])
+        names, vals, colors = _bars(results[scenario], key)
+        bars = ax.bar(names, vals, color=colors)
         ax.bar_label(bars, labels=[_label(v) for v in vals], fontsize=8)
-        ax.set_title(scenario, fontsize=10)
+        only = "" if _targets(results[scenario], key) else " (lbproxy only)"
+        ax.set_title(scenario + only, fontsize=10)
         ax.set_ylabel(UNITS.get(key, key), fontsize=8)
         ax.tick_params(labelsize=8)
     fig.suptitle(title)
@@ -130,8 +142,9 @@ def make_plots(
     out: Path,
 ) -> list[Path]:
     cpu_keys = {s: "proxy_cpu_us" for s in results}
+    main_keys = {**main_metric, "workers_scaling": "conn_per_s"}  # 1 vs 2 workers, not the ratio
     made = [
-        bar_grid(results, main_metric, "Main metric per scenario", out / "main_metrics.png"),
+        bar_grid(results, main_keys, "Main metric per scenario", out / "main_metrics.png"),
         bar_grid(
             results, cpu_keys, "Proxy CPU-µs per operation (lower is better)", out / "proxy_cpu.png"
         ),

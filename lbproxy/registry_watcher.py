@@ -106,8 +106,8 @@ class RegistryWatcher:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(task, 10.0)
         self.connected = False
 
     def update_pools(self, pools: Mapping[str, Pool]) -> None:
@@ -287,7 +287,10 @@ def _describe(error: BaseException | None) -> str:
 
 
 async def _close(client: Redis, pubsub: PubSub) -> None:
+    """Close both connections; bounded, so a stuck socket cannot hang stop()."""
     with contextlib.suppress(Exception):
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        async with asyncio.timeout(2.0):
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
     with contextlib.suppress(Exception):
-        await client.aclose()
+        async with asyncio.timeout(2.0):
+            await client.aclose()

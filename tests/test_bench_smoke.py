@@ -7,15 +7,19 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bench.runner import MAIN_METRIC
-from bench.scenarios import SCENARIOS
-from bench.targets import TARGETS, Ports, proxy_spec
+from bench.cli import incomplete
+from bench.procs import free_port_run
+from bench.report import scenario_table, summary_table
+from bench.runner import MAIN_METRIC, RunOutcome
+from bench.scenarios import SCENARIOS, targets_for
+from bench.targets import TARGETS, Ports, lbproxy_workers_spec, proxy_spec
 from tests.support import REPO
 
 BENCH_TOOLS = ("nginx", "haproxy", "gcc", "taskset")
@@ -59,6 +63,9 @@ def check_metrics(scenario: str, target: str, metrics: dict[str, object]) -> Non
         assert isinstance(value, int | float) and not isinstance(value, bool), (where, key, value)
     main = metrics[MAIN_METRIC[scenario]]
     assert isinstance(main, int | float) and main > 0, (where, main)
+    if scenario == "workers_scaling":
+        check_scaling_metrics(metrics)
+        return
     if target != "direct":
         cpu = metrics["proxy_cpu_us"]
         assert isinstance(cpu, int | float) and cpu > 0, (where, "proxy_cpu_us", cpu)
@@ -68,6 +75,19 @@ def check_metrics(scenario: str, target: str, metrics: dict[str, object]) -> Non
         assert metrics["conns_full"] == 1000 and metrics["dropped"] == 0, (where, metrics)
     if scenario == "reconnect_storm":
         assert metrics["reconnected"] == metrics["clients"] == 1000, (where, metrics)
+
+
+def check_scaling_metrics(m: dict[str, object]) -> None:
+    """workers_scaling (lbproxy only): a full connect-rate window with 1 and with 2 workers."""
+    for key in ("conn_per_s", "proxy_cpu_us", "proxy_cpu_pct", "cpu0_busy_pct", "cpu1_busy_pct"):
+        for suffix in ("_1w", "_2w"):
+            value = m[key + suffix]
+            assert isinstance(value, int | float) and value > 0, (key + suffix, m)
+    for suffix in ("_1w", "_2w"):
+        assert m["p99_ms" + suffix] >= m["p50_ms" + suffix] > 0, m  # type: ignore[operator]
+    assert m["processes_1w"] == 1 and m["processes_2w"] == 3, m  # 2 workers + their parent
+    assert m["scaling"] == pytest.approx(m["conn_per_s_2w"] / m["conn_per_s_1w"], rel=1e-2)  # type: ignore[operator]
+    assert m["worker_share_min_2w"] > 0.25, m  # type: ignore[operator]  # both workers served
 
 
 @needs_tools
@@ -81,7 +101,7 @@ def test_quick_bench_measures_every_scenario_on_every_target(tmp_path: Path) -> 
     assert data["machine"]["pinning"]["proxy"].startswith("CPU 1")
     assert set(data["scenarios"]) == set(SCENARIOS)
     for scenario, per_target in data["scenarios"].items():
-        assert set(per_target) == set(TARGETS), scenario
+        assert set(per_target) == set(targets_for(scenario, TARGETS)), scenario
         for target, metrics in per_target.items():
             check_metrics(scenario, target, metrics)
     report = (out / "report.md").read_text()
@@ -92,6 +112,8 @@ def test_quick_bench_measures_every_scenario_on_every_target(tmp_path: Path) -> 
         "nginx-default.conf",
         "haproxy-bulk.cfg",
         "lbproxy.toml",
+        "lbproxy-workers.toml",
+        "lbproxy only",
     ):
         assert name in report, name
     pngs = sorted(p.name for p in out.glob("*.png"))
@@ -164,3 +186,74 @@ def test_generated_lbproxy_config_is_valid(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_generated_lbproxy_workers_config_is_valid(tmp_path: Path) -> None:
+    ports = Ports(listen=1, backend=2, admin=3)
+    spec = lbproxy_workers_spec(tmp_path, ports, workers=2)
+    assert spec.config_path is not None and spec.command[-2:] == ("--workers", "2")
+    text = spec.config_path.read_text()
+    assert '"127.0.0.1:1"' in text and '"127.0.0.1:3"' in text and "@" not in text
+    proc = subprocess.run(
+        [sys.executable, "-m", "lbproxy", "check-config", str(spec.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_free_port_run_gives_consecutive_free_ports() -> None:
+    first = free_port_run(2, avoid=())
+    for port in (first, first + 1):  # both can be bound (worker 1's admin API is admin + 1)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def scaling_outcome() -> RunOutcome:
+    outcome = RunOutcome()
+    outcome.results["ws_connect_rate"] = {
+        t: {"conn_per_s": 1000.0, "proxy_cpu_us": 100.0} for t in ("direct", "lbproxy", "nginx")
+    }
+    outcome.results["ws_connect_rate"]["lbproxy"] = {"conn_per_s": 500.0, "proxy_cpu_us": 300.0}
+    outcome.results["workers_scaling"] = {
+        "lbproxy": {
+            "conn_per_s_1w": 4000.0,
+            "conn_per_s_2w": 6000.0,
+            "proxy_cpu_us_1w": 200.0,
+            "proxy_cpu_us_2w": 220.0,
+            "scaling": 1.5,
+        }
+    }
+    return outcome
+
+
+def test_lbproxy_only_scenario_is_complete_without_other_targets() -> None:
+    outcome = scaling_outcome()
+    scenarios = ["ws_connect_rate", "workers_scaling"]
+    assert incomplete(outcome, ["direct", "lbproxy", "nginx"], scenarios) == []
+    assert incomplete(outcome, ["direct", "nginx"], ["workers_scaling"]) == []  # not run at all
+    del outcome.results["workers_scaling"]["lbproxy"]["scaling"]
+    assert incomplete(outcome, ["lbproxy"], scenarios) == ["workers_scaling/lbproxy"]
+
+
+def test_report_tables_mark_the_lbproxy_only_scenario() -> None:
+    outcome = scaling_outcome()
+    summary = [line for line in summary_table(outcome) if line.startswith("| workers_scaling")]
+    assert [line.split(" | ")[1] for line in summary] == [
+        "scaling ↑",
+        "conn_per_s_1w ↑",
+        "conn_per_s_2w ↑",
+        "proxy_cpu_us_1w ↓",
+        "proxy_cpu_us_2w ↓",
+    ]
+    assert all(line.endswith("| lbproxy only | lbproxy only |") for line in summary), summary
+    other = next(line for line in summary_table(outcome) if "ws_connect_rate | conn" in line)
+    assert other.endswith("| 0.50 | — |"), other  # ratios still computed elsewhere
+    table = scenario_table("workers_scaling", outcome.results["workers_scaling"])
+    assert "lbproxy only" in table[0] and "nginx" not in "\n".join(table)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table[2:]}
+    assert rows["conn_per_s ↑"].endswith("| 4,000 | 6,000 | 1.50 |"), rows
+    assert rows["proxy_cpu_us ↓"].endswith("| 200 | 220 | 1.10 |"), rows
+    assert rows["scaling ↑"].endswith("| 1.5 |"), rows
