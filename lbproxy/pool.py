@@ -92,8 +92,8 @@ class Pool:
         self._lc_start = 0
         for backend in config.backends:
             self.upsert(backend.id, backend.address, backend.weight, source="static")
-        for backend in self.backends.values():
-            backend.up_since = float("-inf")  # no slow start for the backends we start with
+        for initial in self.backends.values():
+            initial.up_since = float("-inf")  # no slow start for the backends we start with
 
     # -- observers ---------------------------------------------------------
     def subscribe(self, observer: StateObserver) -> None:
