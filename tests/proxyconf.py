@@ -31,6 +31,8 @@ def proxy_config(
     """(config text, listener port, admin port) for one listener in front of one pool."""
     port = port or free_port()
     admin_port = admin_port or free_port()
+    while admin_port == port:  # a port just closed can be handed out again
+        admin_port = free_port()
     lines = [
         "[admin]",
         f'listen = "127.0.0.1:{admin_port}"',

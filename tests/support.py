@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import shutil
@@ -18,11 +19,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=512)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now, and not one this test process was given recently.
+
+    (The kernel may hand a port it just gave us again once its socket is closed, so two
+    calls in a row could otherwise return the same port.)
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.append(port)
+            return port
 
 
 def wait_until(cond: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:
@@ -210,7 +223,11 @@ class Backend:
                 *self.extra,
             )
         )
-        wait_until(lambda: port_open(self.port), timeout=15)
+        try:
+            wait_until(lambda: port_open(self.port), timeout=15)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -240,9 +257,13 @@ class Lbproxy:
         self.proc = Proc(
             lbproxy_cmd("serve", "--config", str(self.path), *self.extra), env=self.env
         )
-        for port in wait_ports:
-            wait_until(lambda p=port: port_open(p) or not self.proc.alive(), timeout=15)  # type: ignore[union-attr]
-            assert self.proc.alive(), self.proc.output()
+        try:
+            for port in wait_ports:
+                wait_until(lambda p=port: port_open(p) or not self.proc.alive(), timeout=15)  # type: ignore[union-attr]
+                assert self.proc.alive(), self.proc.output()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     @property

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.proxyconf import proxy_config
-from tests.support import Backend, Lbproxy, rss_kib
+from tests.support import Backend, Lbproxy, rss_kib, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -110,8 +110,15 @@ def test_proxy_protocol_header_reaches_backend(proxy, version: str) -> None:
         src_port = c.getsockname()[1]
         c.sendall(b"payload")
         assert c.recv(10) == b"ok"
+
     # (the readiness probe of the proxy port made an earlier, empty connection)
-    data = next(r for r in server.results if isinstance(r, bytes) and r.endswith(b"payload"))
+    def received() -> bytes | None:
+        return next(
+            (r for r in server.results if isinstance(r, bytes) and r.endswith(b"payload")), None
+        )
+
+    data = wait_until(received)
+    assert isinstance(data, bytes)
     if version == "v1":
         assert data == f"PROXY TCP4 127.0.0.7 127.0.0.1 {src_port} {port}\r\npayload".encode()
     else:
