@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import random
 import signal
 import socket
 import subprocess
@@ -286,9 +287,14 @@ def http_get(port: int, path: str, timeout: float = 3.0) -> bytes:
 
 
 def free_port_run(count: int, avoid: Sequence[int] = ()) -> int:
-    """A port P such that P .. P+count-1 are all free now and none is in ``avoid``."""
-    for _ in range(200):
-        first = free_port()
+    """A port P such that P .. P+count-1 are all free now and none is in ``avoid``.
+
+    Drawn below the ephemeral range (32768-60999 here), where a storm of client
+    connections and their TIME_WAIT leftovers cannot leave it no room.
+    """
+    rng = random.Random()
+    for _ in range(500):
+        first = rng.randrange(10000, 32000)
         run = range(first, first + count)
         if first + count > 65536 or any(p in avoid for p in run):
             continue
@@ -296,6 +302,9 @@ def free_port_run(count: int, avoid: Sequence[int] = ()) -> int:
             try:
                 for port in run:
                     sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    # like the servers' listen sockets: a port in TIME_WAIT (after 9,000
+                    # storm connections most are) can still be listened on
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     sock.bind(("127.0.0.1", port))
             except OSError:
                 continue

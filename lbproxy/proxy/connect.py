@@ -8,6 +8,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, TypeVar, cast
 
+HIGH_WATER = 256 * 1024  # per-transport write buffer before the peer is paused
+
 if TYPE_CHECKING:
     from lbproxy.pool import Backend
     from lbproxy.proxy.context import ListenerContext
@@ -28,6 +30,7 @@ class Pending(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
+        transport.set_write_buffer_limits(high=HIGH_WATER)
         transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:

@@ -336,7 +336,8 @@ class HttpClient(asyncio.Protocol):
         self.backend = self.last_backend = backend
         self.upstream = upstream
         self.state = FORWARD
-        ctx.pool.attach(backend, self)
+        if not head.websocket:  # a websocket is attached as its tunnel, after the 101
+            ctx.pool.attach(backend, self)
         ctx.stats.requests[(ctx.pool.name, backend.id)] += 1
         self.mark_in = self.nbytes_in - len(self.buf)
         self.mark_out = self.nbytes_out
@@ -457,7 +458,6 @@ class HttpClient(asyncio.Protocol):
         backend = self.backend
         assert backend is not None
         self.state = DONE
-        ctx.pool.detach(backend, self)
         ctx.connections.discard(self)
         ctx.stats.handshake_seconds.observe(time.monotonic() - self.started)
         self.backend = None

@@ -16,8 +16,8 @@ from lbproxy.http1 import (
 )
 from lbproxy.http1.lanes import quick_response, switching_protocols
 from lbproxy.pool import Backend, BackendState
+from lbproxy.proxy.connect import HIGH_WATER
 from lbproxy.proxy.context import ListenerContext
-from lbproxy.proxy.tunnel import HIGH_WATER
 
 if TYPE_CHECKING:
     from lbproxy.proxy.http_client import HttpClient

@@ -17,13 +17,13 @@ import time
 from typing import TYPE_CHECKING
 
 from lbproxy.proxy.accesslog import log_connection
+from lbproxy.proxy.connect import HIGH_WATER
 from lbproxy.proxy.wsframe import FrameScan, close_frame
 
 if TYPE_CHECKING:
     from lbproxy.pool import Backend
     from lbproxy.proxy.context import ListenerContext
 
-HIGH_WATER = 256 * 1024
 GRACE = 5.0  # seconds a going-away peer gets to close its side before we close it
 GOING_AWAY_FRAME = close_frame(1001, b"backend going away")
 
@@ -113,8 +113,7 @@ class Link(asyncio.Protocol):
     def start(self, to_client: bytes, to_backend: bytes) -> None:
         """Take over both transports; flush bytes that arrived during the handshake."""
         ctx = self.ctx
-        for transport in (self.transport, self.out):
-            transport.set_write_buffer_limits(high=HIGH_WATER)
+        self.out.set_write_buffer_limits(high=HIGH_WATER)  # (the backend side set its own)
         self.transport.set_protocol(self)
         self.out.set_protocol(self.client)
         ctx.connections.add(self)
