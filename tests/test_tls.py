@@ -32,7 +32,7 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_tls_listener_terminates_and_forwards(tmp_path: Path) -> None:
-    cert, key = self_signed(tmp_path)
+    cert, _key = self_signed(tmp_path)
     backend = Backend("t1").start()
     try:
         text, port, _ = proxy_config([(backend.id, backend.address)])
