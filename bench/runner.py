@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -93,6 +95,9 @@ def workers_launcher(
                 f"{admin_ports} up within 30 s:\n{proxy.log_tail()}"
             )
         pids = tuple(sorted(tree_pids(proxy.pid)))
+        for pid in pids:  # every process of the tree on both CPUs, whatever it inherited
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(pid, {0, 1})
         check_pinned(pids, cpu=BOTH_CPUS)
         return Launched(proxy, ports.listen, admin_ports, pids)
 

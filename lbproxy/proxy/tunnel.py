@@ -212,22 +212,11 @@ class WsLink(Link, FrameScan):
 
     __slots__ = ("partial", "saw_close", "skip")
 
-    def __init__(
-        self,
-        ctx: ListenerContext,
-        backend: Backend,
-        transport: asyncio.Transport,
-        client_transport: asyncio.Transport,
-        client_addr: str,
-        started: float,
-    ) -> None:
-        super().__init__(ctx, backend, transport, client_transport, client_addr, started)
+    def start(self, to_client: bytes, to_backend: bytes, head_len: int = 0) -> None:
+        """``to_client`` is the 101 response head (``head_len`` bytes) plus any first frames."""
         self.skip = 0
         self.partial = b""
         self.saw_close = False
-
-    def start(self, to_client: bytes, to_backend: bytes, head_len: int = 0) -> None:
-        """``to_client`` is the 101 response head (``head_len`` bytes) plus any first frames."""
         super().start(to_client, to_backend)
         if len(to_client) > head_len:
             self.feed(to_client[head_len:])
