@@ -292,3 +292,27 @@ def test_upgrade_shapes_take_either_path(backends, start_proxy, connection: byte
         assert head.startswith(b"HTTP/1.1 101")
         s.sendall(b"\x81\x82abcd" + bytes(b ^ m for b, m in zip(b"hi", b"ab", strict=True)))
         assert s.recv(4) == b"\x81\x02hi"
+
+
+def test_backend_that_accepts_then_resets_counts_as_passive_failure(backends, start_proxy) -> None:
+    """A backend that accepts and closes at once: the request goes elsewhere, and it is marked."""
+    from tests.test_tunnel import TcpServer
+
+    def slam(conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+    bad = TcpServer(slam)  # closes with a reset right after accepting
+    try:
+        text, port, admin = proxy_config(
+            [("bad", f"127.0.0.1:{bad.port}"), *pairs(backends)[:1]],
+            pool={"balance": "round-robin", "retries": 1},
+            health={"passive_failures": 2},
+        )
+        start_proxy(text, port)
+        for _ in range(6):  # every request is answered, by b1
+            assert whoami(port) == "b1"
+        pools = httpx.get(f"http://127.0.0.1:{admin}/api/pools").json()["pools"]
+        states = {b["id"]: b["state"] for b in pools["main"]["backends"]}
+        assert states["bad"] == "down"
+    finally:
+        bad.close()

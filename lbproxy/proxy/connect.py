@@ -56,6 +56,7 @@ async def connect_with_retries(
     key: bytes | None,
     factory: Callable[[Backend], P],
     first: Backend | None = None,
+    avoid: frozenset[str] = frozenset(),
 ) -> tuple[Backend, asyncio.Transport, P] | int:
     """Connect to a backend of the listener's pool, retrying others on failure.
 
@@ -65,8 +66,8 @@ async def connect_with_retries(
     pool = ctx.pool
     loop = ctx.loop
     stats = ctx.stats
-    tried: set[str] = set()
-    attempts = pool.config.retries + 1
+    tried: set[str] = set(avoid)
+    attempts = pool.config.retries + 1 - len(avoid)
     backend = first
     while attempts > 0:
         if backend is None:
@@ -87,6 +88,7 @@ async def connect_with_retries(
             tried.add(chosen.id)
             backend = None
             continue
-        pool.connect_succeeded(chosen)
+        # (the passive-failure streak is reset by the first answer, not by the connect:
+        # a backend that accepts and then resets must still count as failing)
         return chosen, transport, protocol
     return 502

@@ -70,6 +70,7 @@ class HttpClient(asyncio.Protocol):
         "timer",
         "tracker",
         "transport",
+        "tried",
         "upstream",
     )
 
@@ -90,6 +91,7 @@ class HttpClient(asyncio.Protocol):
         self.logged = False
         self.upstream: Upstream | None = None
         self.tracker: ChunkedTracker | LengthTracker | None = None
+        self.tried: frozenset[str] = frozenset()  # backends that failed this request
         self.closing = False
         self.reused = False
         self.started = 0.0
@@ -222,6 +224,7 @@ class HttpClient(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         self.requests += 1
+        self.tried = frozenset()
         self.head = QUICK_GET
         self.quick = data
         self.key = key
@@ -262,6 +265,7 @@ class HttpClient(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         self.requests += 1
+        self.tried = frozenset()
         self.head = QUICK_WEBSOCKET
         self.quick = data
         self.key = key
@@ -279,6 +283,7 @@ class HttpClient(asyncio.Protocol):
         self.head = head
         self.state = CONNECTING
         self.requests += 1
+        self.tried = frozenset()
         self.key = self._affinity_key(head)
         self.transport.pause_reading()
         first = None
@@ -314,9 +319,9 @@ class HttpClient(asyncio.Protocol):
             key = value.encode()
         return key if key is not None else self.ip.encode()
 
-    async def _connect(self, first: Backend | None) -> None:
+    async def _connect(self, first: Backend | None, avoid: frozenset[str] = frozenset()) -> None:
         ctx = self.ctx
-        result = await connect_with_retries(ctx, self.key, lambda b: Upstream(ctx, b), first)
+        result = await connect_with_retries(ctx, self.key, lambda b: Upstream(ctx, b), first, avoid)
         self.task = None
         if self.state != CONNECTING:  # client went away meanwhile
             if not isinstance(result, int):
@@ -443,14 +448,39 @@ class HttpClient(asyncio.Protocol):
             self.transport.pause_reading()
             self.task = self.ctx.loop.create_task(self._connect(backend))
             return
+        ctx = self.ctx
         if backend is not None:
-            self.ctx.stats.upstream_errors[(self.ctx.pool.name, backend.id, reason)] += 1
+            ctx.stats.upstream_errors[(ctx.pool.name, backend.id, reason)] += 1
+            if not got_response:
+                # accepted, then closed or reset without a word: a passive failure, and (for
+                # a request without a body, nothing having reached the client) another backend
+                ctx.pool.connect_failed(backend, f"{reason} before answering")
+                self.tried = self.tried | {backend.id}
+                if (
+                    head is not None
+                    and head.body.kind == "none"
+                    and len(self.tried) <= ctx.pool.config.retries
+                ):
+                    self._end_request()
+                    self._retry_elsewhere()
+                    return
         self._end_request()
         if got_response:
             self.state = DONE
             self.transport.close()
         else:
             self._reject(502, "backend closed the connection")
+
+    def _retry_elsewhere(self) -> None:
+        if self.quick is not None:  # the fast lane kept only the bytes: parse them now
+            parsed = parse_request_head(self.quick)
+            assert parsed is not None
+            self.head = parsed[0]
+            self.quick = None
+        self.state = CONNECTING
+        self.reused = False
+        self.transport.pause_reading()
+        self.task = self.ctx.loop.create_task(self._connect(None, self.tried))
 
     def start_tunnel(self, upstream: Upstream, to_client: bytes, head_len: int) -> None:
         """The backend answered 101: hand both transports to a websocket tunnel."""

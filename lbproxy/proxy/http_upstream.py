@@ -85,7 +85,9 @@ class Upstream(asyncio.Protocol):
         if state == BODY:
             self._body(data)
         elif state == HEAD:
-            self.got_response = True
+            if not self.got_response:
+                self.got_response = True
+                self.ctx.pool.connect_succeeded(self.backend)
             if self.websocket and not self.buf and self._quick_switch(data):
                 return
             if (

@@ -67,6 +67,7 @@ class TcpClient(asyncio.Protocol):
             client.close()
             return
         backend, upstream, pending = result
+        ctx.pool.connect_succeeded(backend)  # (no protocol to wait an answer from in L4)
         if self.closed or client.is_closing():
             upstream.close()
             return
