@@ -316,3 +316,13 @@ def test_backend_that_accepts_then_resets_counts_as_passive_failure(backends, st
         assert states["bad"] == "down"
     finally:
         bad.close()
+
+
+def test_http10_client_never_gets_a_chunked_response(backends, start_proxy) -> None:
+    text, port, _ = proxy_config(pairs(backends))
+    start_proxy(text, port)
+    response = raw_request(port, b"GET /slow?bytes=5000 HTTP/1.0\r\nHost: x\r\n\r\n")
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert status_of(head) == 200
+    assert b"chunked" not in head.lower()
+    assert len(body) == 5000  # the whole body, delimited by length or by the close

@@ -350,14 +350,19 @@ class HttpClient(asyncio.Protocol):
         if quick is not None:
             out = quick[:-2] + self._suffix()
         else:
+            http10 = head.version == b"1.0"
             out = rewrite_request(
                 head,
                 client_ip=self.ip,
                 proto=ctx.proto,
                 port=ctx.port,
                 keep_xff=ctx.is_trusted(self.ip),
-                upstream_keep_alive=True,
+                upstream_keep_alive=not http10,
             )
+            if http10:
+                # An HTTP/1.0 client cannot read a chunked response: ask the backend in 1.0
+                # too (it then answers with Content-Length or until close).
+                out = out.replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
         upstream.expect(self, head.method, head.websocket, self.set_cookie)
         body = head.body
         if body.kind == "length" and body.length:
