@@ -326,3 +326,12 @@ def test_http10_client_never_gets_a_chunked_response(backends, start_proxy) -> N
     assert status_of(head) == 200
     assert b"chunked" not in head.lower()
     assert len(body) == 5000  # the whole body, delimited by length or by the close
+
+
+def test_half_a_head_then_eof_gets_400_at_once(backends, start_proxy) -> None:
+    text, port, _ = proxy_config(pairs(backends), listener={"handshake_timeout": 30.0})
+    start_proxy(text, port)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        s.shutdown(socket.SHUT_WR)
+        assert status_of(s.recv(65536)) == 400  # well before handshake_timeout

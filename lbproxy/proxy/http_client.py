@@ -137,8 +137,10 @@ class HttpClient(asyncio.Protocol):
                 self.transport.pause_reading()
 
     def eof_received(self) -> bool:
-        if self.state == HEAD and not self.buf:
-            return False  # idle keep-alive connection closed by the client
+        if self.state == HEAD:
+            if self.buf:  # half a request head, and the client will send no more
+                self._reject(400, "connection closed in the middle of the request head")
+            return False  # (an idle keep-alive connection closed by the client: just close)
         self.closing = True  # answer what is in flight, then close
         return True
 
