@@ -36,7 +36,7 @@ class TcpClient(asyncio.Protocol):
         ctx.stats.connections_total[name] += 1
         if len(ctx.connections) >= ctx.config.max_connections:
             ctx.stats.rejected[(name, "max_connections")] += 1
-            transport.abort()
+            transport.close()  # refused: FIN (a reset if it already sent data)
             return
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0], peer[1]) if peer else ("", 0)
