@@ -59,3 +59,38 @@ def test_tls_listener_terminates_and_forwards(tmp_path: Path) -> None:
             lb.stop()
     finally:
         backend.stop()
+
+
+def test_tls_websocket_close_and_drain_are_prompt(tmp_path: Path) -> None:
+    """TLS cannot half-close: the tunnel must close instead of waiting for a FIN it cannot send."""
+    import time
+
+    from websockets.exceptions import ConnectionClosed
+
+    cert, _key = self_signed(tmp_path)
+    backend = Backend("t2").start()
+    try:
+        text, port, admin = proxy_config(
+            [(backend.id, backend.address)], pool={"drain_timeout": 0.2, "close_spread": 0.0}
+        )
+        text = text.replace(
+            'pool = "main"\n', 'pool = "main"\ntls = { cert = "cert.pem", key = "key.pem" }\n', 1
+        )
+        lb = Lbproxy(text, tmp_path).start(wait_ports=(port,))
+        try:
+            context = ssl.create_default_context(cafile=str(cert))
+            started = time.monotonic()
+            with ws_connect(f"wss://127.0.0.1:{port}/echo", ssl=context, close_timeout=5) as ws:
+                ws.send("x")
+                assert ws.recv(timeout=5) == "x"
+            assert time.monotonic() - started < 2  # the close handshake did not hang
+            with ws_connect(f"wss://127.0.0.1:{port}/echo", ssl=context) as ws:
+                url = f"http://127.0.0.1:{admin}/api/pools/main/backends/t2/drain"
+                assert httpx.post(url).status_code == 202
+                with pytest.raises(ConnectionClosed) as closed:
+                    ws.recv(timeout=5)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        finally:
+            lb.stop()
+    finally:
+        backend.stop()

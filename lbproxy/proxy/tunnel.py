@@ -46,12 +46,11 @@ class ClientHalf(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        link = self.link
-        if link.eof:
-            self.out.close()
+        out = self.out
+        if self.link.eof or not out.can_write_eof():  # (TLS cannot half-close: close)
+            out.close()
             return False
-        if self.out.can_write_eof():
-            self.out.write_eof()
+        out.write_eof()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -134,11 +133,11 @@ class Link(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.client.eof:
-            self.out.close()
+        out = self.out
+        if self.client.eof or not out.can_write_eof():  # (TLS cannot half-close: close)
+            out.close()
             return False
-        if self.out.can_write_eof():
-            self.out.write_eof()
+        out.write_eof()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -295,9 +294,11 @@ class Discard(asyncio.Protocol):
             return
         discard = cls(transport, link)
         transport.set_protocol(discard)
+        if not transport.can_write_eof():  # TLS has no half-close: flush, close_notify, close
+            transport.close()
+            return
         transport.resume_reading()
-        if transport.can_write_eof():
-            transport.write_eof()
+        transport.write_eof()
         discard.timer = link.ctx.loop.call_later(GRACE, transport.close)
 
     def data_received(self, data: bytes) -> None:
