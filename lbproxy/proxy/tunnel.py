@@ -252,7 +252,9 @@ class WsLink(Link, FrameScan):
 
     def _send_going_away(self) -> None:
         self.out.write(GOING_AWAY_FRAME)
-        self._part_both()
+        # RFC 6455 7.1.1: once the client answered our close, the server closes TCP first.
+        ClosingHandshake.take_over(self.out, self)
+        Discard.take_over(self.transport, self)
 
 
 class GoingAwayWsLink(WsLink):
@@ -353,3 +355,12 @@ class Linger(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
+
+
+class ClosingHandshake(Discard):
+    """The client side after lbproxy sent a websocket close: its reply ends the connection."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.close()  # the client's close frame (or anything after ours): done
