@@ -199,12 +199,9 @@ class HttpClient(asyncio.Protocol):
         """Fast lane: a plain GET on a warm keep-alive upstream connection (False: full path)."""
         ctx = self.ctx
         pool = ctx.pool
-        config = pool.config
-        key = None
-        if config.balance == "hash":
-            if ctx.key_spec().kind != "ip":
-                return False
-            key = self.ip.encode()
+        lane, key = self._lane_key()
+        if not lane:
+            return False
         backend = pool.pick(key)
         if backend is None:
             return False
@@ -216,21 +213,10 @@ class HttpClient(asyncio.Protocol):
                 return False
             if parsed is None or parsed[1] != len(data):
                 return False
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
             self._dispatch(parsed[0], backend)
             return True
         upstream = cast(Upstream, transport.get_protocol())
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.requests += 1
-        self.tried = frozenset()
-        self.head = QUICK_GET
-        self.quick = data
-        self.key = key
-        self.set_cookie = None
+        self._begin(QUICK_GET, data, key)
         self.reused = True
         self.backend = self.last_backend = backend
         self.upstream = upstream
@@ -243,6 +229,27 @@ class HttpClient(asyncio.Protocol):
         upstream.expect(self, b"GET", False, None)
         upstream.transport.write(data[:-2] + self._suffix())
         return True
+
+    def _lane_key(self) -> tuple[bool, bytes | None]:
+        """(whether the fast lanes may route this pool, the affinity key they use)."""
+        ctx = self.ctx
+        if ctx.pool.config.balance != "hash":
+            return True, None
+        if ctx.key_spec().kind != "ip":
+            return False, None  # cookie/header/query keys need the parsed headers
+        return True, self.ip.encode()
+
+    def _begin(self, head: RequestHead, quick: bytes | None, key: bytes | None) -> None:
+        """Book-keeping shared by every new request."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.requests += 1
+        self.tried = frozenset()
+        self.head = head
+        self.quick = quick
+        self.key = key
+        self.set_cookie = None
 
     def _suffix(self) -> bytes:
         """The X-Forwarded-* lines (and the final CRLF) fast-lane requests get."""
@@ -258,20 +265,10 @@ class HttpClient(asyncio.Protocol):
     def _quick_websocket(self, data: bytes) -> bool:
         """Fast lane for a plain websocket upgrade: route and forward it without re-parsing."""
         ctx = self.ctx
-        key = None
-        if ctx.pool.config.balance == "hash":
-            if ctx.key_spec().kind != "ip":
-                return False
-            key = self.ip.encode()
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.requests += 1
-        self.tried = frozenset()
-        self.head = QUICK_WEBSOCKET
-        self.quick = data
-        self.key = key
-        self.set_cookie = None
+        lane, key = self._lane_key()
+        if not lane:
+            return False
+        self._begin(QUICK_WEBSOCKET, data, key)
         self.reused = False
         self.state = CONNECTING
         self.transport.pause_reading()
@@ -281,11 +278,8 @@ class HttpClient(asyncio.Protocol):
     def _dispatch(self, head: RequestHead, picked: Backend | None = None) -> None:
         ctx = self.ctx
         pool = ctx.pool
-        self.quick = None
-        self.head = head
+        self._begin(head, None, None)
         self.state = CONNECTING
-        self.requests += 1
-        self.tried = frozenset()
         self.key = self._affinity_key(head)
         self.transport.pause_reading()
         first = None
