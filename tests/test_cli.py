@@ -141,3 +141,57 @@ def test_json_access_log_has_one_line_per_connection(tmp_path: Path) -> None:
             lb.stop()
     finally:
         backend.stop()
+
+
+def test_register_exits_1_when_redis_is_unreachable() -> None:
+    port = free_port()  # nothing listens there
+    out = run(
+        "register", "--redis", f"redis://user:s3cret@127.0.0.1:{port}/0", "--pool", "chat",
+        "--address", "127.0.0.1:9001",
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert "cannot reach Redis" in out.stderr
+    assert "s3cret" not in out.stderr + out.stdout  # no secret in the message
+
+
+def test_workers_reload_on_sighup(tmp_path: Path) -> None:
+    first, second = Backend("h1").start(), Backend("h2").start()
+    try:
+        admin, port = free_port(), free_port()
+        while not _free(admin + 1) or port in (admin, admin + 1):
+            admin, port = free_port(), free_port()
+        text, port, admin = proxy_config([(first.id, first.address)], port=port, admin_port=admin)
+        lb = Lbproxy(text, tmp_path, "--workers", "2").start(wait_ports=(port,))
+        assert lb.proc is not None
+        try:
+            for a in (admin, admin + 1):
+                wait_until(
+                    lambda a=a: httpx.get(f"http://127.0.0.1:{a}/healthz").status_code == 200
+                )
+            new_text, _, _ = proxy_config(
+                [(second.id, second.address)], port=port, admin_port=admin
+            )
+            lb.path.write_text(new_text)
+            lb.proc.signal(signal.SIGHUP)
+
+            def both_workers_moved() -> bool:
+                for a in (admin, admin + 1):
+                    pools = httpx.get(f"http://127.0.0.1:{a}/api/pools").json()["pools"]
+                    if [b["id"] for b in pools["main"]["backends"]] != ["h2"]:
+                        return False
+                return True
+
+            wait_until(both_workers_moved)
+            for _ in range(10):
+                with httpx.Client() as client:
+                    assert client.get(f"http://127.0.0.1:{port}/whoami").json()["id"] == "h2"
+            # a bad file on SIGHUP is refused once, in the parent, and the workers keep going
+            lb.path.write_text(new_text.replace('mode = "http"', 'mode = "sctp"'))
+            lb.proc.signal(signal.SIGHUP)
+            wait_until(lambda: "reload rejected" in lb.proc.output())  # type: ignore[union-attr]
+            assert httpx.get(f"http://127.0.0.1:{port}/whoami").json()["id"] == "h2"
+        finally:
+            lb.stop()
+    finally:
+        first.stop()
+        second.stop()
