@@ -7,8 +7,8 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Mapping
 
+from lbproxy import __version__
 from lbproxy.admin import AdminServer
 from lbproxy.config import load_config
 from lbproxy.config_types import Address, AdminConfig, Config, ListenerConfig
@@ -238,7 +238,7 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_stop)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
-        log.warning("lbproxy %s ready (pid %d)", _version(), os.getpid())
+        log.warning("lbproxy %s ready (pid %d)", __version__, os.getpid())
         try:
             await self.stopping.wait()
             log.warning("stopping: draining connections")
@@ -249,12 +249,3 @@ class App:
                     loop.remove_signal_handler(sig)
         log.warning("stopped")
         return 0
-
-    def listener_addresses(self) -> Mapping[str, Address | None]:
-        return {name: lst.address for name, lst in self.listeners.items()}
-
-
-def _version() -> str:
-    from lbproxy import __version__
-
-    return __version__
