@@ -178,11 +178,21 @@ def cpus_allowed(pid: int) -> str:
 
 def check_pinned(pids: Sequence[int], cpu: int | str) -> None:
     """Raise unless every live process in ``pids`` may run on ``cpu`` only (a CPU, or a list
-    written as /proc shows it, e.g. "0-1")."""
-    wrong = {pid: cpus_allowed(pid) for pid in pids}
-    wrong = {pid: allowed for pid, allowed in wrong.items() if allowed not in ("", str(cpu))}
-    if wrong:
-        raise RuntimeError(f"pinning not applied (want CPU {cpu}): {wrong}")
+    written as /proc shows it, e.g. "0-1").
+
+    A process just started through ``taskset`` may still be the forked child of this
+    (CPU 0 pinned) driver for a moment, before taskset has set its mask and exec'd: the
+    check polls for up to 2 s before it calls the pinning wrong.
+    """
+    deadline = time.monotonic() + 2.0
+    while True:
+        wrong = {pid: cpus_allowed(pid) for pid in pids}
+        wrong = {pid: allowed for pid, allowed in wrong.items() if allowed not in ("", str(cpu))}
+        if not wrong:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"pinning not applied (want CPU {cpu}): {wrong}")
+        time.sleep(0.01)
 
 
 def cpu_ticks(pids: Sequence[int]) -> int:
