@@ -5,13 +5,34 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
 
 Header = tuple[str, str]
 
 
+class _Target:
+    """Accessors shared by requests: path, query parameters, headers (no slots of its own)."""
+
+    if not TYPE_CHECKING:
+        __slots__ = ()
+    target: str
+    headers: tuple[Header, ...]
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.target).path
+
+    @property
+    def query(self) -> dict[str, str]:
+        return dict(parse_qsl(urlsplit(self.target).query))
+
+    def header(self, name: str) -> str | None:
+        return header_value(self.headers, name)
+
+
 @dataclass(frozen=True, slots=True)
-class HttpRequest:
+class HttpRequest(_Target):
     """A complete plain HTTP request (head and body). Header names are lower case."""
 
     method: str
@@ -19,35 +40,13 @@ class HttpRequest:
     headers: tuple[Header, ...]
     body: bytes = b""
 
-    @property
-    def path(self) -> str:
-        return urlsplit(self.target).path
-
-    @property
-    def query(self) -> dict[str, str]:
-        return dict(parse_qsl(urlsplit(self.target).query))
-
-    def header(self, name: str) -> str | None:
-        return header_value(self.headers, name)
-
 
 @dataclass(frozen=True, slots=True)
-class WebSocketRequest:
+class WebSocketRequest(_Target):
     """A valid websocket upgrade request; answer with accept_websocket or reject_websocket."""
 
     target: str
     headers: tuple[Header, ...]
-
-    @property
-    def path(self) -> str:
-        return urlsplit(self.target).path
-
-    @property
-    def query(self) -> dict[str, str]:
-        return dict(parse_qsl(urlsplit(self.target).query))
-
-    def header(self, name: str) -> str | None:
-        return header_value(self.headers, name)
 
 
 @dataclass(frozen=True, slots=True)

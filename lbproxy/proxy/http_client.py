@@ -439,15 +439,7 @@ class HttpClient(asyncio.Protocol):
         ):
             # A kept-alive connection closed under us before any answer: retry once, fresh.
             self._end_request()
-            if self.quick is not None:  # the fast lane kept only the bytes: parse them now
-                parsed = parse_request_head(self.quick)
-                assert parsed is not None
-                self.head = parsed[0]
-                self.quick = None
-            self.state = CONNECTING
-            self.reused = False
-            self.transport.pause_reading()
-            self.task = self.ctx.loop.create_task(self._connect(backend))
+            self._retry(backend, frozenset())
             return
         ctx = self.ctx
         if backend is not None:
@@ -463,7 +455,7 @@ class HttpClient(asyncio.Protocol):
                     and len(self.tried) <= ctx.pool.config.retries
                 ):
                     self._end_request()
-                    self._retry_elsewhere()
+                    self._retry(None, self.tried)
                     return
         self._end_request()
         if got_response:
@@ -472,7 +464,8 @@ class HttpClient(asyncio.Protocol):
         else:
             self._reject(502, "backend closed the connection")
 
-    def _retry_elsewhere(self) -> None:
+    def _retry(self, first: Backend | None, avoid: frozenset[str]) -> None:
+        """Send the current request again on a new connection (to ``first``, or elsewhere)."""
         if self.quick is not None:  # the fast lane kept only the bytes: parse them now
             parsed = parse_request_head(self.quick)
             assert parsed is not None
@@ -481,7 +474,7 @@ class HttpClient(asyncio.Protocol):
         self.state = CONNECTING
         self.reused = False
         self.transport.pause_reading()
-        self.task = self.ctx.loop.create_task(self._connect(None, self.tried))
+        self.task = self.ctx.loop.create_task(self._connect(first, avoid))
 
     def start_tunnel(self, upstream: Upstream, to_client: bytes, head_len: int) -> None:
         """The backend answered 101: hand both transports to a websocket tunnel."""
