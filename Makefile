@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: demo test lint unit bench deps system-deps clean
+.PHONY: demo test lint unit bench deps system-deps native clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -11,7 +11,11 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-deps: $(BIN)/.installed system-deps
+deps: $(BIN)/.installed system-deps native
+
+# the native tunnel engine, rebuilt when its source changes (pip install builds it too)
+native: $(BIN)/.installed
+	$(BIN)/python build_ext.py
 
 system-deps:
 	./scripts/system-deps.sh
@@ -20,8 +24,8 @@ demo: deps
 	$(BIN)/lbproxy demo
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check lbproxy tests bench
-	$(BIN)/ruff format --check lbproxy tests bench
+	$(BIN)/ruff check lbproxy tests bench build_ext.py hatch_build.py
+	$(BIN)/ruff format --check lbproxy tests bench build_ext.py hatch_build.py
 	$(BIN)/mypy lbproxy
 
 test: deps lint
@@ -31,4 +35,4 @@ bench: deps
 	$(BIN)/python -m bench --out bench/out
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench/out
+	rm -rf $(VENV) lbproxy/*.so .mypy_cache .ruff_cache .pytest_cache bench/out

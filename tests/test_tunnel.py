@@ -57,12 +57,14 @@ def read_all(conn: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-@pytest.fixture
-def proxy(tmp_path: Path) -> Iterator[object]:
+@pytest.fixture(params=["native", "python"])
+def proxy(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[object]:
+    """Starts lbproxy with the native tunnel engine, and with the Python tunnel."""
     running: list[Lbproxy] = []
+    env = {"LBPROXY_SPLICE": "0"} if request.param == "python" else None
 
     def start(text: str, port: int) -> Lbproxy:
-        p = Lbproxy(text, tmp_path, name=f"lb{len(running)}").start(wait_ports=(port,))
+        p = Lbproxy(text, tmp_path, name=f"lb{len(running)}", env=env).start(wait_ports=(port,))
         running.append(p)
         return p
 

@@ -6,12 +6,15 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from lbproxy.balance import HashKeySpec, parse_hash_key
 from lbproxy.config_types import ListenerConfig
 from lbproxy.pool import Backend, Pool
 from lbproxy.stats import Stats
+
+if TYPE_CHECKING:
+    from lbproxy.proxy.splice import Splicer
 
 access_log = logging.getLogger("lbproxy.access")
 
@@ -82,6 +85,7 @@ class ListenerContext:
         "pool",
         "port",
         "proto",
+        "splicer",
         "stats",
         "trusted",
     )
@@ -107,6 +111,7 @@ class ListenerContext:
         self.log_json = log_json
         self.access_log = access_log.isEnabledFor(logging.INFO)
         self.key_cache: tuple[str, HashKeySpec] | None = None
+        self.splicer: Splicer | None = None  # the listener's native engine, if any
 
     def key_spec(self) -> HashKeySpec:
         """The parsed hash_key of the current pool config (re-parsed after a reload)."""

@@ -13,6 +13,7 @@ from lbproxy.config_types import Address, ListenerConfig
 from lbproxy.pool import Pool
 from lbproxy.proxy.context import ListenerContext, Tracked
 from lbproxy.proxy.http_client import HttpClient
+from lbproxy.proxy.splice import Splicer
 from lbproxy.proxy.tcp_conn import TcpClient
 from lbproxy.proxy.tunnel import Link
 from lbproxy.stats import Stats
@@ -47,6 +48,8 @@ class Listener:
         self.ctx = ListenerContext(
             config, pool, stats, asyncio.get_running_loop(), log_json=log_json
         )
+        if config.tls is None:  # (TLS bytes must go through the SSL object: Python tunnel)
+            self.ctx.splicer = Splicer.create(self.ctx.loop)
         self.server: asyncio.Server | None = None
         self.address: Address | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -115,6 +118,8 @@ class Listener:
         for conn in list(self.ctx.connections):
             conn.abort("shutdown")
         self.ctx.idle.close_all()
+        if self.ctx.splicer is not None:
+            self.ctx.splicer.close()
         if self.server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)

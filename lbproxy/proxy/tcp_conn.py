@@ -78,7 +78,9 @@ class TcpClient(asyncio.Protocol):
         link = Link(ctx, backend, upstream, client, self.peer[0], self.started)
         ctx.stats.requests[(ctx.pool.name, backend.id)] += 1
         ctx.stats.handshake_seconds.observe(time.monotonic() - self.started)
-        link.start(bytes(pending.buf), header + bytes(self.buf))
+        link.start(
+            bytes(pending.buf), header + bytes(self.buf), offload=not (self.eof or pending.closed)
+        )
         if self.eof:
             link.client.eof_received()
         if pending.closed:

@@ -81,6 +81,7 @@ class Link(asyncio.Protocol):
         "nbytes",
         "out",
         "reason",
+        "slot",
         "started",
         "transport",
     )
@@ -106,11 +107,16 @@ class Link(asyncio.Protocol):
         self.flushed_in = 0
         self.flushed_out = 0
         self.reason = ""
+        self.slot = -1  # the native engine's slot once offloaded (NativeLink)
         self.client = ClientHalf(self, client_transport)
 
     # -- wiring ------------------------------------------------------------
-    def start(self, to_client: bytes, to_backend: bytes) -> None:
-        """Take over both transports; flush bytes that arrived during the handshake."""
+    def start(self, to_client: bytes, to_backend: bytes, offload: bool = True) -> None:
+        """Take over both transports; flush bytes that arrived during the handshake.
+
+        With ``offload`` (and a native engine on the listener), the sockets then move to
+        the engine when nothing is left buffered.
+        """
         ctx = self.ctx
         self.out.set_write_buffer_limits(high=HIGH_WATER)  # (the backend side set its own)
         self.transport.set_protocol(self)
@@ -123,6 +129,9 @@ class Link(asyncio.Protocol):
         if to_backend:
             self.client.nbytes += len(to_backend)
             self.transport.write(to_backend)
+        splicer = ctx.splicer
+        if offload and splicer is not None and splicer.offload(self):
+            return
         self.transport.resume_reading()
         self.out.resume_reading()
 
@@ -175,21 +184,27 @@ class Link(asyncio.Protocol):
                 self.reason,
             )
 
+    def totals(self) -> tuple[int, int]:
+        """Bytes (client -> backend, backend -> client) so far."""
+        return self.client.nbytes, self.nbytes
+
     def flush_bytes(self) -> None:
         """Move byte counts into the shared counters (at close and from the periodic sweep)."""
         stats = self.ctx.stats
         pool, backend = self.ctx.pool.name, self.backend.id
-        delta_in = self.client.nbytes - self.flushed_in
-        delta_out = self.nbytes - self.flushed_out
+        total_in, total_out = self.totals()
+        delta_in = total_in - self.flushed_in
+        delta_out = total_out - self.flushed_out
         if delta_in:
             stats.bytes[(pool, backend, "in")] += delta_in
-            self.flushed_in = self.client.nbytes
+            self.flushed_in = total_in
         if delta_out:
             stats.bytes[(pool, backend, "out")] += delta_out
-            self.flushed_out = self.nbytes
+            self.flushed_out = total_out
 
     def activity(self) -> int:
-        return self.nbytes + self.client.nbytes
+        total_in, total_out = self.totals()
+        return total_in + total_out
 
     def abort(self, reason: str) -> None:
         self.reason = reason
@@ -216,9 +231,9 @@ class WsLink(Link, FrameScan):
         self.skip = 0
         self.partial = b""
         self.saw_close = False
-        super().start(to_client, to_backend)
         if len(to_client) > head_len:
             self.feed(to_client[head_len:])
+        super().start(to_client, to_backend)
 
     def data_received(self, data: bytes) -> None:
         n = len(data)
@@ -275,6 +290,66 @@ class GoingAwayWsLink(WsLink):
             self._part_both()
         else:
             self._send_going_away()
+
+
+class NativeLink(Link):
+    """A Link whose sockets the native engine forwards (see splice.py): same contract."""
+
+    __slots__ = ()
+
+    def totals(self) -> tuple[int, int]:
+        splicer = self.ctx.splicer
+        if self.slot < 0 or splicer is None:
+            return self.client.nbytes, self.nbytes
+        nin, nout = splicer.engine.counts(self.slot, self)
+        return self.client.nbytes + nin, self.nbytes + nout
+
+    def native_finished(self, reason: str, nin: int, nout: int) -> None:
+        """Called by the engine once both sockets are closed."""
+        self.slot = -1
+        self.client.nbytes += nin
+        self.nbytes += nout
+        if not self.reason:
+            self.reason = reason
+        self.lost = 2
+        self.finish()
+
+    def abort(self, reason: str) -> None:
+        splicer = self.ctx.splicer
+        if self.slot < 0 or splicer is None:
+            return
+        self.reason = reason
+        nin, nout = splicer.engine.close(self.slot, self)
+        self.native_finished(reason, nin, nout)
+
+    def go_away(self) -> None:
+        self.reason = self.reason or "drained"
+        self._native_go_away()
+
+    def _native_go_away(self) -> None:
+        splicer = self.ctx.splicer
+        if self.slot < 0 or splicer is None:
+            return
+        slot = self.slot
+        splicer.engine.go_away(slot, self)
+        # the peers get GRACE seconds to close their sides, as with Discard
+        self.ctx.loop.call_later(GRACE, self._grace_over, slot)
+
+    def _grace_over(self, slot: int) -> None:
+        if self.slot == slot:
+            self.abort(self.reason)
+
+
+class NativeWsLink(NativeLink, WsLink):
+    """A WsLink forwarded by the native engine, which also does the 1001 at a boundary."""
+
+    __slots__ = ()
+
+    def go_away(self) -> None:
+        if self.reason.startswith("drained"):
+            return
+        self.reason = "drained (1001 going away)"
+        self._native_go_away()
 
 
 class Discard(asyncio.Protocol):

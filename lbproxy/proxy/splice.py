@@ -1,0 +1,125 @@
+"""Hand established tunnels to the native engine (``lbproxy._splice``).
+
+A tunnel starts as two asyncio transports (tunnel.Link / WsLink). Once the
+handshake is over and nothing is buffered, ``Splicer.offload`` duplicates both
+sockets into the engine's epoll set and closes the transports; from then on the
+engine forwards bytes in C (see _splice.c) and the Link object stays what the
+pool, the listener sweep and the drainer talk to: ``NativeLink`` turns their
+calls (byte counts, go_away, abort) into engine calls, and the engine reports
+the end of the tunnel once. TLS listeners keep the Python tunnel (the bytes
+must pass through the SSL object). ``LBPROXY_SPLICE=0`` turns the engine off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lbproxy._splice import Engine
+    from lbproxy.proxy.tunnel import Link
+
+log = logging.getLogger("lbproxy.splice")
+
+
+class Detached(asyncio.Protocol):
+    """What a transport whose socket moved to the engine is left with: nothing to do."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
+        pass
+
+    def eof_received(self) -> bool:
+        return False
+
+
+def engine_class() -> type[Engine] | None:
+    """The native engine type, or None when it is off or was not built."""
+    if os.environ.get("LBPROXY_SPLICE", "1") == "0":
+        return None
+    try:
+        from lbproxy._splice import Engine
+    except ImportError:  # built without a C compiler: the Python tunnel does everything
+        return None
+    return Engine
+
+
+def native_available() -> bool:
+    return engine_class() is not None
+
+
+class Splicer:
+    """One listener's engine: its epoll fd watched by the event loop, its tunnels."""
+
+    __slots__ = ("detached", "engine", "fd", "loop")
+
+    def __init__(self, engine_type: type[Engine], loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.engine = engine_type(self._finished)
+        self.fd = self.engine.fileno()
+        self.detached = Detached()
+        loop.add_reader(self.fd, self.engine.pump)
+
+    @classmethod
+    def create(cls, loop: asyncio.AbstractEventLoop) -> Splicer | None:
+        engine_type = engine_class()
+        return None if engine_type is None else cls(engine_type, loop)
+
+    def __len__(self) -> int:
+        return len(self.engine)
+
+    def close(self) -> None:
+        """Stop watching the engine (its remaining sockets close with it)."""
+        self.loop.remove_reader(self.fd)
+
+    @staticmethod
+    def _finished(link: Any, reason: str, nin: int, nout: int) -> None:
+        link.native_finished(reason, nin, nout)
+
+    def offload(self, link: Link) -> bool:
+        """Move ``link``'s two sockets into the engine; False when it has to stay in Python."""
+        backend, client = link.transport, link.out
+        if (
+            link.eof
+            or link.client.eof
+            or link.lost
+            or backend.is_closing()
+            or client.is_closing()
+            or backend.get_write_buffer_size()
+            or client.get_write_buffer_size()
+        ):
+            return False
+        bsock = backend.get_extra_info("socket")
+        csock = client.get_extra_info("socket")
+        if bsock is None or csock is None:
+            return False
+        from lbproxy.proxy.tunnel import NativeLink, NativeWsLink, WsLink
+
+        ws = False
+        partial, skip, saw_close = b"", 0, False
+        if isinstance(link, WsLink):
+            ws = True
+            partial, skip, saw_close = link.partial, link.skip, link.saw_close
+        cfd = os.dup(csock.fileno())
+        try:
+            bfd = os.dup(bsock.fileno())
+        except OSError:
+            os.close(cfd)
+            return False
+        try:
+            slot = self.engine.add(link, cfd, bfd, ws, partial, skip, saw_close)
+        except (MemoryError, ValueError):
+            os.close(cfd)
+            os.close(bfd)
+            return False
+        # the transports close their own fds now; the duplicates keep the connections open
+        backend.set_protocol(self.detached)
+        client.set_protocol(self.detached)
+        backend.abort()
+        client.abort()
+        link.slot = slot
+        link.__class__ = NativeWsLink if ws else NativeLink
+        return True
