@@ -20,6 +20,7 @@ HIGHER_BETTER = {
     "mb_per_s",
     "reconnected",
     "scaling",
+    "projected_scaling",
     "worker_share_min",
 }
 LOWER_BETTER = {
@@ -77,6 +78,9 @@ METHOD = """\
   and backend compete with the two workers for the same CPUs, so `scaling` is a **lower
   bound** of what 2 cores dedicated to the proxy would give. `worker_share_min` = the least
   busy worker's share of the connections accepted (0.5 = an even SO_REUSEPORT spread).
+  `projected_scaling` = (proxy CPU-µs per connection with 1 worker ÷ with 2 workers) ÷ the
+  busier worker's share: what two cores given to the proxy alone would carry at the measured
+  per-connection cost — an estimate from measured figures, not a measurement.
 - Each timed scenario measures {duration:g} s after a {warmup:g} s warm-up; `--repeat N` reports
   the median of each metric over N runs.
 """
@@ -130,6 +134,9 @@ def workers_table(metrics: Metrics) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if "scaling" in metrics:
         lines.append(f"| scaling{direction('scaling')} | | | {fmt(metrics['scaling'])} |")
+    if "projected_scaling" in metrics:
+        value = fmt(metrics["projected_scaling"])
+        lines.append(f"| projected_scaling{direction('projected_scaling')} | | | {value} |")
     bases: list[str] = []
     for key in metrics:
         if key.endswith(WORKER_SUFFIXES) and base_metric(key) not in bases:
@@ -139,7 +146,8 @@ def workers_table(metrics: Metrics) -> list[str]:
         cells = [fmt(v) if v is not None else "—" for v in (one, two)]
         cells.append(f"{two / one:.2f}" if one and two is not None else "—")
         lines.append(f"| {base}{direction(base)} | " + " | ".join(cells) + " |")
-    rest = [k for k in metrics if k != "scaling" and not k.endswith(WORKER_SUFFIXES)]
+    shown = ("scaling", "projected_scaling")
+    rest = [k for k in metrics if k not in shown and not k.endswith(WORKER_SUFFIXES)]
     lines += [f"| {k}{direction(k)} | {fmt(metrics[k])} | | |" for k in rest]
     return lines
 
@@ -168,6 +176,7 @@ def scenario_table(scenario: str, per_target: dict[str, Metrics]) -> list[str]:
 SUMMARY_METRICS = {
     "workers_scaling": (
         "scaling",
+        "projected_scaling",
         "conn_per_s_1w",
         "conn_per_s_2w",
         "proxy_cpu_us_1w",

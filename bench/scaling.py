@@ -69,9 +69,19 @@ def workers_scaling(stage: Stage) -> ScenarioResult:
     metrics["scaling"] = round(two / one, 3)
     # the least busy worker's share of the connections accepted with 2 workers (0.5 = even)
     metrics["worker_share_min_2w"] = round(min(shares), 3)
+    # What 2 cores given to the proxy alone would carry, from what was measured: each worker
+    # at the per-connection CPU cost measured with 2 workers, the busier worker (SO_REUSEPORT
+    # is not an exact split) saturating first; divided by the 1-worker rate per CPU.
+    cpu_1w, cpu_2w = metrics["proxy_cpu_us_1w"], metrics["proxy_cpu_us_2w"]
+    busiest = max(shares) if shares else 0.5
+    if cpu_1w > 0 and cpu_2w > 0:
+        metrics["projected_scaling"] = round((cpu_1w / cpu_2w) / busiest, 3)
     notes = [
         "lbproxy, backend and generator all unpinned on CPUs 0-1: the generator and backend "
         "compete with the 2 workers for the same 2 cores, so `scaling` is a lower bound of "
-        "what 2 dedicated cores would give"
+        "what 2 dedicated cores would give",
+        "`projected_scaling` = (proxy CPU-us per connection with 1 worker / with 2 workers) "
+        "/ the busier worker's share: the rate 2 dedicated cores would carry at the measured "
+        "per-connection cost, an estimate, not a measurement",
     ]
     return ScenarioResult(metrics, None, notes)

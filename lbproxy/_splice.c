@@ -18,7 +18,10 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -31,7 +34,8 @@ enum { CLIENT = 0, BACKEND = 1 };
 
 typedef struct {
     int fd;           /* -1 once closed */
-    uint32_t mask;    /* registered epoll mask (0 = not registered) */
+    uint8_t rd;       /* input (or EOF) may be waiting: edge-triggered, cleared on EAGAIN */
+    uint8_t hup;      /* the peer closed or failed: read on to the end despite short reads */
     char *pend;       /* bytes waiting to be written to this side */
     size_t plen, poff, pcap;
     uint64_t nread;   /* bytes read from this side */
@@ -43,6 +47,9 @@ typedef struct {
     PyObject *owner;  /* NULL: free slot */
     uint32_t gen;
     uint8_t ws, saw_close, going_away, hn, reason_side, reason_set;
+    uint8_t pending;   /* backend only, handshake not yet spliced: input goes to on_data */
+    uint8_t connected; /* (pending) the connect succeeded: the request went out or bytes came */
+    uint8_t hold;      /* (pending) bytes were reported: read no more until resume() */
     int reason_errno;
     uint8_t hb[14];
     uint64_t skip;
@@ -55,6 +62,12 @@ typedef struct {
 } Finished;
 
 typedef struct {
+    PyObject *owner;
+    PyObject *data; /* bytes read, b"" for EOF, NULL with err */
+    int err;
+} Report;
+
+typedef struct {
     PyObject_HEAD
     int epfd;
     Tun **slots;
@@ -64,6 +77,10 @@ typedef struct {
     char *buf;
     size_t bufsize;
     PyObject *on_finish;
+    PyObject *on_data;
+    Report *reports;
+    Py_ssize_t nreports, capreports;
+    int delivering;
     Finished *done;
     Py_ssize_t ndone, capdone;
     uint32_t gen;
@@ -81,18 +98,13 @@ static int is_reading(Tun *t, int i) {
     return !s->eof && t->s[!i].plen == 0;
 }
 
-/* Re-arm side i of the tunnel in slot ``slot`` for what it now waits for. */
-static void update(Engine *e, Tun *t, Py_ssize_t slot, int i) {
-    Side *s = &t->s[i];
-    if (s->fd < 0) return;
-    uint32_t want = (is_reading(t, i) ? EPOLLIN : 0) | (s->plen ? EPOLLOUT : 0);
-    if (want == s->mask) return;
+/* Both sides are registered once, edge-triggered, for input and output (as NGINX does):
+ * no epoll_ctl per pause/resume, and no re-poll of a level-triggered fd per batch. */
+static int watch(Engine *e, Tun *t, Py_ssize_t slot, int i) {
     struct epoll_event ev;
-    ev.events = want;
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
     ev.data.u64 = ((uint64_t)t->gen << 32) | ((uint64_t)slot << 1) | (uint64_t)i;
-    int op = s->mask == 0 ? EPOLL_CTL_ADD : (want == 0 ? EPOLL_CTL_DEL : EPOLL_CTL_MOD);
-    epoll_ctl(e->epfd, op, s->fd, &ev);
-    s->mask = want;
+    return epoll_ctl(e->epfd, EPOLL_CTL_ADD, t->s[i].fd, &ev);
 }
 
 static int append(Side *s, const char *p, size_t n) {
@@ -131,11 +143,12 @@ static void set_reason(Tun *t, int side, int err) {
 
 static void close_fd(Engine *e, Side *s) {
     if (s->fd >= 0) {
-        if (s->mask) epoll_ctl(e->epfd, EPOLL_CTL_DEL, s->fd, NULL);
+        /* No EPOLL_CTL_DEL: closing the last descriptor of the socket removes it from the
+         * epoll set.  (Right after the hand-over, the stdlib loop may still hold the
+         * original fd until its next iteration: a stale event until then is ignored.) */
         close(s->fd);
         s->fd = -1;
     }
-    s->mask = 0;
     free_pend(s);
 }
 
@@ -241,19 +254,22 @@ static void side_failed(Engine *e, Tun *t, int i, int err) {
     close_side(e, t, !i); /* the other side flushes what it has, then closes */
 }
 
-static void on_readable(Engine *e, Tun *t, int i) {
+/* One read from side i and what follows from it; 1 when reading may go on. */
+static int read_once(Engine *e, Tun *t, int i) {
     Side *a = &t->s[i];
     ssize_t n = recv(a->fd, e->buf, e->bufsize, 0);
     if (n < 0) {
-        if (errno == EAGAIN || errno == EINTR) return;
-        side_failed(e, t, i, errno);
-        return;
+        if (errno == EINTR) return 1;
+        a->rd = 0;
+        if (errno != EAGAIN) side_failed(e, t, i, errno);
+        return 0;
     }
     if (n == 0) {
+        a->rd = 0;
         a->eof = 1;
         if (a->mode != FWD) {
             close_side(e, t, i);
-            return;
+            return 0;
         }
         set_reason(t, i, 0);
         if (t->s[!i].eof || t->s[!i].fd < 0) { /* both directions done */
@@ -262,13 +278,16 @@ static void on_readable(Engine *e, Tun *t, int i) {
         } else {
             do_shutdown(t, !i); /* pass the half-close on */
         }
-        return;
+        return 0;
     }
     a->nread += (uint64_t)n;
-    if (a->mode == DROP) return;
+    /* A short read drained the socket (new data brings a new edge) unless the peer has
+     * closed: then read on until EOF, whose edge may already have been consumed. */
+    if ((size_t)n < e->bufsize && !a->hup) a->rd = 0;
+    if (a->mode == DROP) return 1;
     if (a->mode == CLOSEONDATA) {
         close_side(e, t, i);
-        return;
+        return 0;
     }
     size_t len = (size_t)n;
     if (i == BACKEND && t->ws) {
@@ -276,18 +295,30 @@ static void on_readable(Engine *e, Tun *t, int i) {
             len = at_boundary(t) ? 0 : ws_scan(t, (const uint8_t *)e->buf, len, 1);
             if (len && send_to(t, CLIENT, e->buf, len) < 0) {
                 side_failed(e, t, CLIENT, errno);
-                return;
+                return 0;
             }
             if (at_boundary(t)) {
                 if (t->saw_close) part_both(t);
                 else send_going_away(e, t);
             }
-            return;
+            return 1;
         }
         ws_scan(t, (const uint8_t *)e->buf, len, 0);
     }
-    if (send_to(t, !i, e->buf, len) < 0) side_failed(e, t, !i, errno);
+    if (send_to(t, !i, e->buf, len) < 0) {
+        side_failed(e, t, !i, errno);
+        return 0;
+    }
+    return 1;
 }
+
+/* Read side i while it has input and may be read (the other side not backed up). */
+static void read_side(Engine *e, Tun *t, int i) {
+    while (t->s[i].rd && is_reading(t, i) && read_once(e, t, i)) {
+    }
+}
+
+
 
 static void on_writable(Engine *e, Tun *t, int i) {
     Side *s = &t->s[i];
@@ -341,6 +372,95 @@ static void release_slot(Engine *e, Py_ssize_t slot) {
     e->live--;
 }
 
+/* ---- native upstream connects (the handshake phase of a websocket) ---------- */
+
+static int report(Engine *e, PyObject *owner, PyObject *data, int err) {
+    if (e->nreports == e->capreports) {
+        Py_ssize_t cap = e->capreports ? e->capreports * 2 : 64;
+        Report *nr = PyMem_Realloc(e->reports, (size_t)cap * sizeof(Report));
+        if (!nr) return -1;
+        e->reports = nr;
+        e->capreports = cap;
+    }
+    Py_INCREF(owner);
+    e->reports[e->nreports++] = (Report){owner, data, err};
+    return 0;
+}
+
+/* The pending connection ends (error or EOF before the splice): close, report, free. */
+static void pending_end(Engine *e, Tun *t, Py_ssize_t slot, int err) {
+    PyObject *data = err ? NULL : PyBytes_FromStringAndSize(NULL, 0);
+    if (report(e, t->owner, data, err ? err : (data ? 0 : ENOMEM)) < 0) Py_XDECREF(data);
+    close_fd(e, &t->s[BACKEND]);
+    Py_DECREF(t->owner);
+    release_slot(e, slot);
+}
+
+static void pending_event(Engine *e, Tun *t, Py_ssize_t slot, uint32_t ev) {
+    Side *b = &t->s[BACKEND];
+    if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+        b->rd = 1;
+        if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) b->hup = 1;
+    }
+    while (b->plen && (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR))) {
+        ssize_t w = send(b->fd, b->pend + b->poff, b->plen, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN) break;
+            pending_end(e, t, slot, errno);
+            return;
+        }
+        t->connected = 1;
+        b->poff += (size_t)w;
+        b->plen -= (size_t)w;
+    }
+    while (b->rd && !t->hold) {
+        ssize_t n = recv(b->fd, e->buf, e->bufsize, 0);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN) {
+                b->rd = 0;
+                break;
+            }
+            pending_end(e, t, slot, errno);
+            return;
+        }
+        if (n == 0) {
+            pending_end(e, t, slot, 0);
+            return;
+        }
+        t->connected = 1;
+        b->nread += (uint64_t)n;
+        if ((size_t)n < e->bufsize && !b->hup) b->rd = 0;
+        PyObject *data = PyBytes_FromStringAndSize(e->buf, n);
+        if (!data || report(e, t->owner, data, 0) < 0) {
+            Py_XDECREF(data);
+            PyErr_Clear();
+            pending_end(e, t, slot, ENOMEM);
+            return;
+        }
+        /* Python decides before anything more is read (so an EOF right behind a response
+         * stays in the socket for whoever takes it: the tunnel or the Python client). */
+        t->hold = 1;
+    }
+}
+
+static void deliver_reports(Engine *e) {
+    if (e->delivering) return; /* (a resume() from a callback: the loop below gets it) */
+    e->delivering = 1;
+    for (Py_ssize_t k = 0; k < e->nreports; k++) { /* in order: data before an EOF */
+        Report r = e->reports[k];
+        PyObject *res = PyObject_CallFunction(e->on_data, "OOi", r.owner, r.data ? r.data : Py_None,
+                                              r.err);
+        if (!res) PyErr_WriteUnraisable(e->on_data);
+        Py_XDECREF(res);
+        Py_XDECREF(r.data);
+        Py_DECREF(r.owner);
+    }
+    e->nreports = 0;
+    e->delivering = 0;
+}
+
 static PyObject *reason_text(Tun *t) {
     const char *who = t->reason_side == CLIENT ? "client" : "backend";
     if (!t->reason_set) return PyUnicode_FromString("closed");
@@ -367,8 +487,6 @@ static void settle(Engine *e, Tun *t, Py_ssize_t slot) {
         release_slot(e, slot);
         return;
     }
-    update(e, t, slot, 0);
-    update(e, t, slot, 1);
 }
 
 static void deliver_done(Engine *e) {
@@ -397,12 +515,14 @@ static Tun *lookup(Engine *e, Py_ssize_t slot, PyObject *owner) {
 /* ---- Python API ----------------------------------------------------------- */
 
 static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"on_finish", "bufsize", NULL};
-    PyObject *cb;
+    static char *kwlist[] = {"on_finish", "on_data", "bufsize", NULL};
+    PyObject *cb, *cb_data = Py_None;
     Py_ssize_t bufsize = 256 * 1024;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|n", kwlist, &cb, &bufsize)) return NULL;
-    if (!PyCallable_Check(cb) || bufsize < 1024) {
-        PyErr_SetString(PyExc_ValueError, "on_finish must be callable and bufsize >= 1024");
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|On", kwlist, &cb, &cb_data, &bufsize))
+        return NULL;
+    if (!PyCallable_Check(cb) || (cb_data != Py_None && !PyCallable_Check(cb_data)) ||
+        bufsize < 1024) {
+        PyErr_SetString(PyExc_ValueError, "callbacks must be callable and bufsize >= 1024");
         return NULL;
     }
     Engine *e = (Engine *)type->tp_alloc(type, 0);
@@ -419,6 +539,8 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     e->bufsize = (size_t)bufsize;
     Py_INCREF(cb);
     e->on_finish = cb;
+    Py_INCREF(cb_data);
+    e->on_data = cb_data;
     return (PyObject *)e;
 }
 
@@ -444,6 +566,12 @@ static void Engine_dealloc(Engine *e) {
     PyMem_Free(e->slots);
     PyMem_Free(e->freelist);
     PyMem_Free(e->done);
+    for (Py_ssize_t k = 0; k < e->nreports; k++) {
+        Py_XDECREF(e->reports[k].data);
+        Py_DECREF(e->reports[k].owner);
+    }
+    PyMem_Free(e->reports);
+    Py_XDECREF(e->on_data);
     PyMem_Free(e->buf);
     Py_XDECREF(e->on_finish);
     Py_TYPE(e)->tp_free((PyObject *)e);
@@ -483,8 +611,13 @@ static PyObject *Engine_add(Engine *e, PyObject *args) {
     t->owner = owner;
     e->slots[slot] = t;
     e->live++;
-    update(e, t, slot, 0);
-    update(e, t, slot, 1);
+    if (watch(e, t, slot, CLIENT) < 0 || watch(e, t, slot, BACKEND) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        t->s[CLIENT].fd = t->s[BACKEND].fd = -1; /* the caller still owns (and closes) them */
+        Py_DECREF(t->owner);
+        release_slot(e, slot);
+        return NULL;
+    }
     return PyLong_FromSsize_t(slot);
 }
 
@@ -505,20 +638,25 @@ static PyObject *Engine_pump(Engine *e, PyObject *noargs) {
             Tun *t = e->slots[slot];
             if (!t || t->gen != gen || t->s[i].fd < 0) continue; /* stale event */
             uint32_t ev = evs[k].events;
-            if ((ev & EPOLLOUT) && t->s[i].plen) on_writable(e, t, i);
-            if (t->s[i].fd >= 0 && (ev & (EPOLLIN | EPOLLHUP | EPOLLERR))) {
-                if (t->s[i].mask & EPOLLIN) on_readable(e, t, i);
-                else if (ev & (EPOLLHUP | EPOLLERR)) { /* waiting to write, and the peer is gone */
-                    int err = 0;
-                    socklen_t len = sizeof err;
-                    getsockopt(t->s[i].fd, SOL_SOCKET, SO_ERROR, &err, &len);
-                    side_failed(e, t, i, err ? err : EPIPE);
-                }
+            if (t->pending) {
+                pending_event(e, t, slot, ev);
+                continue;
             }
+            Side *s = &t->s[i];
+            if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+                s->rd = 1;
+                if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->hup = 1;
+            }
+            if ((ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) && s->plen) {
+                on_writable(e, t, i);
+                if (!s->plen) read_side(e, t, !i); /* drained: its source reads again */
+            }
+            read_side(e, t, i);
             settle(e, t, slot);
         }
         if (n < MAX_EVENTS) break;
     }
+    deliver_reports(e);
     deliver_done(e);
     Py_RETURN_NONE;
 }
@@ -544,6 +682,8 @@ static PyObject *Engine_go_away(Engine *e, PyObject *args) {
         else if (at_boundary(t)) send_going_away(e, t);
         else t->going_away = 1; /* finish the frame in flight first */
     }
+    read_side(e, t, CLIENT); /* (sides now dropping input read even if backed up) */
+    read_side(e, t, BACKEND);
     settle(e, t, slot);
     deliver_done(e);
     Py_RETURN_NONE;
@@ -566,6 +706,176 @@ static PyObject *Engine_close(Engine *e, PyObject *args) {
     return r;
 }
 
+/* connect(owner, host, port, request) -> slot: a non-blocking connect to an IP literal;
+ * the request is sent once connected, what the backend answers goes to on_data until
+ * splice() or release().  ValueError for a host that is not an IP address. */
+static PyObject *Engine_connect(Engine *e, PyObject *args) {
+    PyObject *owner;
+    const char *host;
+    int port;
+    Py_buffer req;
+    if (!PyArg_ParseTuple(args, "Osiy*", &owner, &host, &port, &req)) return NULL;
+    if (e->on_data == Py_None) {
+        PyBuffer_Release(&req);
+        PyErr_SetString(PyExc_RuntimeError, "engine made without on_data");
+        return NULL;
+    }
+    struct sockaddr_storage ss;
+    socklen_t sslen;
+    memset(&ss, 0, sizeof ss);
+    struct sockaddr_in *v4 = (struct sockaddr_in *)&ss;
+    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&ss;
+    if (inet_pton(AF_INET, host, &v4->sin_addr) == 1) {
+        v4->sin_family = AF_INET;
+        v4->sin_port = htons((uint16_t)port);
+        sslen = sizeof *v4;
+    } else if (inet_pton(AF_INET6, host, &v6->sin6_addr) == 1) {
+        v6->sin6_family = AF_INET6;
+        v6->sin6_port = htons((uint16_t)port);
+        sslen = sizeof *v6;
+    } else {
+        PyBuffer_Release(&req);
+        PyErr_SetString(PyExc_ValueError, "not an IP address");
+        return NULL;
+    }
+    int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        PyBuffer_Release(&req);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (connect(fd, (struct sockaddr *)&ss, sslen) < 0 && errno != EINPROGRESS) {
+        int err = errno;
+        close(fd);
+        PyBuffer_Release(&req);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_ssize_t slot = alloc_slot(e);
+    Tun *t = slot < 0 ? NULL : PyMem_Calloc(1, sizeof(Tun));
+    if (!t || append(&t->s[BACKEND], req.buf, (size_t)req.len) < 0) {
+        if (t) PyMem_Free(t);
+        if (slot >= 0) e->freelist[e->nfree++] = slot;
+        close(fd);
+        PyBuffer_Release(&req);
+        return PyErr_NoMemory();
+    }
+    PyBuffer_Release(&req);
+    t->s[CLIENT].fd = -1;
+    t->s[BACKEND].fd = fd;
+    t->pending = 1;
+    t->gen = ++e->gen;
+    Py_INCREF(owner);
+    t->owner = owner;
+    e->slots[slot] = t;
+    e->live++;
+    if (watch(e, t, slot, BACKEND) < 0) {
+        int err = errno;
+        close_fd(e, &t->s[BACKEND]);
+        Py_DECREF(t->owner);
+        release_slot(e, slot);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromSsize_t(slot);
+}
+
+/* splice(slot, owner, new_owner, client_fd, to_client, to_backend, ws, partial, skip,
+ * saw_close): the handshake is done; the pending connection becomes a tunnel. */
+static PyObject *Engine_splice(Engine *e, PyObject *args) {
+    Py_ssize_t slot;
+    PyObject *owner, *new_owner;
+    int cfd, ws, saw_close;
+    Py_buffer to_client, to_backend, partial;
+    unsigned long long skip;
+    if (!PyArg_ParseTuple(args, "nOOiy*y*py*Kp", &slot, &owner, &new_owner, &cfd, &to_client,
+                          &to_backend, &ws, &partial, &skip, &saw_close))
+        return NULL;
+    PyObject *result = NULL;
+    Tun *t = lookup(e, slot, owner);
+    if (!t) goto done;
+    if (!t->pending || partial.len > 13 || (partial.len && skip)) {
+        PyErr_SetString(PyExc_ValueError, "not a pending connection, or a bad frame cursor");
+        goto done;
+    }
+    t->pending = 0;
+    t->s[CLIENT].fd = cfd;
+    t->ws = (uint8_t)ws;
+    t->saw_close = (uint8_t)saw_close;
+    t->skip = skip;
+    memcpy(t->hb, partial.buf, (size_t)partial.len);
+    t->hn = (uint8_t)partial.len;
+    t->s[BACKEND].nread = 0; /* counts start at the tunnel (the caller counted the head) */
+    Py_INCREF(new_owner);
+    Py_SETREF(t->owner, new_owner);
+    if (watch(e, t, slot, CLIENT) < 0) {
+        side_failed(e, t, CLIENT, errno);
+    } else {
+        if (to_client.len && send_to(t, CLIENT, to_client.buf, (size_t)to_client.len) < 0)
+            side_failed(e, t, CLIENT, errno);
+        if (to_backend.len && send_to(t, BACKEND, to_backend.buf, (size_t)to_backend.len) < 0)
+            side_failed(e, t, BACKEND, errno);
+        read_side(e, t, BACKEND); /* (input that came with or after the head) */
+        read_side(e, t, CLIENT);
+    }
+    settle(e, t, slot);
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&to_client);
+    PyBuffer_Release(&to_backend);
+    PyBuffer_Release(&partial);
+    if (result) deliver_done(e);
+    return result;
+}
+
+/* release(slot, owner) -> fd: a pending connection leaves the engine (its caller now owns
+ * the socket, e.g. to read a response that is not a 101 with the Python client). */
+static PyObject *Engine_release(Engine *e, PyObject *args) {
+    Py_ssize_t slot;
+    PyObject *owner;
+    if (!PyArg_ParseTuple(args, "nO", &slot, &owner)) return NULL;
+    Tun *t = lookup(e, slot, owner);
+    if (!t) return NULL;
+    if (!t->pending || t->s[BACKEND].plen) {
+        PyErr_SetString(PyExc_ValueError, "not a pending connection with its request sent");
+        return NULL;
+    }
+    int fd = t->s[BACKEND].fd;
+    epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL);
+    t->s[BACKEND].fd = -1;
+    Py_DECREF(t->owner);
+    release_slot(e, slot);
+    return PyLong_FromLong(fd);
+}
+
+/* resume(slot, owner): the bytes reported so far were not enough (an incomplete head). */
+static PyObject *Engine_resume(Engine *e, PyObject *args) {
+    Py_ssize_t slot;
+    PyObject *owner;
+    if (!PyArg_ParseTuple(args, "nO", &slot, &owner)) return NULL;
+    Tun *t = lookup(e, slot, owner);
+    if (!t) return NULL;
+    if (!t->pending) {
+        PyErr_SetString(PyExc_ValueError, "not a pending connection");
+        return NULL;
+    }
+    t->hold = 0;
+    pending_event(e, t, slot, 0);
+    deliver_reports(e);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_connected(Engine *e, PyObject *args) {
+    Py_ssize_t slot;
+    PyObject *owner;
+    if (!PyArg_ParseTuple(args, "nO", &slot, &owner)) return NULL;
+    Tun *t = lookup(e, slot, owner);
+    if (!t) return NULL;
+    return PyBool_FromLong(t->connected || !t->pending);
+}
+
 static Py_ssize_t Engine_len(Engine *e) { return e->live; }
 
 static PyMethodDef Engine_methods[] = {
@@ -576,6 +886,14 @@ static PyMethodDef Engine_methods[] = {
     {"counts", (PyCFunction)Engine_counts, METH_VARARGS, "counts(slot, owner) -> (in, out)"},
     {"go_away", (PyCFunction)Engine_go_away, METH_VARARGS, "go_away(slot, owner): drain"},
     {"close", (PyCFunction)Engine_close, METH_VARARGS, "close(slot, owner) -> (in, out)"},
+    {"connect", (PyCFunction)Engine_connect, METH_VARARGS,
+     "connect(owner, host, port, request) -> slot"},
+    {"splice", (PyCFunction)Engine_splice, METH_VARARGS,
+     "splice(slot, owner, new_owner, client_fd, to_client, to_backend, ws, partial, skip, "
+     "saw_close)"},
+    {"release", (PyCFunction)Engine_release, METH_VARARGS, "release(slot, owner) -> fd"},
+    {"resume", (PyCFunction)Engine_resume, METH_VARARGS, "resume(slot, owner): read on"},
+    {"connected", (PyCFunction)Engine_connected, METH_VARARGS, "connected(slot, owner) -> bool"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -19,6 +19,7 @@ from lbproxy.metrics import build_registry
 from lbproxy.pool import Pool
 from lbproxy.proxy.http_client import HttpClient
 from lbproxy.proxy.listener import Listener
+from lbproxy.proxy.splice import native_available
 from lbproxy.proxy.tunnel import GRACE
 from lbproxy.registry_watcher import RegistryWatcher
 from lbproxy.stats import Stats
@@ -73,6 +74,7 @@ class App:
             self.stats,
             lambda: {n: len(lst.connections) for n, lst in self.listeners.items()},
             self.watcher,
+            lambda: {n: lst.native_tunnels() for n, lst in self.listeners.items()},
         )
         self.admin = AdminServer(self._admin_config(config), lambda: self.pools, registry)
         self.admin_address = await self.admin.start()
@@ -238,6 +240,11 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_stop)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
+        if not native_available() and os.environ.get("LBPROXY_SPLICE") != "0":
+            log.warning(
+                "the native tunnel engine (lbproxy/_splice.c) is not built: "
+                "tunnels run in Python (install gcc and the Python headers, then `make native`)"
+            )
         log.warning("lbproxy %s ready (pid %d)", __version__, os.getpid())
         try:
             await self.stopping.wait()

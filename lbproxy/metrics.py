@@ -41,11 +41,13 @@ class LbproxyCollector:
         stats: Stats,
         listeners: Callable[[], Mapping[str, int]],
         registry_status: RegistryStatus | None = None,
+        native: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self._pools = pools
         self._stats = stats
         self._listeners = listeners
         self._registry_status = registry_status
+        self._native = native
 
     def collect(self) -> Iterator[Metric]:
         yield from self._backend_metrics()
@@ -68,6 +70,15 @@ class LbproxyCollector:
         for name, count in sorted(self._listeners().items()):
             listening.add_metric([name], count)
         yield listening
+        if self._native is not None:
+            native = GaugeMetricFamily(
+                "lbproxy_listener_native_tunnels",
+                "Tunnels of a listener forwarded by the native engine (the rest run in Python).",
+                labels=["listener"],
+            )
+            for name, count in sorted(self._native().items()):
+                native.add_metric([name], count)
+            yield native
         yield from self._registry_metrics()
 
     def _backend_metrics(self) -> Iterator[Metric]:
@@ -169,10 +180,11 @@ def build_registry(
     stats: Stats,
     listeners: Callable[[], Mapping[str, int]],
     registry_status: RegistryStatus | None = None,
+    native: Callable[[], Mapping[str, int]] | None = None,
 ) -> CollectorRegistry:
     """A new registry (never the global one) holding the lbproxy collector."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(LbproxyCollector(pools, stats, listeners, registry_status))
+    registry.register(LbproxyCollector(pools, stats, listeners, registry_status, native))
     return registry
 
 

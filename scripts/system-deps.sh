@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests, demo and benchmarks need, when missing.
-# redis-server: tests and demo; chromium: page tests; nginx, haproxy, wrk, gcc: the bench.
+# redis-server: tests and demo; chromium: page tests; gcc + Python headers: the native tunnel
+# engine (lbproxy/_splice.c) and the bench tools; nginx, haproxy, wrk: the bench.
 set -euo pipefail
 want=()
 command -v redis-server >/dev/null || want+=(redis-server)
@@ -9,6 +10,9 @@ command -v nginx >/dev/null || want+=(nginx)
 command -v haproxy >/dev/null || want+=(haproxy)
 command -v wrk >/dev/null || want+=(wrk)
 command -v gcc >/dev/null || want+=(gcc)
+"${PYTHON:-python3}" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' ||
+  want+=(python3-dev)
 command -v taskset >/dev/null || want+=(util-linux)
 if ((${#want[@]})); then
   echo "installing: ${want[*]}"

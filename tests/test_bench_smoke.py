@@ -88,6 +88,9 @@ def check_scaling_metrics(m: dict[str, object]) -> None:
     assert m["processes_1w"] == 1 and m["processes_2w"] == 3, m  # 2 workers + their parent
     assert m["scaling"] == pytest.approx(m["conn_per_s_2w"] / m["conn_per_s_1w"], rel=1e-2)  # type: ignore[operator]
     assert m["worker_share_min_2w"] > 0.25, m  # type: ignore[operator]  # both workers served
+    busiest = 1 - m["worker_share_min_2w"]  # type: ignore[operator]
+    projected = m["proxy_cpu_us_1w"] / m["proxy_cpu_us_2w"] / busiest  # type: ignore[operator]
+    assert m["projected_scaling"] == pytest.approx(projected, rel=2e-2), m
 
 
 @needs_tools

@@ -235,8 +235,11 @@ def test_metrics_match_backends(fresh, start_proxy) -> None:
         real = {b.id: ws_count(b) for b in backends}
         assert sorted(real.values()) == [2, 3]
         wait_until(lambda: active_metrics(admin, backends) == real)
+        # the five established websockets are forwarded by the native engine
+        assert value(admin, "lbproxy_listener_native_tunnels", listener="public") == 5
     wait_until(lambda: [ws_count(b) for b in backends] == [0, 0])
     wait_until(lambda: active_metrics(admin, backends) == {"b1": 0, "b2": 0})
+    wait_until(lambda: value(admin, "lbproxy_listener_native_tunnels", listener="public") == 0)
     assert value(admin, "lbproxy_handshake_seconds_count") >= 5
 
     # bytes: through one echo websocket, counted when its tunnel closes

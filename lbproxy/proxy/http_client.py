@@ -26,6 +26,7 @@ from lbproxy.http1 import (
 )
 from lbproxy.http1.lanes import quick_request, quick_websocket
 from lbproxy.pool import Backend
+from lbproxy.proxy import native_upgrade
 from lbproxy.proxy.accesslog import log_connection
 from lbproxy.proxy.connect import connect_with_retries
 from lbproxy.proxy.context import ListenerContext
@@ -55,8 +56,11 @@ class HttpClient(asyncio.Protocol):
         "logged",
         "mark_in",
         "mark_out",
+        "nbackend",
         "nbytes_in",
         "nbytes_out",
+        "nresp",
+        "nslot",
         "port",
         "quick",
         "requests",
@@ -100,6 +104,10 @@ class HttpClient(asyncio.Protocol):
         self.quick: bytes | None = None
         self.suffix = b""
         self.nbytes_in = self.nbytes_out = self.mark_in = self.mark_out = 0
+        # a websocket upgrade connected by the native engine (native_upgrade.py)
+        self.nslot = -1
+        self.nbackend: Backend | None = None
+        self.nresp = bytearray()
 
     # -- asyncio callbacks ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -154,6 +162,7 @@ class HttpClient(asyncio.Protocol):
             self.timer = None
         if self.task is not None and not self.task.done():
             self.task.cancel()
+        self._drop_native()
         upstream = self.upstream
         if upstream is not None and prev != DONE:
             upstream.client = None
@@ -272,7 +281,9 @@ class HttpClient(asyncio.Protocol):
         self.reused = False
         self.state = CONNECTING
         self.transport.pause_reading()
-        self.task = ctx.loop.create_task(self._connect(None))
+        splicer = ctx.splicer
+        if splicer is None or not native_upgrade.start(self, splicer, None):
+            self.task = ctx.loop.create_task(self._connect(None))
         return True
 
     def _dispatch(self, head: RequestHead, picked: Backend | None = None) -> None:
@@ -296,6 +307,9 @@ class HttpClient(asyncio.Protocol):
                 self._send(first, upstream)
                 return
         self.reused = False
+        splicer = ctx.splicer
+        if head.websocket and splicer is not None and native_upgrade.start(self, splicer, first):
+            return
         self.task = ctx.loop.create_task(self._connect(first))
 
     def _affinity_key(self, head: RequestHead) -> bytes | None:
@@ -342,23 +356,7 @@ class HttpClient(asyncio.Protocol):
         ctx.stats.requests[(ctx.pool.name, backend.id)] += 1
         self.mark_in = self.nbytes_in - len(self.buf)
         self.mark_out = self.nbytes_out
-        quick = self.quick
-        if quick is not None:
-            out = quick[:-2] + self._suffix()
-        else:
-            http10 = head.version == b"1.0"
-            out = rewrite_request(
-                head,
-                client_ip=self.ip,
-                proto=ctx.proto,
-                port=ctx.port,
-                keep_xff=ctx.is_trusted(self.ip),
-                upstream_keep_alive=not http10,
-            )
-            if http10:
-                # An HTTP/1.0 client cannot read a chunked response: ask the backend in 1.0
-                # too (it then answers with Content-Length or until close).
-                out = out.replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+        out = self.request_bytes()
         upstream.expect(self, head.method, head.websocket, self.set_cookie)
         body = head.body
         if body.kind == "length" and body.length:
@@ -376,6 +374,76 @@ class HttpClient(asyncio.Protocol):
             upstream.transport.write(out)
         if not head.websocket and self.state == FORWARD:
             self.transport.resume_reading()
+
+    def request_bytes(self) -> bytes:
+        """The current request's head as the backend gets it (X-Forwarded-* added)."""
+        head = self.head
+        assert head is not None
+        quick = self.quick
+        if quick is not None:
+            return quick[:-2] + self._suffix()
+        ctx = self.ctx
+        http10 = head.version == b"1.0"
+        out = rewrite_request(
+            head,
+            client_ip=self.ip,
+            proto=ctx.proto,
+            port=ctx.port,
+            keep_xff=ctx.is_trusted(self.ip),
+            upstream_keep_alive=not http10,
+        )
+        if http10:
+            # An HTTP/1.0 client cannot read a chunked response: ask the backend in 1.0
+            # too (it then answers with Content-Length or until close).
+            out = out.replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+        return out
+
+    # -- the native upgrade path (native_upgrade.py) calls these ---------------
+    def state_is_connecting(self) -> bool:
+        return self.state == CONNECTING
+
+    def begin_python_connect(self, backend: Backend) -> None:
+        """Continue the attempts on the Python path, starting with ``backend``."""
+        self.task = self.ctx.loop.create_task(self._connect(backend, self.tried))
+
+    def adopted(self, backend: Backend, upstream: Upstream) -> None:
+        """A backend connection the engine made now belongs to ``upstream`` (request sent)."""
+        head = self.head
+        assert head is not None
+        ctx = self.ctx
+        self.backend = self.last_backend = backend
+        self.upstream = upstream
+        self.state = FORWARD
+        self.tracker = None
+        ctx.stats.requests[(ctx.pool.name, backend.id)] += 1
+        self.mark_in = self.nbytes_in - len(self.buf)
+        self.mark_out = self.nbytes_out
+        upstream.expect(self, head.method, head.websocket, self.set_cookie)
+
+    def tunnel_started(self) -> None:
+        """The engine spliced this client's websocket: this protocol is done."""
+        ctx = self.ctx
+        backend = self.nbackend
+        assert backend is not None
+        self.state = DONE
+        self.last_backend = backend
+        ctx.connections.discard(self)
+        ctx.stats.requests[(ctx.pool.name, backend.id)] += 1
+        ctx.stats.handshake_seconds.observe(time.monotonic() - self.started)
+        self.nbackend = None
+
+    def close_now(self) -> None:
+        """The backend went away in the middle of its answer: close the client."""
+        self.state = DONE
+        self.transport.close()
+
+    def _drop_native(self) -> None:
+        """Close a native backend connection still being set up (client gone or rejected)."""
+        if self.nslot >= 0:
+            splicer = self.ctx.splicer
+            if splicer is not None:
+                splicer.engine.close(self.nslot, self)
+            self.nslot = -1
 
     def _request_body(self, data: bytes) -> None:
         tracker = self.tracker
@@ -487,7 +555,7 @@ class HttpClient(asyncio.Protocol):
         self.backend = None
         self.upstream = None
         link = WsLink(ctx, backend, upstream.transport, self.transport, self.ip, self.started)
-        link.client.nbytes = self.nbytes_in
+        link.client.nbytes = self.nbytes_in - len(self.buf)  # (start() adds the buffered bytes)
         link.start(to_client, bytes(self.buf), head_len)
         self.buf = bytearray()
 
@@ -526,6 +594,7 @@ class HttpClient(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self._drop_native()
         self._log(f"rejected: {detail}")
         upstream = self.upstream
         if upstream is not None:

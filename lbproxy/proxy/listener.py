@@ -62,6 +62,10 @@ class Listener:
     def connections(self) -> set[Tracked]:
         return self.ctx.connections
 
+    def native_tunnels(self) -> int:
+        """Tunnels the native engine forwards right now."""
+        return 0 if self.ctx.splicer is None else len(self.ctx.splicer)
+
     def _factory(self) -> Callable[[], asyncio.Protocol]:
         ctx = self.ctx
         if self.config.mode == "tcp":
@@ -85,11 +89,12 @@ class Listener:
         self.ctx.port = self.address.port
         self._sweeper = loop.create_task(self._sweep())
         log.info(
-            "listener %s (%s) on %s -> pool %s",
+            "listener %s (%s) on %s -> pool %s (%s tunnels)",
             self.name,
             self.config.mode,
             self.address,
             self.ctx.pool.name,
+            "native" if self.ctx.splicer is not None else "Python",
         )
         return self.address
 

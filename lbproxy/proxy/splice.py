@@ -17,11 +17,32 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
+from lbproxy.proxy import native_upgrade
+from lbproxy.proxy.tunnel import Link, NativeLink, NativeWsLink, WsLink
+
 if TYPE_CHECKING:
     from lbproxy._splice import Engine
-    from lbproxy.proxy.tunnel import Link
 
 log = logging.getLogger("lbproxy.splice")
+
+
+class Gone(asyncio.Transport):
+    """Stands for a socket the engine holds: a transport that is already closed."""
+
+    def is_closing(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
 
 
 class Detached(asyncio.Protocol):
@@ -54,13 +75,14 @@ def native_available() -> bool:
 class Splicer:
     """One listener's engine: its epoll fd watched by the event loop, its tunnels."""
 
-    __slots__ = ("detached", "engine", "fd", "loop")
+    __slots__ = ("detached", "engine", "fd", "gone", "loop")
 
     def __init__(self, engine_type: type[Engine], loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.engine = engine_type(self._finished)
+        self.engine = engine_type(self._finished, native_upgrade.on_data)
         self.fd = self.engine.fileno()
         self.detached = Detached()
+        self.gone = Gone()
         loop.add_reader(self.fd, self.engine.pump)
 
     @classmethod
@@ -96,8 +118,6 @@ class Splicer:
         csock = client.get_extra_info("socket")
         if bsock is None or csock is None:
             return False
-        from lbproxy.proxy.tunnel import NativeLink, NativeWsLink, WsLink
-
         ws = False
         partial, skip, saw_close = b"", 0, False
         if isinstance(link, WsLink):
@@ -111,7 +131,7 @@ class Splicer:
             return False
         try:
             slot = self.engine.add(link, cfd, bfd, ws, partial, skip, saw_close)
-        except (MemoryError, ValueError):
+        except (MemoryError, ValueError, OSError):
             os.close(cfd)
             os.close(bfd)
             return False

@@ -119,8 +119,6 @@ class Link(asyncio.Protocol):
         """
         ctx = self.ctx
         self.out.set_write_buffer_limits(high=HIGH_WATER)  # (the backend side set its own)
-        self.transport.set_protocol(self)
-        self.out.set_protocol(self.client)
         ctx.connections.add(self)
         ctx.pool.attach(self.backend, self)
         if to_client:
@@ -132,6 +130,8 @@ class Link(asyncio.Protocol):
         splicer = ctx.splicer
         if offload and splicer is not None and splicer.offload(self):
             return
+        self.transport.set_protocol(self)
+        self.out.set_protocol(self.client)
         self.transport.resume_reading()
         self.out.resume_reading()
 
