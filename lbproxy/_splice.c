@@ -30,7 +30,7 @@
 
 enum { FWD = 0, DROP = 1, CLOSEONDATA = 2 };
 enum { CLIENT = 0, BACKEND = 1 };
-#define MAX_EVENTS 256
+#define MAX_EVENTS 128
 
 typedef struct {
     int fd;           /* -1 once closed */
@@ -109,7 +109,7 @@ static int watch(Engine *e, Tun *t, Py_ssize_t slot, int i) {
 
 static int append(Side *s, const char *p, size_t n) {
     if (s->plen + n > s->pcap) {
-        size_t cap = s->pcap ? s->pcap : 4096;
+        size_t cap = s->pcap ? s->pcap : (n + 255) & ~(size_t)255; /* first: just enough */
         while (cap < s->plen + n) cap *= 2;
         if (s->poff) { /* compact first */
             memmove(s->pend, s->pend + s->poff, s->plen);
@@ -332,8 +332,7 @@ static void on_writable(Engine *e, Tun *t, int i) {
         s->poff += (size_t)w;
         s->plen -= (size_t)w;
     }
-    if (s->pcap > 65536) free_pend(s); /* give big bursts' memory back */
-    s->poff = 0;
+    free_pend(s); /* drained: an idle tunnel holds no buffer */
     if (s->want_close) {
         close_fd(e, s);
         return;
@@ -413,6 +412,7 @@ static void pending_event(Engine *e, Tun *t, Py_ssize_t slot, uint32_t ev) {
         t->connected = 1;
         b->poff += (size_t)w;
         b->plen -= (size_t)w;
+        if (!b->plen) free_pend(b);
     }
     while (b->rd && !t->hold) {
         ssize_t n = recv(b->fd, e->buf, e->bufsize, 0);
@@ -654,7 +654,11 @@ static PyObject *Engine_pump(Engine *e, PyObject *noargs) {
             read_side(e, t, i);
             settle(e, t, slot);
         }
-        if (n < MAX_EVENTS) break;
+        /* One round per call: what is left makes the epoll fd readable again, and the event
+         * loop calls back after its own iteration.  That iteration is also when the loop
+         * closes the fds of the transports whose sockets were duplicated into the engine,
+         * so a storm of upgrades holds at most MAX_EVENTS extra fds at a time. */
+        break;
     }
     deliver_reports(e);
     deliver_done(e);

@@ -7,6 +7,7 @@ is driven by hand until a condition holds (with a deadline).
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -256,3 +257,102 @@ def test_close_returns_counts_and_checks_the_owner(rig) -> None:
     with pytest.raises(KeyError):
         r.engine.counts(r.slot, r.owner)
     assert r.finished == []  # close() does not report: the caller finishes
+
+
+# -- native upstream connects (connect / resume / splice / release) -------------------
+
+
+class Upstreams:
+    """An engine with on_data collecting (owner, data, err) reports."""
+
+    def __init__(self) -> None:
+        assert Engine is not None
+        self.reports: list[tuple[object, bytes | None, int]] = []
+        self.finished: list[tuple[object, str, int, int]] = []
+        self.engine = Engine(lambda *a: self.finished.append(a), lambda *a: self.reports.append(a))
+
+    def pump_until(self, cond: Callable[[], bool], timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, "condition not reached"
+            select.select([self.engine.fileno()], [], [], 0.05)
+            self.engine.pump()
+
+
+@pytest.fixture
+def upstreams() -> Upstreams:
+    if Engine is None:
+        pytest.skip("engine not built")
+    return Upstreams()
+
+
+def test_connect_sends_the_request_and_holds_after_each_report(upstreams: Upstreams) -> None:
+    owner = object()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        slot = upstreams.engine.connect(owner, "127.0.0.1", server.getsockname()[1], b"GET / x")
+        backend, _ = server.accept()
+        with backend:
+            upstreams.pump_until(lambda: upstreams.engine.connected(slot, owner))
+            assert backend.recv(100) == b"GET / x"
+            backend.sendall(b"HTTP/1.1 101 ")
+            upstreams.pump_until(lambda: bool(upstreams.reports))
+            backend.sendall(b"Switching\r\n\r\n")
+            time.sleep(0.05)  # (nothing more is read until resume())
+            upstreams.engine.pump()
+            assert upstreams.reports == [(owner, b"HTTP/1.1 101 ", 0)]
+            upstreams.engine.resume(slot, owner)
+            upstreams.pump_until(lambda: len(upstreams.reports) == 2)
+            assert upstreams.reports[1] == (owner, b"Switching\r\n\r\n", 0)
+            # the handshake is done: splice a client in
+            client_app, client_proxy = tcp_pair()
+            link = object()
+            cfd = os.dup(client_proxy.fileno())
+            client_proxy.close()
+            upstreams.engine.splice(slot, owner, link, cfd, b"101!", b"early", True, b"", 0, False)
+            got = Rig(upstreams.engine, client_app, backend, link, slot)
+            assert got.read(client_app, 4) == b"101!"
+            assert got.read(backend, 5) == b"early"
+            backend.sendall(b"\x82\x02hi")
+            assert got.read(client_app, 4) == b"\x82\x02hi"
+            assert upstreams.engine.counts(slot, link) == (0, 4)
+            client_app.close()
+            backend.close()
+            upstreams.pump_until(lambda: bool(upstreams.finished))
+            assert upstreams.finished[0][0] is link
+
+
+def test_release_hands_over_the_socket_with_what_follows(upstreams: Upstreams) -> None:
+    owner = object()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        slot = upstreams.engine.connect(owner, "127.0.0.1", server.getsockname()[1], b"GET")
+        backend, _ = server.accept()
+        with backend:
+            upstreams.pump_until(lambda: upstreams.engine.connected(slot, owner))
+            backend.recv(10)
+            backend.sendall(b"HTTP/1.1 403 Forbidden\r\n\r\n")
+            upstreams.pump_until(lambda: bool(upstreams.reports))
+            backend.sendall(b"rest")
+            backend.shutdown(socket.SHUT_WR)
+        time.sleep(0.05)
+        upstreams.engine.pump()
+        assert len(upstreams.reports) == 1  # the EOF stays in the socket for the new owner
+        fd = upstreams.engine.release(slot, owner)
+        with socket.socket(fileno=fd) as sock:
+            sock.settimeout(5)
+            assert sock.recv(100) == b"rest" and sock.recv(100) == b""
+    assert len(upstreams.engine) == 0
+
+
+def test_refused_connect_is_reported(upstreams: Upstreams) -> None:
+    owner = object()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+    upstreams.engine.connect(owner, "127.0.0.1", port, b"GET")
+    upstreams.pump_until(lambda: bool(upstreams.reports))
+    assert upstreams.reports == [(owner, None, errno.ECONNREFUSED)]
+    assert len(upstreams.engine) == 0
+
+
+def test_connect_wants_an_ip_address(upstreams: Upstreams) -> None:
+    with pytest.raises(ValueError):
+        upstreams.engine.connect(object(), "localhost", 80, b"GET")

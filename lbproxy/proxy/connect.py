@@ -9,6 +9,8 @@ from functools import partial
 from typing import TYPE_CHECKING, TypeVar, cast
 
 HIGH_WATER = 256 * 1024  # per-transport write buffer before the peer is paused
+# lbproxy itself is out of something (file descriptors, buffers): not the backend's fault
+LOCAL_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 if TYPE_CHECKING:
     from lbproxy.pool import Backend
@@ -82,6 +84,9 @@ async def connect_with_retries(
                     partial(factory, chosen), chosen.address.host, chosen.address.port
                 )
         except (OSError, TimeoutError) as exc:
+            if isinstance(exc, OSError) and exc.errno in LOCAL_ERRORS:
+                stats.upstream_errors[(pool.name, chosen.id, "local_resources")] += 1
+                return 503  # (no passive failure, no other backend: it would fail the same)
             reason = _reason(exc)
             stats.upstream_errors[(pool.name, chosen.id, reason)] += 1
             pool.connect_failed(chosen, reason)

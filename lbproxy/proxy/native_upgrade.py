@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from lbproxy.http1 import MAX_HEAD, add_response_headers
 from lbproxy.http1.lanes import switching_protocols
+from lbproxy.proxy.connect import LOCAL_ERRORS
 from lbproxy.proxy.http_upstream import Upstream
 from lbproxy.proxy.tunnel import NativeWsLink, WsLink
 
@@ -62,6 +63,10 @@ def attempt(client: HttpClient, splicer: Splicer, backend: Backend | None) -> bo
                 return True
             return False
         except OSError as exc:
+            if exc.errno in LOCAL_ERRORS:  # lbproxy is out of fds or memory: not the backend
+                ctx.stats.upstream_errors[(pool.name, backend.id, "local_resources")] += 1
+                client._reject(503, "out of local resources")
+                return True
             reason = CONNECT_ERRORS.get(exc.errno or 0, "connect_error")
             if not failed(client, backend, reason, reason):
                 return True
@@ -167,7 +172,11 @@ def got(client: HttpClient, splicer: Splicer, backend: Backend, data: bytes) -> 
     link.client.nbytes = client.nbytes_in  # (the buffered client bytes are part of it)
     link.nbytes = len(to_client)
     slot = client.nslot
-    cfd = os.dup(sock.fileno())
+    try:
+        cfd = os.dup(sock.fileno())
+    except OSError:  # out of fds for the moment: the Python client and tunnel carry it
+        hand_over(client, splicer, backend)
+        return
     client.nslot = -1
     client.tunnel_started()
     link.slot = slot

@@ -123,7 +123,10 @@ class Splicer:
         if isinstance(link, WsLink):
             ws = True
             partial, skip, saw_close = link.partial, link.skip, link.saw_close
-        cfd = os.dup(csock.fileno())
+        try:
+            cfd = os.dup(csock.fileno())
+        except OSError:  # (out of fds: this tunnel stays in Python)
+            return False
         try:
             bfd = os.dup(bsock.fileno())
         except OSError:
