@@ -36,6 +36,17 @@ def package_version(name: str) -> str:
         return "missing"
 
 
+def lbproxy_tunnels() -> str:
+    """Which tunnel lbproxy runs here: the native engine, or Python when it is not built."""
+    try:
+        from lbproxy.proxy.splice import native_available
+    except ImportError as exc:
+        return f"unknown ({exc})"
+    if native_available():
+        return "native engine (lbproxy/_splice.c), upstream connects for websockets included"
+    return "Python (the native engine is not built)"
+
+
 def machine_info(gcc: str, command: str, quick: bool, repeat: int) -> dict[str, object]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     ok, lbproxy_version = lbproxy_available()
@@ -50,6 +61,9 @@ def machine_info(gcc: str, command: str, quick: bool, repeat: int) -> dict[str, 
         "gcc": tool_version([gcc, "--version"]),
         "uvloop": package_version("uvloop"),
         "lbproxy": lbproxy_version if ok else f"unavailable: {lbproxy_version}",
+        "lbproxy_parser": "fast lanes + the regex head parser (lbproxy/http1/_fast.py); "
+        "h11 is the reference the tests hold it to",
+        "lbproxy_tunnels": lbproxy_tunnels(),
         "taskset": shutil.which("taskset") or "missing",
         "pinning": dict(PINNING),
         "fd_limit": f"{soft}/{hard}",
