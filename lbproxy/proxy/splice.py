@@ -13,7 +13,6 @@ must pass through the SSL object). ``LBPROXY_SPLICE=0`` turns the engine off.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +21,6 @@ from lbproxy.proxy.tunnel import Link, NativeLink, NativeWsLink, WsLink
 
 if TYPE_CHECKING:
     from lbproxy._splice import Engine
-
-log = logging.getLogger("lbproxy.splice")
 
 
 class Gone(asyncio.Transport):
