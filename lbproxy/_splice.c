@@ -686,9 +686,6 @@ static PyObject *Engine_go_away(Engine *e, PyObject *args) {
         else if (at_boundary(t)) send_going_away(e, t);
         else t->going_away = 1; /* finish the frame in flight first */
     }
-    for (int i = 0; i < 2; i++) { /* a side whose EOF came already sends no other edge */
-        if (t->s[i].eof && t->s[i].mode != FWD) close_side(e, t, i);
-    }
     read_side(e, t, CLIENT); /* (sides now dropping input read even if backed up) */
     read_side(e, t, BACKEND);
     settle(e, t, slot);

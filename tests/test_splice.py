@@ -356,14 +356,3 @@ def test_refused_connect_is_reported(upstreams: Upstreams) -> None:
 def test_connect_wants_an_ip_address(upstreams: Upstreams) -> None:
     with pytest.raises(ValueError):
         upstreams.engine.connect(object(), "localhost", 80, b"GET")
-
-
-def test_go_away_after_the_backend_half_closed_does_not_wait_for_it(rig) -> None:
-    """The backend's FIN came before the drain: its side closes at once, not after GRACE."""
-    r = rig()
-    r.backend.shutdown(socket.SHUT_WR)
-    assert r.read_to_eof(r.client) == b""  # the half-close reached the client
-    r.engine.go_away(r.slot, r.owner)
-    assert r.read_to_eof(r.backend) == b""  # FIN back to the backend: its side is closed
-    r.client.sendall(close_frame(1000, mask=b"abcd"))  # the client answers the 1001
-    r.pump_until(lambda: bool(r.finished))
