@@ -11,11 +11,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from lbproxy.proxy.wsframe import close_frame
 from tests.proxyconf import proxy_config
-from tests.support import Lbproxy, free_port
+from tests.support import Lbproxy, Proc, free_port, lbproxy_cmd, port_open, wait_until
 from tests.test_tunnel import TcpServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -212,3 +213,67 @@ def test_backend_by_host_name(lb) -> None:
     head, echoed = ws_roundtrip(port)
     assert head.startswith(b"HTTP/1.1 101 ") and echoed.endswith(b"tunnel")
     server.close()
+
+
+@pytest.mark.parametrize("splice", ["1", "0"], ids=["native", "python"])
+def test_out_of_fds_is_503_and_not_held_against_the_backend(tmp_path: Path, splice: str) -> None:
+    """lbproxy under a 64-fd limit: upgrades until a backend socket cannot be made. That one
+    is answered 503, the backend stays up (no passive failure), and once fds are free again
+    the next upgrade works."""
+
+    def hold(conn: socket.socket) -> None:
+        read_head(conn)
+        conn.sendall(SWITCH)
+        while conn.recv(4096):
+            pass
+
+    server = TcpServer(hold)
+    text, port, admin = proxy_config([("b1", f"127.0.0.1:{server.port}")])
+    path = tmp_path / "lb.toml"
+    path.write_text(text)
+    cmd = ["prlimit", "--nofile=64:64", *lbproxy_cmd("serve", "--config", str(path))]
+    proc = Proc(cmd, env={"LBPROXY_SPLICE": splice})
+    held: list[socket.socket] = []
+    try:
+        wait_until(lambda: port_open(port) and port_open(admin), timeout=15)
+        fds = lambda: len(os.listdir(f"/proc/{proc.pid}/fd"))  # noqa: E731
+        saw_503 = False
+        for _ in range(80):
+            c = socket.create_connection(("127.0.0.1", port), timeout=10)
+            c.sendall(UPGRADE)
+            try:
+                head = read_head(c)
+            except OSError:
+                head = b""
+            if head.startswith(b"HTTP/1.1 101 "):
+                held.append(c)
+                continue
+            c.close()
+            if head.startswith(b"HTTP/1.1 503 "):
+                saw_503 = True
+                break
+            # the accept itself found no fd: free one websocket (2 fds), take one back with
+            # an idle admin connection, so the next accept gets the last fd and the backend
+            # socket is the one that cannot be made
+            assert head == b"", head
+            before = fds()
+            held.pop().close()
+            wait_until(lambda b=before: fds() <= b - 2)
+            held.append(socket.create_connection(("127.0.0.1", admin), timeout=10))
+            wait_until(lambda b=before: fds() == b - 1)
+        assert saw_503
+        for c in held:
+            c.close()
+        held.clear()
+        wait_until(lambda: fds() < 40)
+        metrics = httpx.get(f"http://127.0.0.1:{admin}/metrics", timeout=10).text
+        assert 'lbproxy_backend_up{backend="b1",pool="main"} 1.0' in metrics
+        assert 'reason="local_resources"' in metrics
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(UPGRADE)  # fds free again: the next upgrade works
+            assert read_head(c).startswith(b"HTTP/1.1 101 ")
+    finally:
+        for c in held:
+            c.close()
+        proc.stop()
+        server.close()
