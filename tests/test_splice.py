@@ -44,6 +44,15 @@ def frame(payload: bytes, opcode: int = 0x2) -> bytes:
     return head + payload
 
 
+def pump_until(engine: object, cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Drive ``engine`` (waiting on its epoll fd) until ``cond()`` holds, within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        select.select([engine.fileno()], [], [], 0.05)  # type: ignore[attr-defined]
+        engine.pump()  # type: ignore[attr-defined]
+
+
 @dataclass
 class Rig:
     engine: object
@@ -54,12 +63,7 @@ class Rig:
     finished: list[tuple[object, str, int, int]] = field(default_factory=list)
 
     def pump_until(self, cond: Callable[[], bool], timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                raise AssertionError("condition not reached")
-            select.select([self.engine.fileno()], [], [], 0.05)  # type: ignore[attr-defined]
-            self.engine.pump()  # type: ignore[attr-defined]
+        pump_until(self.engine, cond, timeout)
 
     def read(self, sock: socket.socket, n: int) -> bytes:
         got = bytearray()
@@ -272,11 +276,7 @@ class Upstreams:
         self.engine = Engine(lambda *a: self.finished.append(a), lambda *a: self.reports.append(a))
 
     def pump_until(self, cond: Callable[[], bool], timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            assert time.monotonic() < deadline, "condition not reached"
-            select.select([self.engine.fileno()], [], [], 0.05)
-            self.engine.pump()
+        pump_until(self.engine, cond, timeout)
 
 
 @pytest.fixture
