@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import os
 import shutil
@@ -19,23 +18,45 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=512)
+# Test ports come from a range below the kernel's ephemeral range (32768-60999 here), so an
+# outgoing connection's local port never takes a port a test is about to bind, and each
+# pytest-xdist worker has its own slice, so parallel workers never hand out the same port.
+# (The bench draws its ports from 10000-32000; the slices stay below that.)
+_PORT_FIRST = 2000
+_PORT_SLICE = 1600
+
+
+def _worker_index() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    digits = worker.removeprefix("gw")
+    return int(digits) % 5 if digits.isdigit() else 0
+
+
+def _port_cycle() -> Iterator[int]:
+    first = _PORT_FIRST + _worker_index() * _PORT_SLICE
+    while True:
+        yield from range(first, first + _PORT_SLICE)
+
+
+_PORTS = _port_cycle()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now, and not one this test process was given recently.
+    """A port free right now, from this test process's own slice, not handed out recently.
 
-    (The kernel may hand a port it just gave us again once its socket is closed, so two
-    calls in a row could otherwise return the same port.)
+    Ports are handed out in turn through the slice, so a port comes back only after the
+    other 1,599 were given.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    while True:
+    for _ in range(_PORT_SLICE):
+        port = next(_PORTS)
         with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.append(port)
-            return port
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in this worker's slice for {host}")
 
 
 def wait_until(cond: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:
