@@ -93,36 +93,15 @@ class PoolFeeder:
         """Make the pool's redis backends match ``snapshot`` (read from ``sent`` to
         ``received``, local monotonic); return when to look again (earliest expiry or grace
         deadline, local monotonic) or None."""
-        sent = received if sent is None else sent
         self._log_malformed(pool, snapshot)
         offset = snapshot.server_time - received  # server clock minus local monotonic
         entries = {e.id: e for e in snapshot.entries if self._allowed(pool, e)}
         invalid = {e.id for e in snapshot.entries if e.id not in entries}
         invalid |= {m for m, why in snapshot.malformed if why != NO_HASH}
         expired = {m: score - offset for m, score in snapshot.expired}
+        wake = self._missing(pool, entries, invalid, expired, received)
         tracks = self._tracks.setdefault(pool.name, {})
         seen = self._seen.setdefault(pool.name, {})
-        wake: list[float] = []
-        for backend in list(pool.backends.values()):
-            if backend.source != "redis" or backend.removed or backend.id in entries:
-                continue
-            track = tracks.get(backend.id) or Track(received, DEFAULT_TTL)
-            reason, until = vanished_fate(
-                track,
-                left=(pool.name, backend.id) in self._leaves,
-                invalid=backend.id in invalid,
-                expired_at=expired.get(backend.id),
-                session_start=self._session_start,
-                now=received,
-            )
-            if reason is not None:
-                pool.remove(backend.id, reason)
-                tracks.pop(backend.id, None)
-                seen.pop(backend.id, None)
-            elif until is not None:
-                track.vanished_until = until
-                tracks[backend.id] = track
-                wake.append(until)
         for member in [m for m in tracks if pool.get(m) is None or m in invalid]:
             del tracks[member]
         for entry in entries.values():
@@ -133,8 +112,53 @@ class PoolFeeder:
             ttl = max(remaining, previous.ttl if previous is not None else 0.0)
             tracks[entry.id] = Track(entry.expiry - offset, ttl)
             wake.append(entry.expiry - offset)
-        self._consume_leaves(pool.name, sent)
+        self._consume_leaves(pool.name, received if sent is None else sent)
         return min(wake, default=None)
+
+    def _missing(
+        self,
+        pool: Pool,
+        entries: Mapping[str, Entry],
+        invalid: set[str],
+        expired: Mapping[str, float],
+        now: float,
+    ) -> list[float]:
+        """Remove or keep (grace) the redis backends missing from a snapshot; their wakes."""
+        tracks = self._tracks.setdefault(pool.name, {})
+        seen = self._seen.setdefault(pool.name, {})
+        wake: list[float] = []
+        vanished: list[str] = []
+        for backend in list(pool.backends.values()):
+            if backend.source != "redis" or backend.removed or backend.id in entries:
+                continue
+            track = tracks.get(backend.id) or Track(now, DEFAULT_TTL)
+            reason, until = vanished_fate(
+                track,
+                left=(pool.name, backend.id) in self._leaves,
+                invalid=backend.id in invalid,
+                expired_at=expired.get(backend.id),
+                session_start=self._session_start,
+                now=now,
+            )
+            if reason is not None:
+                pool.remove(backend.id, reason)
+                tracks.pop(backend.id, None)
+                seen.pop(backend.id, None)
+            elif until is not None:
+                if track.vanished_until is None:
+                    vanished.append(backend.id)
+                track.vanished_until = until
+                tracks[backend.id] = track
+                wake.append(until)
+        if vanished:
+            log.warning(
+                "registry: pool %s: %d registration(s) vanished without a deregistration "
+                "(%s); kept as they are until their TTL passes with no heartbeat",
+                pool.name,
+                len(vanished),
+                ", ".join(sorted(vanished)[:10]) + (", ..." if len(vanished) > 10 else ""),
+            )
+        return wake
 
     def _consume_leaves(self, pool: str, sent: float) -> None:
         """Leaves heard before this read was sent are reflected in it: forget them."""
