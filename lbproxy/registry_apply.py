@@ -29,7 +29,6 @@ DEFAULT_TTL = 6.0  # grace for a vanished backend whose TTL was never observed
 class Track:
     """What the feeder knows of one registration (local monotonic times)."""
 
-    expiry: float  # when its registration expires, as last read
     ttl: float  # the longest remaining lifetime ever read: the registration's TTL, about
     vanished_until: float | None = None  # grace deadline once it vanished from a snapshot
 
@@ -110,7 +109,7 @@ class PoolFeeder:
             remaining = entry.expiry - snapshot.server_time
             previous = tracks.get(entry.id)
             ttl = max(remaining, previous.ttl if previous is not None else 0.0)
-            tracks[entry.id] = Track(entry.expiry - offset, ttl)
+            tracks[entry.id] = Track(ttl)
             wake.append(entry.expiry - offset)
         self._consume_leaves(pool.name, received if sent is None else sent)
         return min(wake, default=None)
@@ -131,7 +130,7 @@ class PoolFeeder:
         for backend in list(pool.backends.values()):
             if backend.source != "redis" or backend.removed or backend.id in entries:
                 continue
-            track = tracks.get(backend.id) or Track(now, DEFAULT_TTL)
+            track = tracks.get(backend.id) or Track(DEFAULT_TTL)
             reason, until = vanished_fate(
                 track,
                 left=(pool.name, backend.id) in self._leaves,

@@ -4,6 +4,7 @@ one weight range (SPEC 15 "Registry", "Registrations"; issue 10 items 1, 8, 11).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from pathlib import Path
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 from lbproxy.cli import main
 from lbproxy.config import parse_config
 from lbproxy.config_types import MAX_WEIGHT, Address, HealthConfig, PoolConfig
+from lbproxy.drain import Drainer
 from lbproxy.errors import ConfigError
 from lbproxy.pool import BackendState, Pool
 from lbproxy.registry import Registration
@@ -61,7 +63,7 @@ def ups(p: Pool) -> dict[str, str]:
 
 
 def test_vanished_fate_rules() -> None:
-    track = Track(expiry=12.0, ttl=3.0)
+    track = Track(ttl=3.0)
 
     def fate(
         left: bool = False, invalid: bool = False, expired_at: float | None = None,
@@ -264,8 +266,6 @@ def test_sent_away_connections_leave_active_once() -> None:
 
 
 async def test_drainer_discounts_what_it_sent_away() -> None:
-    from lbproxy.drain import Drainer
-
     config = PoolConfig(
         "chat", drain_timeout=0.0, close_spread=0.0, health=HealthConfig(check="none")
     )
@@ -277,8 +277,6 @@ async def test_drainer_discounts_what_it_sent_away() -> None:
     for conn in conns:
         p.attach(a, conn)
     p.drain("a")
-    import asyncio
-
     for _ in range(100):
         if a.active == 0:
             break
