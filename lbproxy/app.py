@@ -64,11 +64,12 @@ class App:
         config = self.config
         for name, pool_config in config.pools.items():
             self._add_pool(name, Pool(pool_config))
+        await self._sync_watcher(config)
+        await self._await_first_snapshot(config)  # no listener accepts before this
         for name, listener_config in config.listeners.items():
             await self._add_listener(name, listener_config)
         for pool in self.pools.values():
             await self._start_health(pool)
-        await self._sync_watcher(config)
         registry = build_registry(
             lambda: self.pools,
             self.stats,
@@ -79,6 +80,8 @@ class App:
         self.admin = AdminServer(self._admin_config(config), lambda: self.pools, registry)
         self.admin_address = await self.admin.start()
         log.info("admin API on http://%s", self.admin_address)
+        if self.watcher is not None:
+            self.watcher.set_own_addresses(self._own_addresses(config))
 
     def _add_pool(self, name: str, pool: Pool) -> None:
         self.pools[name] = pool
@@ -100,16 +103,40 @@ class App:
         self.health[pool.name] = checker
         await checker.start()
 
+    async def _await_first_snapshot(self, config: Config) -> None:
+        if self.watcher is None or config.redis is None:
+            return
+        timeout = config.redis.start_timeout
+        if not await self.watcher.wait_loaded(timeout):
+            log.warning(
+                "registry: no snapshot from Redis within %.1fs ([redis] start_timeout); "
+                "accepting with the backends known so far",
+                timeout,
+            )
+
+    def _own_addresses(self, config: Config) -> list[Address]:
+        """Where this lbproxy listens (bound addresses once known): never a backend."""
+        own = [lst.config.bind for lst in self.all_listeners()]
+        own += [lst.address for lst in self.all_listeners() if lst.address is not None]
+        own += [lc.bind for lc in config.listeners.values()]
+        own.append(self._admin_config(config).listen)
+        if self.admin_address is not None:
+            own.append(self.admin_address)
+        return own
+
     async def _sync_watcher(self, config: Config) -> None:
         wants = config.redis is not None and any(
             p.discovery == "redis" for p in config.pools.values()
         )
         if wants and config.redis is not None:
             if self.watcher is None:
-                self.watcher = RegistryWatcher(config.redis, self.pools)
+                self.watcher = RegistryWatcher(
+                    config.redis, self.pools, own_addresses=self._own_addresses(config)
+                )
                 await self.watcher.start()
             else:
                 self.watcher.update_pools(self.pools)
+                self.watcher.set_own_addresses(self._own_addresses(config))
         elif self.watcher is not None:
             await self.watcher.stop()
             self.watcher = None
@@ -153,6 +180,8 @@ class App:
                 self._admin_config(new), lambda: self.pools, self.admin.registry
             )
             self.admin_address = await self.admin.start()
+        if self.watcher is not None:
+            self.watcher.set_own_addresses(self._own_addresses(new))
         self.config = new
 
     async def _apply_listeners(self, new: Config) -> None:

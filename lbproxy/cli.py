@@ -12,7 +12,7 @@ import click
 
 from lbproxy import __version__
 from lbproxy.config import load_config, parse_address
-from lbproxy.config_types import Address, Config
+from lbproxy.config_types import MAX_WEIGHT, Address, Config
 from lbproxy.errors import ConfigError
 
 T = TypeVar("T")
@@ -165,7 +165,7 @@ def backend(
 @click.option("--pool", required=True)
 @click.option("--address", required=True, help="HOST:PORT lbproxy should connect to")
 @click.option("--id", "backend_id", default=None)
-@click.option("--weight", default=1, show_default=True, type=click.IntRange(1, 256))
+@click.option("--weight", default=1, show_default=True, type=click.IntRange(1, MAX_WEIGHT))
 @click.option("--ttl", default=6.0, show_default=True, type=click.FloatRange(min=1.0))
 @click.option(
     "--drain-first",

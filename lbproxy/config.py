@@ -18,6 +18,7 @@ from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from lbproxy.config_types import (
+    MAX_WEIGHT,
     Address,
     AdminConfig,
     BackendConfig,
@@ -275,7 +276,8 @@ def _redis(table: Mapping[str, Any], problems: _Problems) -> RedisConfig:
     prefix = section.string("prefix", defaults.prefix)
     if not prefix or any(ch.isspace() for ch in prefix):
         section.bad("prefix", f"must be non-empty without spaces, got {prefix!r}")
-    return RedisConfig(url=url, prefix=prefix)
+    start_timeout = section.number("start_timeout", defaults.start_timeout, zero_ok=True)
+    return RedisConfig(url=url, prefix=prefix, start_timeout=start_timeout)
 
 
 def _tls(section: _Section, base_dir: Path) -> TlsConfig | None:
@@ -349,7 +351,7 @@ def _backends(pool: _Section) -> tuple[BackendConfig, ...]:
         elif backend_id in seen:
             s.bad("id", f"duplicate backend id {backend_id!r}")
         seen.add(backend_id)
-        result.append(BackendConfig(backend_id, address, s.integer("weight", 1, 1, 256)))
+        result.append(BackendConfig(backend_id, address, s.integer("weight", 1, 1, MAX_WEIGHT)))
     return tuple(result)
 
 

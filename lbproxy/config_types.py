@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+MAX_WEIGHT = 256  # backend weights are integers 1..MAX_WEIGHT (config, CLI and registry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,7 @@ class AdminConfig:
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "lbproxy"
+    start_timeout: float = 5.0  # listeners accept once the first snapshot is loaded, or after this
 
 
 @dataclass(frozen=True, slots=True)

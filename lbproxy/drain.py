@@ -6,15 +6,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from lbproxy.pool import Backend, BackendState, Closable, Pool
 
 log = logging.getLogger("lbproxy.drain")
 
 
-async def close_spread(conns: Sequence[Closable], spread: float) -> None:
-    """Ask each connection to go away, evenly spread over ``spread`` seconds."""
+async def close_spread(
+    conns: Sequence[Closable],
+    spread: float,
+    sent: Callable[[Closable], None] | None = None,
+) -> None:
+    """Ask each connection to go away, evenly spread over ``spread`` seconds; ``sent`` is
+    called for each one as it is asked."""
     if not conns:
         return
     step = spread / len(conns) if spread > 0 else 0.0
@@ -25,6 +30,8 @@ async def close_spread(conns: Sequence[Closable], spread: float) -> None:
         if delay > 0.001:
             await asyncio.sleep(delay)
         conn.go_away()
+        if sent is not None:
+            sent(conn)
 
 
 class Drainer:
@@ -76,7 +83,7 @@ class Drainer:
                 len(conns),
                 config.close_spread,
             )
-        await close_spread(conns, config.close_spread)
+        await close_spread(conns, config.close_spread, lambda conn: pool.sent_away(backend, conn))
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())

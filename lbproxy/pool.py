@@ -48,6 +48,7 @@ class Backend:
         "connections",
         "failures",
         "id",
+        "leaving",
         "removed",
         "source",
         "state",
@@ -63,6 +64,7 @@ class Backend:
         self.state = BackendState.UP
         self.active = 0
         self.connections: set[Closable] = set()
+        self.leaving: set[Closable] = set()  # told to go away: still open, no longer active
         self.failures = 0  # consecutive failed proxied connects (passive health)
         self.up_since = 0.0  # monotonic time it last became up (slow start)
         self.removed = False  # gone from configuration/registry; kept while draining
@@ -244,10 +246,20 @@ class Pool:
         backend.active += 1
         backend.connections.add(conn)
 
+    def sent_away(self, backend: Backend, conn: Closable) -> None:
+        """``conn`` was asked to go away (1001 sent or due): it stops counting as active
+        for picks, bounded loads, the admin view and metrics while it finishes closing."""
+        if conn in backend.connections and conn not in backend.leaving:
+            backend.leaving.add(conn)
+            backend.active -= 1
+
     def detach(self, backend: Backend, conn: Closable) -> None:
         if conn in backend.connections:
             backend.connections.discard(conn)
-            backend.active -= 1
+            if conn in backend.leaving:
+                backend.leaving.discard(conn)
+            else:
+                backend.active -= 1
             if backend.removed:
                 self.forget_if_done(backend)
 

@@ -19,11 +19,11 @@ from collections.abc import Mapping
 
 from redis.exceptions import RedisError
 
+from lbproxy.config_types import MAX_WEIGHT
 from lbproxy.errors import RegistryError
 from lbproxy.registry_schema import (
     DEREGISTER_SCRIPT,
     HEARTBEAT_SCRIPT,
-    MAX_WEIGHT,
     META_PREFIX,
     backend_key,
     check_id,

@@ -14,10 +14,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from lbproxy.config_types import Address, IPNetwork
+from lbproxy.config_types import MAX_WEIGHT, Address, IPNetwork
 from lbproxy.errors import RegistryError
 
-MAX_WEIGHT = 1000
+NO_HASH = "no backend hash"
+EXPIRED_LINGER = 60.0  # an expired member whose hash never expires is removed after this
 STATES = ("up", "draining")
 EVENTS = ("join", "change", "drain", "leave")
 META_PREFIX = "meta:"
@@ -85,17 +86,27 @@ redis.call('PUBLISH', ARGV[3], cjson.encode({event = 'leave', pool = ARGV[4], id
 return 1
 """
 
-# KEYS: members. ARGV: backend hash key prefix ("{prefix}:pool:{pool}:backend:").
-# Removes expired members, returns {sec, usec, id1, score1, {hash1...}, id2, ...}.
+# KEYS: members. ARGV: backend hash key prefix ("{prefix}:pool:{pool}:backend:"), linger.
+# Returns {sec, usec, {expired id, score, ...}, id1, score1, {hash1...}, id2, ...}. A member
+# whose score passed stays in the set (reported as expired) while its hash lives (about one
+# TTL more), so every watcher sees the expiry itself, not a member that merely vanished.
 SNAPSHOT_SCRIPT = """
 local t = redis.call('TIME')
 local now = t[1] .. '.' .. string.rep('0', 6 - #t[2]) .. t[2]
-local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-for _, id in ipairs(expired) do
-  redis.call('ZREM', KEYS[1], id)
+local oldest = tonumber(t[1]) - tonumber(ARGV[2])
+local passed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES')
+local expired = {}
+for i = 1, #passed, 2 do
+  local id = passed[i]
+  if tonumber(passed[i + 1]) < oldest or #redis.call('HGETALL', ARGV[1] .. id) == 0 then
+    redis.call('ZREM', KEYS[1], id)
+  else
+    expired[#expired + 1] = id
+    expired[#expired + 1] = passed[i + 1]
+  end
 end
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES')
-local out = {t[1], t[2]}
+local out = {t[1], t[2], expired}
 for i = 1, #live, 2 do
   out[#out + 1] = live[i]
   out[#out + 1] = live[i + 1]
@@ -124,6 +135,7 @@ class Snapshot:
     server_time: float
     entries: tuple[Entry, ...]
     malformed: tuple[tuple[str, str], ...]  # (id, why)
+    expired: tuple[tuple[str, float], ...] = ()  # (id, score): in the set, score passed
 
 
 def parse_address(text: str) -> Address:
@@ -180,20 +192,30 @@ def _pairs(flat: Sequence[object]) -> dict[str, str]:
 
 
 def parse_snapshot(reply: Sequence[object]) -> Snapshot:
-    """Parse SNAPSHOT_SCRIPT's reply (decoded strings)."""
+    """Parse SNAPSHOT_SCRIPT's reply (decoded strings; the expired list may be absent)."""
     server_time = int(str(reply[0])) + int(str(reply[1])) / 1_000_000
     entries: list[Entry] = []
     malformed: list[tuple[str, str]] = []
-    for i in range(2, len(reply) - 2, 3):
+    start, expired = 2, _expired(reply)
+    if len(reply) > 2 and isinstance(reply[2], list | tuple):
+        start = 3
+    for i in range(start, len(reply) - 2, 3):
         member, score, flat = str(reply[i]), float(str(reply[i + 1])), reply[i + 2]
         if not isinstance(flat, list | tuple) or not flat:
-            malformed.append((member, "no backend hash"))
+            malformed.append((member, NO_HASH))
             continue
         try:
             entries.append(parse_entry(member, score, _pairs(flat)))
         except ValueError as exc:
             malformed.append((member, str(exc)))
-    return Snapshot(server_time, tuple(entries), tuple(malformed))
+    return Snapshot(server_time, tuple(entries), tuple(malformed), expired)
+
+
+def _expired(reply: Sequence[object]) -> tuple[tuple[str, float], ...]:
+    flat = reply[2] if len(reply) > 2 else None
+    if not isinstance(flat, list | tuple):
+        return ()
+    return tuple((str(flat[i]), float(str(flat[i + 1]))) for i in range(0, len(flat) - 1, 2))
 
 
 def address_allowed(address: Address, networks: Iterable[IPNetwork]) -> bool:
@@ -208,6 +230,56 @@ def address_allowed(address: Address, networks: Iterable[IPNetwork]) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return any(ip.version == net.version and ip in net for net in nets)
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _is_localhost(host: str) -> bool:
+    name = host.lower().rstrip(".")
+    return name == "localhost" or name.endswith(".localhost")
+
+
+def _reaches(host: str, bind: str) -> bool:
+    """Whether connecting to ``host`` may reach a socket bound to ``bind`` (same port)."""
+    ip, bound = _ip(host), _ip(bind)
+    local = _is_localhost(host) or (ip is not None and (ip.is_loopback or ip.is_unspecified))
+    if bind == "" or (bound is not None and bound.is_unspecified):
+        return local  # a wildcard bind: at least loopback and the unspecified address
+    if _is_localhost(bind):
+        return local
+    if _is_localhost(host):
+        return bound is not None and bound.is_loopback
+    if ip is not None and bound is not None:
+        return ip == bound
+    return host.lower().rstrip(".") == bind.lower().rstrip(".")
+
+
+def address_refusal(address: Address, own: Iterable[Address]) -> str | None:
+    """Why a registered address is refused whatever allowed_networks says, or None.
+
+    Refused: lbproxy's own listen/admin addresses (a wildcard bind covers loopback and the
+    unspecified address on its port), link-local, unspecified and multicast addresses.
+    """
+    ip = _ip(address.host)
+    if ip is not None:
+        if ip.is_unspecified:
+            return "unspecified address"
+        if ip.is_link_local:
+            return "link-local address"
+        if ip.is_multicast:
+            return "multicast address"
+    for mine in own:
+        if mine.port == address.port and _reaches(address.host, mine.host):
+            return f"lbproxy's own address {mine}"
+    return None
 
 
 def parse_event(data: str) -> tuple[str, str, str]:

@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -24,10 +24,11 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from lbproxy.config_types import RedisConfig
+from lbproxy.config_types import Address, RedisConfig
 from lbproxy.pool import Pool
 from lbproxy.registry_apply import PoolFeeder
 from lbproxy.registry_schema import (
+    EXPIRED_LINGER,
     SNAPSHOT_SCRIPT,
     backend_key,
     backoff_delay,
@@ -73,10 +74,12 @@ class RegistryWatcher:
         backoff_base: float = 0.2,
         backoff_max: float = 5.0,
         command_timeout: float = 3.0,
+        own_addresses: Iterable[Address] = (),
     ) -> None:
         self.config = config
         self.connected = False
         self.last_sync = 0.0
+        self.loaded = asyncio.Event()  # set once the first full snapshot has been applied
         self._pools: dict[str, Pool] = dict(pools)
         self._resync_interval = resync_interval
         self._ping_interval = ping_interval
@@ -91,7 +94,7 @@ class RegistryWatcher:
         self._dirty: set[str] = set()
         self._next_full = 0.0
         self._expiry: dict[str, float] = {}  # pool -> monotonic time of its earliest expiry
-        self._feeder = PoolFeeder()
+        self._feeder = PoolFeeder(own_addresses)
         self._outage_since: float | None = None
         self._last_heard = 0.0
 
@@ -101,6 +104,21 @@ class RegistryWatcher:
         check_url(self.config.url)
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="registry-watcher")
+
+    async def wait_loaded(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the first snapshot; True once it is applied."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.loaded.wait()
+        return self.loaded.is_set()
+
+    def set_own_addresses(self, addresses: Iterable[Address]) -> None:
+        """lbproxy's own listen/admin addresses (refused as registrations); resyncs if new."""
+        own = frozenset(addresses)
+        if own != self._feeder.own:
+            self._feeder.own = own
+            self._next_full = 0.0
+            self._wake.set()
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -167,8 +185,10 @@ class RegistryWatcher:
         await pubsub.subscribe(self._channel)
         await self._await_subscribed(pubsub)
         script = client.register_script(SNAPSHOT_SCRIPT)
+        self._feeder.begin_session(time.monotonic())
         await self._sync(client, script, set(self._watched()), full=True)
         self.connected = True
+        self.loaded.set()
         if self._outage_since is not None:
             log.warning(
                 "registry: reconnected to Redis at %s after %.1fs; resynced",
@@ -214,13 +234,15 @@ class RegistryWatcher:
 
     def _on_event(self, data: str) -> None:
         try:
-            _event, pool, _backend_id = parse_event(data)
+            event, pool, backend_id = parse_event(data)
         except ValueError as exc:
             self._feeder.log_once(
                 ("event", data[:200]), "registry: ignoring malformed event %r: %s", data[:200], exc
             )
             return
         if pool in self._watched():
+            if event == "leave":  # explicit: acts at once (a vanished key only starts a grace)
+                self._feeder.note_leave(pool, backend_id, time.monotonic())
             self._dirty.add(pool)
             self._wake.set()
 
@@ -249,6 +271,7 @@ class RegistryWatcher:
         """Read the snapshot of ``names`` in one round trip and apply it to the pools."""
         order = sorted(names)
         if order:
+            sent = time.monotonic()
             replies = await self._read(client, script, order)
             received = time.monotonic()
             watched = self._watched()
@@ -256,7 +279,7 @@ class RegistryWatcher:
                 pool = watched.get(name)
                 if pool is None:
                     continue
-                earliest = self._feeder.apply(pool, parse_snapshot(reply), received)
+                earliest = self._feeder.apply(pool, parse_snapshot(reply), received, sent)
                 if earliest is None:
                     self._expiry.pop(name, None)
                 else:
@@ -273,7 +296,7 @@ class RegistryWatcher:
             for name in names:
                 await script(
                     keys=[members_key(prefix, name)],
-                    args=[backend_key(prefix, name, "")],
+                    args=[backend_key(prefix, name, ""), EXPIRED_LINGER],
                     client=pipe,
                 )
             replies: list[list[object]] = await pipe.execute()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import signal
@@ -124,11 +125,15 @@ async def test_missed_publish_is_healed_by_resync(redis: RedisServer) -> None:
     ):
         await await_until(lambda: watcher.connected, timeout=5)
         first_sync = watcher.last_sync
-        await raw_register(client, "chat", "quiet", "127.0.0.1:7200", event=None)
+        await raw_register(client, "chat", "quiet", "127.0.0.1:7200", event=None, ttl=1.5)
         await await_until(lambda: "quiet" in redis_ids(pool), timeout=2)
         assert watcher.last_sync > first_sync
+        # A leave without its event is a vanished key (SPEC 15): kept until its TTL passes.
         await raw_leave(client, "chat", "quiet", publish=False)
-        await await_until(lambda: "quiet" not in pool.backends, timeout=2)
+        sync = watcher.last_sync
+        await await_until(lambda: watcher.last_sync > sync, timeout=2)
+        assert "quiet" in redis_ids(pool)
+        await await_until(lambda: "quiet" not in pool.backends, timeout=3)
 
 
 async def test_expired_member_leaves_at_its_expiry_and_is_cleaned(redis: RedisServer) -> None:
@@ -145,8 +150,17 @@ async def test_expired_member_leaves_at_its_expiry_and_is_cleaned(redis: RedisSe
         await await_until(lambda: "short" not in pool.backends, timeout=2.0)
         print(f"expiry: gone {time.monotonic() - t0:.2f}s after joining with ttl 1.0s")
         assert redis_ids(pool) == {"long"}
+        # The expired member stays in the set (read as expired, so every watcher sees the
+        # expiry itself) while its hash lives; the first read after that removes it.
         members = await client.zrange(members_key(PREFIX, "chat"), 0, -1)
-        assert members == ["long"]  # the expired member was removed from the sorted set
+        assert members == ["short", "long"]
+        async with asyncio.timeout(5):
+            while await client.exists(backend_key(PREFIX, "chat", "short")):
+                await asyncio.sleep(0.05)
+        await raw_register(client, "chat", "next", "127.0.0.1:7302", ttl=60.0)
+        await await_until(lambda: "next" in redis_ids(pool), timeout=2)
+        members = await client.zrange(members_key(PREFIX, "chat"), 0, -1)
+        assert sorted(members) == ["long", "next"]  # removed from the sorted set
 
 
 async def test_run_register_sigkill_expires_within_ttl(redis: RedisServer) -> None:

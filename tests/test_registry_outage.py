@@ -68,6 +68,7 @@ async def test_outage_keeps_backends_then_recovers(
             print(f"reconnected {time.monotonic() - t0:.2f}s after Redis came back")
             # r1's heartbeat recreates its lost entry (announced as a join).
             await await_until(lambda: state_of(pool, "r1") is BackendState.UP, timeout=3)
+            await await_until(lambda: messages(caplog, "heartbeat for r1 succeeded"), timeout=3)
             async with raw_client(restarted.url) as client:
                 await raw_register(client, "chat", "r2", "127.0.0.1:8002")
             await await_until(lambda: "r2" in redis_ids(pool), timeout=2)
