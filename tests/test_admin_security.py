@@ -7,6 +7,8 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -333,3 +335,51 @@ def test_fd_reserve_estimate_corrects_itself_when_connections_closed() -> None:
 
 def test_fd_reserve_that_does_not_fit() -> None:
     assert not FdReserve(64, lambda: reserve_size(64, 1), count=lambda: 10).budget.fits()
+
+
+HEALTH_OUT_OF_FDS = """
+import asyncio, os, resource, sys
+from lbproxy.config_types import Address, BackendConfig, HealthConfig, PoolConfig
+from lbproxy.health import HealthChecker
+from lbproxy.pool import Pool
+from lbproxy.stats import Stats
+
+async def main() -> None:
+    config = HealthConfig(check="tcp", fall=1)
+    address = Address("127.0.0.1", int(sys.argv[1]))  # nothing listens there
+    pool = Pool(PoolConfig(name="p", backends=(BackendConfig("b1", address),), health=config))
+    stats = Stats()
+    checker = HealthChecker(pool, stats)
+    backend = pool.backends["b1"]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+    filler = []
+    try:
+        while True:
+            filler.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    await checker._check_once(backend, config)  # no fd: no verdict
+    print(dict(stats.health_checks), backend.state.value)
+    for fd in filler:
+        os.close(fd)
+    await checker._check_once(backend, config)  # the same check with fds: it fails
+    print(dict(stats.health_checks), backend.state.value)
+
+asyncio.run(main())
+"""
+
+
+def test_health_check_without_fds_is_no_failure() -> None:
+    """A check lbproxy cannot make (EMFILE) is skipped, not held against the backend."""
+    out = subprocess.run(
+        [sys.executable, "-c", HEALTH_OUT_OF_FDS, str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.splitlines()
+    assert out == [
+        "{('p', 'b1', 'skipped'): 1} up",
+        "{('p', 'b1', 'skipped'): 1, ('p', 'b1', 'fail'): 1} down",
+    ]
