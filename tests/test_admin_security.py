@@ -383,3 +383,21 @@ def test_health_check_without_fds_is_no_failure() -> None:
         "{('p', 'b1', 'skipped'): 1} up",
         "{('p', 'b1', 'skipped'): 1, ('p', 'b1', 'fail'): 1} down",
     ]
+
+
+def test_check_config_reports_the_new_keys(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[admin]\nallowed_hosts = ["lb.example", "http://lb.example/"]\nmax_connections = 0\n'
+        '[listeners.public]\nbind = "127.0.0.1:8080"\npool = "chat"\n'
+        '[pools.chat]\nbackends = [{ id = "b1", address = "127.0.0.1:9001" }]\n'
+    )
+    done = subprocess.run(
+        lbproxy_cmd("check-config", str(path)), capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2
+    assert done.stdout.splitlines() + done.stderr.splitlines() == [
+        f"{path}: admin.allowed_hosts[1]: 'http://lb.example/' is not a host name or IP "
+        "address (without a port)",
+        f"{path}: admin.max_connections: must be an integer from 1 to 65536, got 0",
+    ]
