@@ -184,18 +184,36 @@ def test_connections_over_max_get_503_while_the_others_still_answer(admin_port: 
 
 
 # -- fd reserve: /metrics while the proxy is full -----------------------------------
-def test_metrics_answer_while_the_proxy_is_out_of_fds(tmp_path: Path) -> None:
-    """lbproxy under a 64-fd limit, filled with held websockets until it answers 503:
-    30 of 30 /metrics scrapes are answered, and the proxy refuses cleanly (503, no reset)."""
+def _open_one(port: int, mode: str) -> tuple[socket.socket, bytes]:
+    """A new proxied connection and what it got: a 101 head / the tcp backend's greeting when
+    admitted, the 503 (http) or b"" (tcp: closed) when refused."""
+    c = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        if mode == "http":
+            c.sendall(UPGRADE)
+            return c, read_head(c)
+        return c, c.recv(4096)
+    except OSError as exc:  # (a reset: the accept itself found no fd)
+        return c, repr(exc).encode()
+
+
+@pytest.mark.parametrize("mode", ["http", "tcp"])
+def test_metrics_answer_while_the_proxy_is_out_of_fds(tmp_path: Path, mode: str) -> None:
+    """lbproxy under a 64-fd limit, filled with held connections until it refuses (http:
+    503, tcp: closed): 30 of 30 /metrics scrapes are answered."""
+    admitted = b"HTTP/1.1 101 " if mode == "http" else b"hi\n"
 
     def hold(conn: socket.socket) -> None:
-        read_head(conn)
-        conn.sendall(SWITCH)
+        if mode == "http":
+            read_head(conn)
+            conn.sendall(SWITCH)
+        else:
+            conn.sendall(b"hi\n")
         while conn.recv(4096):
             pass
 
     server = TcpServer(hold)
-    text, port, admin = proxy_config([("b1", f"127.0.0.1:{server.port}")])
+    text, port, admin = proxy_config([("b1", f"127.0.0.1:{server.port}")], mode=mode)
     text = text.replace("[admin]\n", f"[admin]\nmax_connections = {MAX_CONNECTIONS}\n", 1)
     path = tmp_path / "lb.toml"
     path.write_text(text)
@@ -203,21 +221,17 @@ def test_metrics_answer_while_the_proxy_is_out_of_fds(tmp_path: Path) -> None:
     held: list[socket.socket] = []
     try:
         wait_until(lambda: port_open(port) and port_open(admin), timeout=15)
-        refused = b""
+        refused = b"(never)"
         for _ in range(64):
-            c = socket.create_connection(("127.0.0.1", port), timeout=10)
-            c.sendall(UPGRADE)
-            try:
-                head = read_head(c)
-            except OSError as exc:  # (a reset: the accept itself found no fd)
-                head = repr(exc).encode()
-            if not head.startswith(b"HTTP/1.1 101 "):
-                refused = head
+            c, answer = _open_one(port, mode)
+            if not answer.startswith(admitted):
+                refused = answer
                 c.close()
                 break
             held.append(c)
-        assert refused.startswith(b"HTTP/1.1 503 "), (refused, len(held), proc.output())
-        assert b"out of file descriptors" in refused
+        clean = b"HTTP/1.1 503 Service Unavailable" if mode == "http" else b""
+        assert refused.startswith(clean) and (mode == "http" or refused == b""), refused
+        assert mode == "tcp" or b"out of file descriptors" in refused
         assert len(held) >= 5  # (the proxy did serve until near the limit)
         answered = 0
         for _ in range(30):
@@ -225,9 +239,9 @@ def test_metrics_answer_while_the_proxy_is_out_of_fds(tmp_path: Path) -> None:
             answered += status == 200 and b"lbproxy_connections_total" in body
         assert answered == 30
         assert b'reason="fd_reserve"' in body
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
-            c.sendall(UPGRADE)  # still full: still a clean 503
-            assert read_head(c).startswith(b"HTTP/1.1 503 ")
+        c, answer = _open_one(port, mode)  # still full: still refused
+        c.close()
+        assert answer == b"" if mode == "tcp" else answer.startswith(clean), answer
     finally:
         for c in held:
             c.close()
