@@ -72,9 +72,9 @@ class FdBudget:
     def admits(self, open_fds: int) -> bool:
         return open_fds + self.reserve < self.limit
 
-    def fits(self) -> bool:
-        """The reserve leaves the proxy at least as many descriptors as it keeps."""
-        return self.limit >= 2 * self.reserve
+    def fits(self, reserve: int) -> bool:
+        """This reserve leaves the proxy at least as many descriptors as it keeps."""
+        return self.limit >= 2 * reserve
 
 
 class FdReserve:
@@ -114,7 +114,8 @@ class FdReserve:
         started = self._clock()
         self.base = self._count()
         self.since = 0
-        self.budget.reserve = self._reserve()
+        # (never more than half the limit: many discovered backends must not starve the proxy)
+        self.budget.reserve = min(self._reserve(), self.budget.limit // 2)
         now = self._clock()
         self.next_scan = now + max(MIN_RESCAN, (now - started) * SCAN_SHARE)
 
@@ -140,12 +141,13 @@ def create(reserve: Callable[[], int]) -> FdReserve | None:
         log.info("no file descriptor limit to keep a reserve under")
         return None
     fds = FdReserve(limit, reserve)
-    if not fds.budget.fits():
+    wanted = reserve()
+    if not fds.budget.fits(wanted):
         log.warning(
             "file descriptor limit %d is too low to keep %d in reserve for the admin API and "
             "health checks: no reserve (raise it with ulimit -n / LimitNOFILE)",
             limit,
-            fds.budget.reserve,
+            wanted,
         )
         return None
     log.info(

@@ -325,7 +325,7 @@ def test_fd_reserve_estimate_rescans_only_near_the_limit() -> None:
 
     clock = Clock()
     reserve = FdReserve(100, lambda: 30, count=count, clock=clock)
-    assert reserve.budget.fits() and len(scans) == 1
+    assert reserve.budget.fits(30) and len(scans) == 1
     clock.now += 1.0
     while reserve.admit():  # no scan while the estimate (base + 2 per admit) is far off
         held[0] += 1
@@ -347,8 +347,13 @@ def test_fd_reserve_estimate_corrects_itself_when_connections_closed() -> None:
     assert reserve_size(64, 3) == 64 + 4 + 3 + 16
 
 
-def test_fd_reserve_that_does_not_fit() -> None:
-    assert not FdReserve(64, lambda: reserve_size(64, 1), count=lambda: 10).budget.fits()
+def test_fd_reserve_that_does_not_fit_or_grows() -> None:
+    wanted = [reserve_size(64, 1)]
+    reserve = FdReserve(64, lambda: wanted[0], count=lambda: 10)
+    assert not reserve.budget.fits(wanted[0]) and reserve.budget.fits(32)
+    wanted[0] = 1000  # (say, many discovered backends): capped at half the limit
+    reserve.refresh()
+    assert reserve.budget.reserve == 32
 
 
 HEALTH_OUT_OF_FDS = """
