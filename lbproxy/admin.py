@@ -19,11 +19,16 @@ from urllib.parse import unquote, urlsplit
 import h11
 from prometheus_client import CollectorRegistry
 
+from lbproxy.admin_guard import HostPolicy, refusal
 from lbproxy.config_types import Address, AdminConfig
 from lbproxy.metrics import render
 from lbproxy.pool import Pool
 
 IDLE_TIMEOUT = 60.0  # a keep-alive connection with no request for this long is closed
+# beyond admin.max_connections: this many at a time get their request read and a 503;
+# more than that are closed at once (they all use file descriptors from the reserve)
+MAX_REFUSING = 4
+REFUSE_TIMEOUT = 2.0  # a refused connection gets this long to send its request head
 MAX_HEAD = 16 * 1024
 MAX_BODY = 1024 * 1024
 JSON_TYPE = "application/json"
@@ -87,7 +92,9 @@ class AdminServer:
         self.registry = registry
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[object]] = set()
+        self._refusing: set[asyncio.Task[object]] = set()
         self._dashboard: bytes | None = None
+        self._hosts = HostPolicy.build(config.listen.host, config.allowed_hosts)
 
     async def start(self) -> Address:
         listen = self._config.listen
@@ -100,7 +107,7 @@ class AdminServer:
         if server is None:
             return
         server.close()
-        tasks = list(self._connections)
+        tasks = [*self._connections, *self._refusing]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -109,6 +116,9 @@ class AdminServer:
     # -- connections ---------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        if len(self._connections) >= self._config.max_connections:
+            await self._refuse(reader, writer, task)
+            return
         if task is not None:
             self._connections.add(task)
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
@@ -137,11 +147,49 @@ class AdminServer:
             if task is not None:
                 self._connections.discard(task)
 
+    async def _refuse(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        task: asyncio.Task[object] | None,
+    ) -> None:
+        """Over max_connections: read the request, answer 503, close (an HTTP client or a
+        Prometheus scrape sees a clear status rather than a reset). Past MAX_REFUSING
+        such connections at once, close without reading."""
+        if len(self._refusing) >= MAX_REFUSING or task is None:
+            writer.transport.abort()
+            return
+        self._refusing.add(task)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        limit = self._config.max_connections
+        reply = error(
+            503,
+            f"too many admin connections (admin.max_connections = {limit})",
+            ("Retry-After", "1"),
+            ("Connection", "close"),
+        )
+        try:
+            async with asyncio.timeout(REFUSE_TIMEOUT):
+                request = await _read_request(conn, reader)
+                if request is not None:
+                    await _send(conn, writer, request.method, reply)
+        except (OSError, TimeoutError, h11.ProtocolError, asyncio.CancelledError):
+            pass
+        finally:
+            self._refusing.discard(task)
+            if conn.our_state is h11.ERROR or conn.our_state is h11.SEND_RESPONSE:
+                writer.transport.abort()
+            else:
+                writer.close()
+
     # -- routing -------------------------------------------------------------
     def handle(self, request: h11.Request) -> Response:
         """Answer one request (the body has been read and ignored)."""
         method = request.method.decode("ascii", "replace")
         headers = {name.decode("latin-1"): value for name, value in request.headers}
+        refused = refusal(self._hosts, headers)
+        if refused is not None:
+            return error(*refused)
         path = urlsplit(request.target.decode("ascii", "replace")).path
         parts = [unquote(p) for p in path.strip("/").split("/")] if path != "/" else []
         change = _change_route(parts)

@@ -12,7 +12,7 @@ import sys
 import urllib.error
 import urllib.request
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 TIMEOUT = 10.0
 TOKEN_ENV = "LBPROXY_ADMIN_TOKEN"
@@ -32,15 +32,31 @@ def _base(admin_url: str) -> str:
     return url if "://" in url else f"http://{url}"
 
 
+def admin_host(url: str) -> str:
+    """The Host header the CLI sends: ``localhost[:PORT]``, which the admin API always accepts.
+
+    (The Host check is against browsers tricked by DNS rebinding; the CLI is no browser, and
+    so `lbproxy status --admin http://10.0.0.5:9901` works without an allowed_hosts entry.)
+    """
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        port = None
+    return "localhost" if port is None else f"localhost:{port}"
+
+
 def _call(admin_url: str, method: str, path: str, token: str) -> tuple[int, bytes]:
     """One request; returns (status, body) for 2xx, raises AdminApiError with the reason."""
     url = _base(admin_url) + path
     request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    request.add_header("Host", admin_host(url))
     token = token or os.environ.get(TOKEN_ENV, "")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+        # (the admin API refuses what comes through a proxy: http_proxy & co. are ignored)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(request, timeout=TIMEOUT) as response:
             return int(response.status), bytes(response.read())
     except urllib.error.HTTPError as exc:
         with exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -14,6 +15,8 @@ from lbproxy.config import load_config
 from lbproxy.config_types import Address, AdminConfig, Config, ListenerConfig
 from lbproxy.drain import Drainer, close_spread
 from lbproxy.errors import ConfigError
+from lbproxy.fdreserve import FdReserve, reserve_size
+from lbproxy.fdreserve import create as create_fd_reserve
 from lbproxy.health import HealthChecker
 from lbproxy.metrics import build_registry
 from lbproxy.pool import Pool
@@ -52,13 +55,14 @@ class App:
         self.admin: AdminServer | None = None
         self.admin_address: Address | None = None
         self.stopping = asyncio.Event()
+        self.fds: FdReserve | None = None  # descriptors kept for the admin API and health checks
 
     # -- building ------------------------------------------------------------
     def _admin_config(self, config: Config) -> AdminConfig:
         listen = config.admin.listen
         if self.admin_port_offset and listen.port:
             listen = Address(listen.host, listen.port + self.admin_port_offset)
-        return AdminConfig(listen=listen, token=config.admin.token)
+        return dataclasses.replace(config.admin, listen=listen)
 
     async def start(self) -> None:
         config = self.config
@@ -66,6 +70,7 @@ class App:
             self._add_pool(name, Pool(pool_config))
         await self._sync_watcher(config)
         await self._await_first_snapshot(config)  # no listener accepts before this
+        self.fds = create_fd_reserve(self._fd_reserve)
         for name, listener_config in config.listeners.items():
             await self._add_listener(name, listener_config)
         for pool in self.pools.values():
@@ -83,6 +88,12 @@ class App:
         if self.watcher is not None:
             self.watcher.set_own_addresses(self._own_addresses(config))
 
+    def _fd_reserve(self) -> int:
+        checked = sum(
+            len(p.backends) for p in self.pools.values() if p.config.health.check != "none"
+        )
+        return reserve_size(self.config.admin.max_connections, checked)
+
     def _add_pool(self, name: str, pool: Pool) -> None:
         self.pools[name] = pool
         self.drainer.watch(pool)
@@ -94,6 +105,7 @@ class App:
             self.stats,
             reuse_port=self.reuse_port,
             log_json=self.log_json,
+            fds=self.fds,
         )
         await listener.start()
         self.listeners[name] = listener

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
+from lbproxy.admin_guard import allowed_host_entry
 from lbproxy.config_types import (
     MAX_WEIGHT,
     Address,
@@ -264,7 +265,27 @@ def _admin(top: _Section, problems: _Problems) -> AdminConfig:
     token = section.string("token", defaults.token)
     if not token and not _is_loopback(listen.host):
         section.bad("token", f"required when admin.listen ({listen}) is not a loopback address")
-    return AdminConfig(listen=listen, token=token)
+    allowed = _allowed_hosts(section)
+    max_connections = section.integer("max_connections", defaults.max_connections, 1, 65536)
+    return AdminConfig(
+        listen=listen, token=token, allowed_hosts=allowed, max_connections=max_connections
+    )
+
+
+def _allowed_hosts(section: _Section) -> tuple[str, ...]:
+    value = section.data.get("allowed_hosts", [])
+    if not isinstance(value, list):
+        section.bad("allowed_hosts", f"must be a list of host names, got {_show(value)}")
+        return ()
+    result: list[str] = []
+    for index, item in enumerate(value):
+        try:
+            if not isinstance(item, str):
+                raise ValueError(f"must be a string, got {_show(item)}")
+            result.append(allowed_host_entry(item))
+        except ValueError as exc:
+            section.problems.add(f"{section.key('allowed_hosts')}[{index}]", str(exc))
+    return tuple(result)
 
 
 def _redis(table: Mapping[str, Any], problems: _Problems) -> RedisConfig:

@@ -23,6 +23,8 @@ class Address:
 class AdminConfig:
     listen: Address = Address("127.0.0.1", 9901)
     token: str = ""
+    allowed_hosts: tuple[str, ...] = ()  # Host names besides admin.listen/localhost (canonical)
+    max_connections: int = 64  # open admin connections; beyond: 503 and close
 
 
 @dataclass(frozen=True, slots=True)

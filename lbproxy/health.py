@@ -34,6 +34,7 @@ from wsproto.events import (
 
 from lbproxy.config_types import Address, HealthConfig
 from lbproxy.pool import Backend, BackendState, Pool
+from lbproxy.proxy.connect import LOCAL_ERRORS
 from lbproxy.stats import Stats
 
 log = logging.getLogger("lbproxy.health")
@@ -44,6 +45,10 @@ PING_PAYLOAD = b"lbproxy-health"
 
 class CheckFailed(Exception):
     """A health check that did not pass; the message is the reason."""
+
+
+class OutOfResources(Exception):
+    """lbproxy itself could not run the check (no file descriptor, no memory): no verdict."""
 
 
 @dataclass(slots=True)
@@ -148,7 +153,12 @@ class HealthChecker:
 
     async def _check_once(self, backend: Backend, config: HealthConfig) -> None:
         started = time.monotonic()
-        reason = await run_check(config, backend.address)
+        try:
+            reason = await run_check(config, backend.address)
+        except OutOfResources as exc:  # not the backend's failure (nor a pass)
+            self._stats.health_checks[(self._pool.name, backend.id, "skipped")] += 1
+            log.debug("pool %s backend %s: check skipped: %s", self._pool.name, backend.id, exc)
+            return
         self._stats.health_check_seconds.observe(time.monotonic() - started)
         if self._pool.backends.get(backend.id) is backend:
             self._record(backend, config, reason)
@@ -202,7 +212,8 @@ class _Probe:
 
 
 async def run_check(config: HealthConfig, address: Address) -> str | None:
-    """Run one check of ``config.check`` against ``address``: None on pass, else the reason."""
+    """Run one check of ``config.check`` against ``address``: None on pass, else the reason.
+    OutOfResources when lbproxy has no file descriptor (or memory) to make the check with."""
     checks = {"tcp": _check_tcp, "http": _check_http, "websocket": _check_websocket}
     check = checks.get(config.check)
     if check is None:
@@ -222,6 +233,8 @@ async def run_check(config: HealthConfig, address: Address) -> str | None:
     except h11.ProtocolError as exc:
         return f"bad http response: {exc}"
     except OSError as exc:
+        if exc.errno in LOCAL_ERRORS:
+            raise OutOfResources(exc.strerror or str(exc)) from exc
         return f"connection error: {exc.strerror or exc}"
     except Exception as exc:  # any other way of not completing the check is a failure
         return f"check error: {type(exc).__name__}: {exc}"

@@ -204,14 +204,14 @@ async def test_keep_alive_and_request_bodies(admin: Admin) -> None:
     reader, writer = await asyncio.open_connection(admin.address.host, admin.address.port)
     try:
         writer.write(
-            b"POST /api/pools/chat/backends/b1/drain HTTP/1.1\r\nHost: x\r\n"
+            b"POST /api/pools/chat/backends/b1/drain HTTP/1.1\r\nHost: localhost\r\n"
             b"Content-Length: 11\r\n\r\nhello world"
         )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 202 ")
         length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
         await reader.readexactly(length)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # same connection
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")  # same connection
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 200 ")
         assert await reader.readexactly(3) == b"ok\n"
@@ -219,14 +219,14 @@ async def test_keep_alive_and_request_bodies(admin: Admin) -> None:
         writer.close()
     assert admin.pools["chat"].backends["b1"].state is BackendState.DRAINING
     closed = await raw_exchange(
-        admin, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        admin, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     )
     assert closed.startswith(b"HTTP/1.1 200 ") and closed.endswith(b"ok\n")
 
 
 async def test_bad_requests(admin: Admin) -> None:
     assert (await raw_exchange(admin, b"this is not http\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
-    huge = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000  # head never ends
+    huge = b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 20000  # head never ends
     assert (await raw_exchange(admin, huge)).startswith(b"HTTP/1.1 431 ")
     # the server still serves others
     assert (await request(admin, "GET", "/healthz")).status_code == 200
@@ -235,7 +235,7 @@ async def test_bad_requests(admin: Admin) -> None:
 async def test_stop_closes_open_connections() -> None:
     running = await start_admin()
     reader, writer = await asyncio.open_connection(running.address.host, running.address.port)
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
     await asyncio.wait_for(reader.readuntil(b"ok\n"), 5)
     await asyncio.wait_for(running.server.stop(), 5)
     assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server

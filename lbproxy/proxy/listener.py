@@ -8,8 +8,11 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from typing import cast
 
 from lbproxy.config_types import Address, ListenerConfig
+from lbproxy.fdreserve import MAX_LINGERING, FdReserve
+from lbproxy.http1 import error_response
 from lbproxy.pool import Pool
 from lbproxy.proxy.context import ListenerContext, Tracked
 from lbproxy.proxy.http_client import HttpClient
@@ -29,6 +32,50 @@ def _ssl_context(config: ListenerConfig) -> ssl.SSLContext | None:
     return context
 
 
+class Refusal(asyncio.Protocol):
+    """A client refused to keep the fd reserve free: http gets a 503 and a lingering close
+    (while few are lingering; past that, and in tcp mode, it is closed at once)."""
+
+    __slots__ = ("ctx", "fds", "timer", "transport")
+
+    LINGER = 2.0
+
+    def __init__(self, ctx: ListenerContext, fds: FdReserve) -> None:
+        self.ctx = ctx
+        self.fds = fds
+        self.timer: asyncio.TimerHandle | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        ctx, fds = self.ctx, self.fds
+        name = ctx.config.name
+        ctx.stats.connections_total[name] += 1
+        ctx.stats.rejected[(name, "fd_reserve")] += 1
+        if ctx.config.mode != "http" or fds.lingering >= MAX_LINGERING:
+            transport.close()
+            return
+        transport.write(error_response(503, detail="out of file descriptors"))
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()  # FIN, then drop what the client still sends until it closes
+        fds.lingering += 1
+        self.timer = ctx.loop.call_later(self.LINGER, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # (close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.fds.lingering -= 1
+
+
 class Listener:
     """Accepts connections for one [listeners.NAME] table and owns them."""
 
@@ -40,8 +87,10 @@ class Listener:
         *,
         reuse_port: bool = False,
         log_json: bool = False,
+        fds: FdReserve | None = None,
     ) -> None:
         self.config = config
+        self.fds = fds  # the process's fd reserve: new connections refused when it is reached
         self.stats = stats
         self.reuse_port = reuse_port
         self.log_json = log_json
@@ -68,9 +117,17 @@ class Listener:
 
     def _factory(self) -> Callable[[], asyncio.Protocol]:
         ctx = self.ctx
-        if self.config.mode == "tcp":
-            return lambda: TcpClient(ctx)
-        return lambda: HttpClient(ctx)
+        tcp = self.config.mode == "tcp"
+        fds = self.fds
+        if fds is None:
+            return (lambda: TcpClient(ctx)) if tcp else (lambda: HttpClient(ctx))
+
+        def admit() -> asyncio.Protocol:
+            if not fds.admit():
+                return Refusal(ctx, fds)
+            return TcpClient(ctx) if tcp else HttpClient(ctx)
+
+        return admit
 
     async def start(self) -> Address:
         loop = asyncio.get_running_loop()
