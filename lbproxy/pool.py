@@ -254,9 +254,15 @@ class Pool:
         """``conn`` opened on ``backend``; with its affinity ``key``, the key stays there."""
         backend.active += 1
         backend.connections.add(conn)
-        if key is not None and self.config.balance == "hash" and self._signer.read(key) is None:
-            stick = self._affinity.opened(key, backend.id, self._clock())
-            self._sticks[conn] = (key, stick)
+        if key is None or self.config.balance != "hash":
+            return
+        signed = self._signer.read(key)
+        if signed is not None:  # lbproxy's cookie: remembered only away from its backend
+            if signed[1] == backend.id:
+                return
+            key = signed[0]
+        stick = self._affinity.opened(key, backend.id, self._clock())
+        self._sticks[conn] = (key, stick)
 
     def detach(self, backend: Backend, conn: Closable) -> None:
         if conn in backend.connections:
@@ -334,10 +340,10 @@ class Pool:
             key, stuck = signed
             if stuck in by_id:
                 return by_id[stuck]
-        else:
-            remembered = self._affinity.lookup(key, self._clock())
-            if remembered is not None and remembered in by_id:
-                return by_id[remembered]
+        # (for a cookie whose backend is not usable: where its nonce went meanwhile)
+        remembered = self._affinity.lookup(key, self._clock())
+        if remembered is not None and remembered in by_id:
+            return by_id[remembered]
         table = self._hash
         if table is None:
             table = self._hash = ConsistentHash([(b.id, b.weight) for b in self._up])

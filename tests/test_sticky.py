@@ -190,6 +190,27 @@ def test_sticky_cookie_is_issued_followed_and_reissued_when_its_backend_is_down(
     assert pool.pick(value.encode()) is not chosen  # the old cookie: picked again
 
 
+def test_a_cookie_whose_backend_failed_follows_where_its_nonce_went() -> None:
+    """Socket.IO after a node died: the reconnect went elsewhere before the node was marked
+    down; the session's next requests (same old cookie) must reach that same backend."""
+    clock = Clock()
+    pool = hash_pool(clock, n=5, sticky_secret="0123456789abcdef")
+    value = pool.sticky_cookie(None)
+    assert value is not None
+    dead = pool.pick(value.encode())
+    assert dead is not None
+    elsewhere = pool.pick(value.encode(), exclude={dead.id})  # its connect was refused
+    assert elsewhere is not None and elsewhere is not dead
+    pool.attach(elsewhere, Conn(), value.encode())
+    for i in range(8):  # load everywhere else changes what bounded loads would say
+        pool.attach(elsewhere, Conn(), f"load-{i}".encode())
+    for _ in range(5):
+        assert pool.pick(value.encode(), exclude={dead.id}) is elsewhere
+    pool.mark_down(dead.id, "passive failures")
+    fresh = pool.sticky_cookie(value.encode())
+    assert fresh is not None and pool.pick(fresh.encode()) is elsewhere
+
+
 def test_a_forged_cookie_is_a_plain_key() -> None:
     clock = Clock()
     pool = hash_pool(clock, sticky_secret="0123456789abcdef")
