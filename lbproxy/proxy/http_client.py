@@ -611,6 +611,18 @@ class HttpClient(asyncio.Protocol):
     def activity(self) -> int:
         return self.nbytes_in + self.nbytes_out
 
+    def flush_bytes(self) -> None:
+        """Count the current request's bytes so far (a long response, SSE) in the stats."""
+        backend = self.backend
+        if backend is None:
+            return
+        stats = self.ctx.stats
+        pool = self.ctx.pool.name
+        stats.bytes[(pool, backend.id, "in")] += self.nbytes_in - self.mark_in
+        stats.bytes[(pool, backend.id, "out")] += self.nbytes_out - self.mark_out
+        self.mark_in = self.nbytes_in
+        self.mark_out = self.nbytes_out
+
     def go_away(self) -> None:
         if self.state == HEAD and not self.buf:
             self.state = DONE
