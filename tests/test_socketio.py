@@ -227,12 +227,13 @@ async def test_sse_recipe_streams_each_event_as_it_is_sent(
 ) -> None:
     """Server-Sent Events: a long response lbproxy forwards chunk by chunk, no buffering."""
     proxy = start_proxy(nodes, tmp_path, {"hash_key": "ip"})
+    counted = asyncio.create_task(first_bytes_counted(proxy))
     try:
         arrivals: list[float] = []
         lines: list[str] = []
         async with httpx.AsyncClient(timeout=10) as client:
             started = time.monotonic()
-            url = f"http://127.0.0.1:{proxy.port}/sse?n=10"
+            url = f"http://127.0.0.1:{proxy.port}/sse?n=30"
             async with client.stream("GET", url, headers={"Accept": "text/event-stream"}) as r:
                 assert r.status_code == 200
                 assert r.headers["content-type"] == "text/event-stream"
@@ -240,9 +241,25 @@ async def test_sse_recipe_streams_each_event_as_it_is_sent(
                     if line.startswith("data: "):
                         lines.append(line[6:])
                         arrivals.append(time.monotonic() - started)
+        ended = time.monotonic()
         node = lines[0].split()[0]
-        assert lines == [f"{node} {i}" for i in range(10)]
+        assert lines == [f"{node} {i}" for i in range(30)]
         # the node sends one event every 50 ms: the first arrives long before the last
-        assert arrivals[0] < arrivals[-1] - 0.3, arrivals
+        assert arrivals[0] < arrivals[-1] - 1.0, arrivals
+        # and the stream's bytes reached the stats (the dashboard) while it was still open
+        assert await asyncio.wait_for(counted, 5) < ended
     finally:
+        counted.cancel()
         proxy.proc.stop()
+
+
+async def first_bytes_counted(proxy: Proxy) -> float:
+    """When lbproxy's metrics first show bytes sent to the client."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        while True:
+            text = (await client.get(f"http://127.0.0.1:{proxy.admin_port}/metrics")).text
+            for line in text.splitlines():
+                out = line.startswith("lbproxy_bytes_total{") and 'direction="out"' in line
+                if out and float(line.rsplit(" ", 1)[1]) > 0:
+                    return time.monotonic()
+            await asyncio.sleep(0.05)

@@ -261,12 +261,13 @@ def backends() -> Iterator[list[Backend]]:
             b.stop()
 
 
-KINDS = {
-    "sticky-cookie": ("cookie:lbid", {}, ""),
-    "client-cookie": ("cookie:lbid", {"Cookie": "lbid=user-42"}, ""),
-    "ip": ("ip", {}, ""),
-    "header": ("header:x-user", {"X-User": "user-42"}, ""),
-    "query": ("query:room", {}, "?room=r42"),
+KINDS = {  # name: (hash_key, request headers, query, LBPROXY_SPLICE)
+    "sticky-cookie": ("cookie:lbid", {}, "", "1"),
+    "client-cookie": ("cookie:lbid", {"Cookie": "lbid=user-42"}, "", "1"),
+    "ip": ("ip", {}, "", "1"),
+    "ip-python-tunnel": ("ip", {}, "", "0"),
+    "header": ("header:x-user", {"X-User": "user-42"}, "", "1"),
+    "query": ("query:room", {}, "?room=r42", "1"),
 }
 
 
@@ -275,12 +276,12 @@ KINDS = {
 def test_websocket_then_requests_with_the_same_key_stay(
     backends: list[Backend], tmp_path: Path, kind: str
 ) -> None:
-    hash_key, headers, query = KINDS[kind]
+    hash_key, headers, query, splice = KINDS[kind]
     text, port, _ = proxy_config(
         [(b.id, b.address) for b in backends],
         pool={"balance": "hash", "hash_key": hash_key, "sticky_cookie": True},
     )
-    proxy = Lbproxy(text, tmp_path).start(wait_ports=(port,))
+    proxy = Lbproxy(text, tmp_path, env={"LBPROXY_SPLICE": splice}).start(wait_ports=(port,))
     try:
         with ws_connect(f"ws://127.0.0.1:{port}/echo{query}", additional_headers=headers) as ws:
             cookie = ws.response.headers.get("Set-Cookie")
