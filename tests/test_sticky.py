@@ -7,7 +7,6 @@ front of three reference backends at the default ``hash_balance_factor``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -16,8 +15,7 @@ from websockets.sync.client import connect as ws_connect
 from lbproxy.balance import AffinityTable, CookieSigner, cookie_secret
 from lbproxy.config_types import Address, BackendConfig, PoolConfig
 from lbproxy.pool import Pool
-from tests.proxyconf import proxy_config
-from tests.support import Backend, Lbproxy
+from tests.support import Backend, Lbproxy, free_port, wait_until
 from tests.test_config import problems_of, with_value
 
 
@@ -271,35 +269,64 @@ KINDS = {  # name: (hash_key, request headers, query, LBPROXY_SPLICE)
 }
 
 
+def multi_config(backends: list[Backend], kinds: list[str]) -> tuple[str, dict[str, int]]:
+    """One lbproxy, one listener and hash pool (default factor) per kind: (TOML, ports)."""
+    ports = {kind: free_port() for kind in kinds}
+    lines = ["[admin]", f'listen = "127.0.0.1:{free_port()}"']
+    for n, kind in enumerate(kinds):
+        lines += ["", f"[listeners.l{n}]", f'bind = "127.0.0.1:{ports[kind]}"', f'pool = "p{n}"']
+        lines += ["", f"[pools.p{n}]", 'balance = "hash"', f'hash_key = "{KINDS[kind][0]}"']
+        lines += ["backends = ["]
+        lines += [f'  {{ id = "{b.id}", address = "{b.address}" }},' for b in backends]
+        lines += ["]", "", f"[pools.p{n}.health]", 'check = "none"']
+    return "\n".join(lines) + "\n", ports
+
+
+@pytest.fixture(scope="module")
+def ports(
+    backends: list[Backend], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, int]]:
+    """Two lbproxy processes: the native engine (most kinds) and the Python tunnel."""
+    found: dict[str, int] = {}
+    running: list[Lbproxy] = []
+    try:
+        for splice in ("1", "0"):
+            kinds = [kind for kind, spec in KINDS.items() if spec[3] == splice]
+            text, kind_ports = multi_config(backends, kinds)
+            proxy = Lbproxy(
+                text, tmp_path_factory.mktemp(f"splice{splice}"), env={"LBPROXY_SPLICE": splice}
+            )
+            running.append(proxy.start(wait_ports=tuple(kind_ports.values())))
+            found.update(kind_ports)
+        yield found
+    finally:
+        for proxy in running:
+            proxy.stop()
+
+
+def open_websockets(backends: list[Backend]) -> dict[str, int]:
+    return {b.id: httpx.get(f"http://{b.address}/whoami").json()["connections"] for b in backends}
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_websocket_then_requests_with_the_same_key_stay(
-    backends: list[Backend], tmp_path: Path, kind: str
+    backends: list[Backend], ports: dict[str, int], kind: str
 ) -> None:
-    hash_key, headers, query, splice = KINDS[kind]
-    text, port, _ = proxy_config(
-        [(b.id, b.address) for b in backends],
-        pool={"balance": "hash", "hash_key": hash_key, "sticky_cookie": True},
-    )
-    proxy = Lbproxy(text, tmp_path, env={"LBPROXY_SPLICE": splice}).start(wait_ports=(port,))
-    try:
-        with ws_connect(f"ws://127.0.0.1:{port}/echo{query}", additional_headers=headers) as ws:
-            cookie = ws.response.headers.get("Set-Cookie")
-            assert (cookie is not None) == (kind == "sticky-cookie")
-            sent = dict(headers)
-            if cookie is not None:
-                sent["Cookie"] = cookie.split(";")[0]
-            owner = [
-                b.id
-                for b in backends
-                if httpx.get(f"http://{b.address}/whoami").json()["connections"] == 1
+    _, headers, query, _ = KINDS[kind]
+    port = ports[kind]
+    wait_until(lambda: sum(open_websockets(backends).values()) == 0)  # (the last test's closed)
+    with ws_connect(f"ws://127.0.0.1:{port}/echo{query}", additional_headers=headers) as ws:
+        cookie = ws.response.headers.get("Set-Cookie")
+        assert (cookie is not None) == (kind == "sticky-cookie")
+        sent = dict(headers)
+        if cookie is not None:
+            sent["Cookie"] = cookie.split(";")[0]
+        owner = [b for b, n in open_websockets(backends).items() if n == 1]
+        assert len(owner) == 1
+        with httpx.Client(timeout=5) as client:
+            seen = [
+                client.get(f"http://127.0.0.1:{port}/whoami{query}", headers=sent).json()["id"]
+                for _ in range(8)
             ]
-            assert len(owner) == 1
-            with httpx.Client(timeout=5) as client:
-                seen = [
-                    client.get(f"http://127.0.0.1:{port}/whoami{query}", headers=sent).json()["id"]
-                    for _ in range(8)
-                ]
-            assert seen == owner * 8
-    finally:
-        proxy.stop()
+        assert seen == owner * 8
