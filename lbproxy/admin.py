@@ -14,7 +14,7 @@ import importlib.resources
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
 from prometheus_client import CollectorRegistry
@@ -23,6 +23,7 @@ from lbproxy.admin_guard import HostPolicy, refusal
 from lbproxy.config_types import Address, AdminConfig
 from lbproxy.metrics import render
 from lbproxy.pool import Pool
+from lbproxy.stats import History
 
 IDLE_TIMEOUT = 60.0  # a keep-alive connection with no request for this long is closed
 # beyond admin.max_connections: this many at a time get their request read and a 503;
@@ -86,7 +87,9 @@ class AdminServer:
         config: AdminConfig,
         pools: Callable[[], Mapping[str, Pool]],
         registry: CollectorRegistry,
+        history: History | None = None,
     ) -> None:
+        self.history = history
         self._config = config
         self._pools = pools
         self.registry = registry
@@ -200,6 +203,7 @@ class AdminServer:
             ("healthz",): lambda: Response(200, b"ok\n", "text/plain; charset=utf-8"),
             ("metrics",): self._metrics,
             ("api", "pools"): lambda: json_response(200, pools_document(self._pools())),
+            ("api", "history"): lambda: self._history(request.target),
         }
         getter = getters.get(tuple(parts))
         if getter is None:
@@ -247,6 +251,17 @@ class AdminServer:
             return True
         expected = b"Bearer " + token.encode()
         return hmac.compare_digest(headers.get("authorization", b""), expected)
+
+    def _history(self, target: bytes) -> Response:
+        """GET /api/history[?since=SEQ]: the per-backend samples of the last minutes."""
+        if self.history is None:
+            return error(404, "no history on this server")
+        query = parse_qs(urlsplit(target.decode("ascii", "replace")).query)
+        try:
+            since = int(query.get("since", ["0"])[0])
+        except ValueError:
+            return error(400, "since: must be an integer")
+        return json_response(200, self.history.document(since))
 
     def _metrics(self) -> Response:
         body, content_type = render(self.registry)

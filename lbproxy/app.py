@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import signal
+import time
 
 from lbproxy import __version__
 from lbproxy.admin import AdminServer
@@ -18,14 +19,14 @@ from lbproxy.errors import ConfigError
 from lbproxy.fdreserve import FdReserve, reserve_size
 from lbproxy.fdreserve import create as create_fd_reserve
 from lbproxy.health import HealthChecker
-from lbproxy.metrics import build_registry
+from lbproxy.metrics import backend_totals, build_registry
 from lbproxy.pool import Pool
 from lbproxy.proxy.http_client import HttpClient
 from lbproxy.proxy.listener import Listener
 from lbproxy.proxy.splice import native_available
 from lbproxy.proxy.tunnel import GRACE
 from lbproxy.registry_watcher import RegistryWatcher
-from lbproxy.stats import Stats
+from lbproxy.stats import SAMPLE_INTERVAL, History, Stats
 
 log = logging.getLogger("lbproxy")
 
@@ -56,6 +57,8 @@ class App:
         self.admin_address: Address | None = None
         self.stopping = asyncio.Event()
         self.fds: FdReserve | None = None  # descriptors kept for the admin API and health checks
+        self.history = History()
+        self._sampler: asyncio.Task[None] | None = None
 
     # -- building ------------------------------------------------------------
     def _admin_config(self, config: Config) -> AdminConfig:
@@ -82,7 +85,10 @@ class App:
             self.watcher,
             lambda: {n: lst.native_tunnels() for n, lst in self.listeners.items()},
         )
-        self.admin = AdminServer(self._admin_config(config), lambda: self.pools, registry)
+        self.admin = AdminServer(
+            self._admin_config(config), lambda: self.pools, registry, self.history
+        )
+        self._sampler = asyncio.get_running_loop().create_task(self._sample())
         self.admin_address = await self.admin.start()
         log.info("admin API on http://%s", self.admin_address)
         if self.watcher is not None:
@@ -189,7 +195,7 @@ class App:
         if self.admin is not None and self._admin_config(new) != self._admin_config(self.config):
             await self.admin.stop()
             self.admin = AdminServer(
-                self._admin_config(new), lambda: self.pools, self.admin.registry
+                self._admin_config(new), lambda: self.pools, self.admin.registry, self.history
             )
             self.admin_address = await self.admin.start()
         if self.watcher is not None:
@@ -246,7 +252,21 @@ class App:
                 await asyncio.sleep(0.05)
         await self.stop()
 
+    async def _sample(self) -> None:
+        """Once a second: live byte counts into the stats, a point of every backend's history."""
+        loop = asyncio.get_running_loop()
+        while True:
+            for listener in self.all_listeners():
+                listener.flush_bytes()
+            self.history.record(loop.time(), time.time(), backend_totals(self.pools, self.stats))
+            await asyncio.sleep(SAMPLE_INTERVAL)
+
     async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+            self._sampler = None
         await self.drainer.stop()
         for checker in self.health.values():
             await checker.stop()

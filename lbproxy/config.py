@@ -407,7 +407,16 @@ def _pool(name: str, table: Mapping[str, Any], problems: _Problems) -> PoolConfi
         allowed_networks=s.networks("allowed_networks"),
         backends=_backends(s),
         health=_health(s),
+        sticky_secret=_sticky_secret(s, d.sticky_secret),
+        affinity_linger=s.number("affinity_linger", d.affinity_linger, zero_ok=True),
     )
+
+
+def _sticky_secret(s: _Section, default: str) -> str:
+    secret = s.string("sticky_secret", default)
+    if secret and len(secret) < 16:
+        s.bad("sticky_secret", f"must be at least 16 characters, got {len(secret)}")
+    return secret
 
 
 def _check_references(

@@ -88,6 +88,8 @@ class PoolConfig:
     allowed_networks: tuple[IPNetwork, ...] = ()
     backends: tuple[BackendConfig, ...] = ()
     health: HealthConfig = field(default_factory=HealthConfig)
+    sticky_secret: str = ""  # HMAC key of the sticky cookies ("" = derived from the pool name)
+    affinity_linger: float = 10.0  # seconds a key stays remembered after its last connection
 
 
 @dataclass(frozen=True, slots=True)

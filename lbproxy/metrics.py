@@ -22,7 +22,7 @@ from prometheus_client.core import (
 )
 
 from lbproxy.pool import BackendState, Pool
-from lbproxy.stats import Histogram, Stats
+from lbproxy.stats import BackendKey, Histogram, Stats, Totals
 
 LabelValues = TypeVar("LabelValues", bound=tuple[str, ...])
 
@@ -173,6 +173,22 @@ def _histogram(name: str, documentation: str, histogram: Histogram) -> Histogram
     family = HistogramMetricFamily(name, documentation)
     family.add_metric([], histogram.cumulative(), sum_value=histogram.total)
     return family
+
+
+def backend_totals(pools: Mapping[str, Pool], stats: Stats) -> dict[BackendKey, Totals]:
+    """Every backend's open connections and cumulative bytes in/out and requests (History)."""
+    totals: dict[BackendKey, Totals] = {}
+    counted = stats.bytes
+    requests = stats.requests
+    for pool_name, pool in pools.items():
+        for backend_id, backend in pool.backends.items():
+            totals[(pool_name, backend_id)] = (
+                backend.active,
+                counted.get((pool_name, backend_id, "in"), 0),
+                counted.get((pool_name, backend_id, "out"), 0),
+                requests.get((pool_name, backend_id), 0),
+            )
+    return totals
 
 
 def build_registry(

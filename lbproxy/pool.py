@@ -15,11 +15,16 @@ from collections.abc import Callable, Collection
 from typing import Protocol
 
 from lbproxy.balance import (
+    AffinityTable,
     ConsistentHash,
+    CookieSigner,
     SmoothRoundRobin,
+    Stick,
     bounded_choice,
+    cookie_secret,
     key_hash,
     least_connections,
+    new_sticky_value,
 )
 from lbproxy.config_types import Address, PoolConfig
 
@@ -92,6 +97,9 @@ class Pool:
         self._up_weights: list[int] = []
         self._hash: ConsistentHash | None = None
         self._lc_start = 0
+        self._signer = CookieSigner(cookie_secret(config.sticky_secret, config.name))
+        self._affinity = AffinityTable(config.affinity_linger)
+        self._sticks: dict[Closable, tuple[bytes, Stick]] = {}  # connection -> its key's Stick
         for backend in config.backends:
             self.upsert(backend.id, backend.address, backend.weight, source="static")
         for initial in self.backends.values():
@@ -145,6 +153,8 @@ class Pool:
         """Reload: take new settings, reconcile the static backends."""
         self.config = config
         self._hash = None
+        self._signer = CookieSigner(cookie_secret(config.sticky_secret, config.name))
+        self._affinity.linger = config.affinity_linger
         wanted = {b.id: b for b in config.backends}
         for backend in list(self.backends.values()):
             if backend.source == "static" and backend.id not in wanted:
@@ -242,9 +252,19 @@ class Pool:
         backend.failures = 0
 
     # -- connections -------------------------------------------------------
-    def attach(self, backend: Backend, conn: Closable) -> None:
+    def attach(self, backend: Backend, conn: Closable, key: bytes | None = None) -> None:
+        """``conn`` opened on ``backend``; with its affinity ``key``, the key stays there."""
         backend.active += 1
         backend.connections.add(conn)
+        if key is None or self.config.balance != "hash":
+            return
+        signed = self._signer.read(key)
+        if signed is not None:  # lbproxy's cookie: remembered only away from its backend
+            if signed[1] == backend.id:
+                return
+            key = signed[0]
+        stick = self._affinity.opened(key, backend.id, self._clock())
+        self._sticks[conn] = (key, stick)
 
     def sent_away(self, backend: Backend, conn: Closable) -> None:
         """``conn`` was asked to go away (1001 sent or due): it stops counting as active
@@ -260,6 +280,9 @@ class Pool:
                 backend.leaving.discard(conn)
             else:
                 backend.active -= 1
+            stuck = self._sticks.pop(conn, None)
+            if stuck is not None:
+                self._affinity.closed(stuck[0], stuck[1], self._clock())
             if backend.removed:
                 self.forget_if_done(backend)
 
@@ -301,11 +324,41 @@ class Pool:
         )
         return up[index]
 
+    def sticky_cookie(self, value: bytes | None) -> str | None:
+        """A sticky cookie value to set for a request whose cookie is ``value`` (None: none).
+
+        Nothing to set for a valid cookie of an up backend, nor for a value lbproxy did not
+        sign (a client's own key, remembered by the affinity table). A missing cookie gets
+        a new one for the backend bounded loads pick; a cookie whose backend is down or
+        gone keeps its nonce and names the backend picked now.
+        """
+        if value is None:
+            nonce = new_sticky_value()
+        else:
+            signed = self._signer.read(value)
+            if signed is None:
+                return None
+            backend = self.backends.get(signed[1])
+            if backend is not None and backend.state is BackendState.UP:
+                return None
+            nonce = signed[0].decode("ascii")
+        chosen = self.pick(nonce.encode("ascii"))
+        return None if chosen is None else self._signer.issue(nonce, chosen.id)
+
     def _pick_hash(self, key: bytes, up: list[Backend], exclude: Collection[str]) -> Backend:
+        by_id = {b.id: b for b in up}
+        signed = self._signer.read(key)
+        if signed is not None:  # lbproxy's own cookie: its backend while that is up
+            key, stuck = signed
+            if stuck in by_id:
+                return by_id[stuck]
+        # (for a cookie whose backend is not usable: where its nonce went meanwhile)
+        remembered = self._affinity.lookup(key, self._clock())
+        if remembered is not None and remembered in by_id:
+            return by_id[remembered]
         table = self._hash
         if table is None:
             table = self._hash = ConsistentHash([(b.id, b.weight) for b in self._up])
-        by_id = {b.id: b for b in up}
         preference = (i for i in table.preference(key_hash(key)) if i in by_id)
         factor = self.config.hash_balance_factor
         if factor <= 0:

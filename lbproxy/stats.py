@@ -8,7 +8,8 @@ connection costs a few integer additions.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Mapping
 
 HANDSHAKE_BUCKETS: tuple[float, ...] = (
     0.0005,
@@ -71,3 +72,70 @@ class Stats:
         # (pool, backend, result) -> health checks run; result "pass" | "fail"
         self.health_checks: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.health_check_seconds = Histogram()
+
+
+HISTORY_POINTS = 300  # five minutes of once-per-second samples
+SAMPLE_INTERVAL = 1.0
+
+BackendKey = tuple[str, str]  # (pool, backend)
+Totals = tuple[int, int, int, int]  # open connections, bytes in, bytes out, requests (cumulative)
+Point = tuple[int, float, float, float]  # open connections, bytes/s in, bytes/s out, requests/s
+
+
+class History:
+    """The last minutes of every backend, one point per sample: what the dashboard draws.
+
+    ``record`` takes the cumulative counters as of a sample and keeps the rates since the
+    previous one (a backend seen for the first time starts at rate 0), so a page that
+    loads later still gets the whole picture. Bounded: ``size`` samples.
+    """
+
+    __slots__ = ("_last", "_samples", "seq")
+
+    def __init__(self, size: int = HISTORY_POINTS) -> None:
+        self._samples: deque[tuple[int, float, dict[BackendKey, Point]]] = deque(maxlen=size)
+        self._last: tuple[float, Mapping[BackendKey, Totals]] | None = None
+        self.seq = 0
+
+    def record(self, now: float, wall: float, totals: Mapping[BackendKey, Totals]) -> None:
+        """One sample: ``now`` monotonic seconds, ``wall`` the Unix time to show."""
+        last = self._last
+        points: dict[BackendKey, Point] = {}
+        for key, (active, nin, nout, nreq) in totals.items():
+            before = None if last is None else last[1].get(key)
+            seconds = 0.0 if last is None else now - last[0]
+            if before is None or seconds <= 0:
+                points[key] = (active, 0.0, 0.0, 0.0)
+                continue
+            points[key] = (
+                active,
+                max(0, nin - before[1]) / seconds,
+                max(0, nout - before[2]) / seconds,
+                max(0, nreq - before[3]) / seconds,
+            )
+        self._last = (now, dict(totals))
+        self.seq += 1
+        self._samples.append((self.seq, wall, points))
+
+    def document(self, since: int = 0) -> dict[str, object]:
+        """The samples after ``since`` (a ``seq`` from an earlier document), oldest first."""
+        samples = []
+        for seq, wall, points in self._samples:
+            if seq <= since:
+                continue
+            backends: dict[str, dict[str, list[float]]] = {}
+            for (pool, backend), (active, rin, rout, rreq) in points.items():
+                backends.setdefault(pool, {})[backend] = [
+                    active,
+                    round(rin, 1),
+                    round(rout, 1),
+                    round(rreq, 2),
+                ]
+            samples.append({"seq": seq, "t": round(wall, 3), "backends": backends})
+        return {
+            "interval": SAMPLE_INTERVAL,
+            "size": self._samples.maxlen,
+            "seq": self.seq,
+            "fields": ["active", "bytes_in_per_s", "bytes_out_per_s", "requests_per_s"],
+            "samples": samples,
+        }

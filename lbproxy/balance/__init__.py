@@ -1,7 +1,7 @@
 """Pure backend selection: no sockets, no asyncio, no clocks.
 
 Round-robin, weighted least connections, consistent hashing (a weighted ring) with
-bounded loads, and extraction of affinity keys from requests.
+bounded loads, sticky sessions, and extraction of affinity keys from requests.
 """
 
 from __future__ import annotations
@@ -18,12 +18,17 @@ from lbproxy.balance.keys import (
 )
 from lbproxy.balance.least_connections import least_connections
 from lbproxy.balance.round_robin import SmoothRoundRobin
+from lbproxy.balance.sticky import AffinityTable, CookieSigner, Stick, cookie_secret
 
 __all__ = [
+    "AffinityTable",
     "ConsistentHash",
+    "CookieSigner",
     "HashKeySpec",
     "SmoothRoundRobin",
+    "Stick",
     "bounded_choice",
+    "cookie_secret",
     "extract_key",
     "get_cookie",
     "key_hash",

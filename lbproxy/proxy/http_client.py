@@ -12,7 +12,7 @@ import asyncio
 import time
 from typing import cast
 
-from lbproxy.balance import extract_key, new_sticky_value
+from lbproxy.balance import extract_key
 from lbproxy.errors import HttpError
 from lbproxy.http1 import (
     MAX_HEAD,
@@ -231,7 +231,7 @@ class HttpClient(asyncio.Protocol):
         self.upstream = upstream
         self.state = FORWARD
         self.tracker = None
-        pool.attach(backend, self)
+        pool.attach(backend, self, key)
         ctx.stats.requests[(pool.name, backend.id)] += 1
         self.mark_in = self.nbytes_in - len(data)
         self.mark_out = self.nbytes_out
@@ -320,13 +320,14 @@ class HttpClient(asyncio.Protocol):
             return None
         spec = ctx.key_spec()
         key = extract_key(spec, self.ip, head.headers, head.target)
-        if key is None and spec.kind == "cookie" and config.sticky_cookie:
-            value = new_sticky_value()
-            self.set_cookie = (
-                b"Set-Cookie",
-                f"{spec.name}={value}; Path=/; HttpOnly; SameSite=Lax".encode(),
-            )
-            key = value.encode()
+        if spec.kind == "cookie" and config.sticky_cookie:
+            value = ctx.pool.sticky_cookie(key)  # (signed: names the backend it picks now)
+            if value is not None:
+                self.set_cookie = (
+                    b"Set-Cookie",
+                    f"{spec.name}={value}; Path=/; HttpOnly; SameSite=Lax".encode(),
+                )
+                key = value.encode()
         return key if key is not None else self.ip.encode()
 
     async def _connect(self, first: Backend | None, avoid: frozenset[str] = frozenset()) -> None:
@@ -352,7 +353,7 @@ class HttpClient(asyncio.Protocol):
         self.upstream = upstream
         self.state = FORWARD
         if not head.websocket:  # a websocket is attached as its tunnel, after the 101
-            ctx.pool.attach(backend, self)
+            ctx.pool.attach(backend, self, self.key)
         ctx.stats.requests[(ctx.pool.name, backend.id)] += 1
         self.mark_in = self.nbytes_in - len(self.buf)
         self.mark_out = self.nbytes_out
@@ -556,7 +557,7 @@ class HttpClient(asyncio.Protocol):
         self.upstream = None
         link = WsLink(ctx, backend, upstream.transport, self.transport, self.ip, self.started)
         link.client.nbytes = self.nbytes_in - len(self.buf)  # (start() adds the buffered bytes)
-        link.start(to_client, bytes(self.buf), head_len)
+        link.start(to_client, bytes(self.buf), head_len, self.key)
         self.buf = bytearray()
 
     def write(self, data: bytes) -> None:
@@ -609,6 +610,18 @@ class HttpClient(asyncio.Protocol):
 
     def activity(self) -> int:
         return self.nbytes_in + self.nbytes_out
+
+    def flush_bytes(self) -> None:
+        """Count the current request's bytes so far (a long response, SSE) in the stats."""
+        backend = self.backend
+        if backend is None:
+            return
+        stats = self.ctx.stats
+        pool = self.ctx.pool.name
+        stats.bytes[(pool, backend.id, "in")] += self.nbytes_in - self.mark_in
+        stats.bytes[(pool, backend.id, "out")] += self.nbytes_out - self.mark_out
+        self.mark_in = self.nbytes_in
+        self.mark_out = self.nbytes_out
 
     def go_away(self) -> None:
         if self.state == HEAD and not self.buf:

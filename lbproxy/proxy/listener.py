@@ -186,6 +186,12 @@ class Listener:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)
 
+    def flush_bytes(self) -> None:
+        """Move the byte counts of open connections into the stats (the 1 s sampler)."""
+        for conn in self.ctx.connections:
+            if isinstance(conn, (Link, HttpClient)):
+                conn.flush_bytes()
+
     async def _sweep(self) -> None:
         """Close connections idle for idle_timeout; move byte counts into the stats."""
         marks: dict[Tracked, tuple[int, float]] = {}

@@ -182,7 +182,7 @@ def got(client: HttpClient, splicer: Splicer, backend: Backend, data: bytes) -> 
     link.slot = slot
     link.__class__ = NativeWsLink  # (before splice(): the engine may report its end at once)
     ctx.connections.add(link)
-    ctx.pool.attach(backend, link)
+    ctx.pool.attach(backend, link, client.key)
     try:
         splicer.engine.splice(
             slot,

@@ -111,7 +111,9 @@ class Link(asyncio.Protocol):
         self.client = ClientHalf(self, client_transport)
 
     # -- wiring ------------------------------------------------------------
-    def start(self, to_client: bytes, to_backend: bytes, offload: bool = True) -> None:
+    def start(
+        self, to_client: bytes, to_backend: bytes, offload: bool = True, key: bytes | None = None
+    ) -> None:
         """Take over both transports; flush bytes that arrived during the handshake.
 
         With ``offload`` (and a native engine on the listener), the sockets then move to
@@ -120,7 +122,7 @@ class Link(asyncio.Protocol):
         ctx = self.ctx
         self.out.set_write_buffer_limits(high=HIGH_WATER)  # (the backend side set its own)
         ctx.connections.add(self)
-        ctx.pool.attach(self.backend, self)
+        ctx.pool.attach(self.backend, self, key)
         if to_client:
             self.nbytes += len(to_client)
             self.out.write(to_client)
@@ -226,14 +228,16 @@ class WsLink(Link, FrameScan):
 
     __slots__ = ("partial", "saw_close", "skip")
 
-    def start(self, to_client: bytes, to_backend: bytes, head_len: int = 0) -> None:
+    def start(
+        self, to_client: bytes, to_backend: bytes, head_len: int = 0, key: bytes | None = None
+    ) -> None:
         """``to_client`` is the 101 response head (``head_len`` bytes) plus any first frames."""
         self.skip = 0
         self.partial = b""
         self.saw_close = False
         if len(to_client) > head_len:
             self.feed(to_client[head_len:])
-        super().start(to_client, to_backend)
+        super().start(to_client, to_backend, key=key)
 
     def data_received(self, data: bytes) -> None:
         n = len(data)
