@@ -115,7 +115,9 @@ class Cluster:
     def start(self) -> None:
         self.start_redis()
         for backend_id in self.backend_ports:
-            self.start_backend(backend_id)
+            self.start_backend(backend_id, ready=False)  # all at once, then wait for each
+        for backend_id, port in self.backend_ports.items():
+            wait(lambda p=port: http_get_ok(p, "/healthz"), 15, f"backend {backend_id} serving")
         config = self.workdir / "lbproxy.toml"
         text = LBPROXY_CONFIG.format(
             admin=self.admin, redis=self.redis_port, prefix=PREFIX, port=self.port
@@ -133,14 +135,15 @@ class Cluster:
         self.procs["redis"] = self.children.start("redis", args, BOTH_CPUS)
         wait(lambda: port_open(self.redis_port), 15, "redis-server listening")
 
-    def start_backend(self, backend_id: str) -> None:
+    def start_backend(self, backend_id: str, ready: bool = True) -> None:
         port = self.backend_ports[backend_id]
         args = [sys.executable, "-m", "lbproxy", "backend", "--listen", f"127.0.0.1:{port}"]
         args += ["--id", backend_id, "--redis", f"redis://127.0.0.1:{self.redis_port}/0"]
         args += ["--prefix", PREFIX, "--rate", "1000", "--burst", "1000", "--ttl", "6"]
         args += ["--drain-seconds", "1", "--log-level", "warning"]
         self.procs[backend_id] = self.children.start(backend_id, args, BOTH_CPUS)
-        wait(lambda: http_get_ok(port, "/healthz"), 15, f"backend {backend_id} serving")
+        if ready:
+            wait(lambda: http_get_ok(port, "/healthz"), 15, f"backend {backend_id} serving")
 
     def states(self) -> dict[str, str]:
         try:
