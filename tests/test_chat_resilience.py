@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bench.chat_soak import Params, run_soak
+from lbproxy.backend import chat_protocol as proto
 from lbproxy.backend.history import gap_reason
 from lbproxy.backend.server import BackendOptions
 from lbproxy.backend.store import Entry, View
@@ -79,6 +80,39 @@ def test_gap_reason_decisions() -> None:
     assert gap_reason(3, "e1", view("e1", 7, (6, 5))) == "trimmed"  # 4..5 are gone
     assert gap_reason(3, "e1", view("e1", 7)) == "trimmed"  # everything after 3 was trimmed
     assert gap_reason(7, "e1", view("e1", 7)) is None  # up to date
+
+
+def test_ping_and_epoch_parsing() -> None:
+    assert proto.parse_command('{"op":"ping"}') == proto.Ping(None)
+    assert proto.pong(proto.parse_command('{"op":"ping","id":7}')) == '{"op":"pong","id":7}'  # type: ignore[arg-type]
+    assert proto.quick_ping('{"op":"ping","id":"a"}') == proto.Ping("a")
+    assert proto.quick_ping('{"op":"send","room":"r","text":"ping"}') is None
+    assert proto.quick_ping('{"op":"send","room":"r","text":"\\"ping\\""}') is None
+    join = proto.parse_command('{"op":"join","room":"r","since":5,"epoch":"e1"}')
+    assert join == proto.Join("r", 5, "e1")
+    for bad in ('{"op":"ping","id":[1]}', '{"op":"join","room":"r","since":1,"epoch":3}'):
+        with pytest.raises(proto.BadRequest):
+            proto.parse_command(bad)
+
+
+async def test_ping_is_answered_at_once_even_behind_a_slow_join(
+    redis: RedisServer, open_chat: Opener
+) -> None:
+    """A join that waits (Redis unreachable) does not delay the pong: pings skip the queue."""
+    proxy = await CuttableProxy(Address("127.0.0.1", redis.port)).start()
+    try:
+        async with running_backend(options(proxy.url)) as a:
+            client = await open_chat(a, "p")
+            await client.send(op="ping", id="x")
+            assert await client.recv() == {"op": "pong", "id": "x"}
+            await proxy.cut()
+            await client.send(op="join", room="r")  # waits for a subscription that never comes
+            started = time.monotonic()
+            await client.send(op="ping", id=2)
+            assert await client.recv(timeout=2) == {"op": "pong", "id": 2}
+            assert time.monotonic() - started < 1.0
+    finally:
+        await proxy.stop()
 
 
 async def test_history_is_kept_by_count(redis: RedisServer, open_chat: Opener) -> None:
