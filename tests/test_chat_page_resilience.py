@@ -3,6 +3,7 @@ pings that find a backend that stopped answering (SIGSTOP) so the page reconnect
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -83,8 +84,13 @@ async def test_page_pings_find_a_stopped_backend_and_reconnect_elsewhere(
     addresses: list[tuple[str, str]] = []
     lb: Lbproxy | None = None
     try:
-        for backend_id in ("A", "B"):
-            proc, address = backend_process(redis_url=redis.url, prefix="pg", id=backend_id)
+        started = await asyncio.gather(  # both at once
+            *(
+                asyncio.to_thread(backend_process, redis_url=redis.url, prefix="pg", id=b)
+                for b in ("A", "B")
+            )
+        )
+        for backend_id, (proc, address) in zip(("A", "B"), started, strict=True):
             procs[backend_id] = proc
             addresses.append((backend_id, str(address)))
         text, port, admin = proxy_config(addresses, pool={"balance": "round-robin"})

@@ -223,7 +223,8 @@ async def test_redis_data_loss_gives_every_resuming_client_an_epoch_gap(
     server = RedisServer().start()
     extra = ["--redis", server.url, "--prefix", "loss", "--rate", "1000", "--burst", "1000"]
     extra += ["--drain-seconds", "0.1"]
-    backends = [Backend(f"L{i}", None, *extra).start() for i in range(2)]
+    backends = [Backend(f"L{i}", None, *extra) for i in range(2)]
+    await asyncio.gather(*(asyncio.to_thread(b.start) for b in backends))  # both at once
     try:
         writer = await open_chat(backends[0].address, "w")
         readers = [await open_chat(backends[i % 2].address, f"r{i}") for i in range(4)]
@@ -299,11 +300,11 @@ async def test_a_backend_whose_catch_up_was_trimmed_sends_history_gap(
 
 
 async def test_bounded_fault_run_loses_duplicates_and_reorders_nothing() -> None:
-    """10 clients for 6 s through lbproxy: a backend SIGKILL and a Redis restart (AOF on)."""
+    """10 clients for 5 s through lbproxy: a backend SIGKILL and a Redis restart (AOF on)."""
     params = Params(
         clients=10,
         rate=10.0,
-        duration=6.0,
+        duration=5.0,
         backends=2,
         room_size=5,
         faults=("kill", "redis"),
