@@ -2,7 +2,8 @@
 
 Following the protocol means: after every disconnect it reconnects and joins with ``since`` (the
 newest id it has) and the ``epoch`` that id was read in; a send that was not acknowledged (its
-own ``msg`` back, or the ``duplicate`` answer) is sent again with the same ``client_msg_id``;
+own ``msg`` back, or the ``duplicate`` answer) is sent again with the same ``client_msg_id``
+(sends are pipelined, up to ``window`` in flight);
 a message is kept once per (from, client_msg_id); a ping every ``ping_interval`` with 2 missed
 answers is a dead connection, and so is a handshake (connect + ``joined``) slower than
 ``handshake_timeout``.
@@ -40,7 +41,9 @@ class ClientConfig:
     rate: float  # sends per second
     ping_interval: float = 0.5
     handshake_timeout: float = 2.0
-    ack_timeout: float = 3.0  # a send not acknowledged within this is sent again
+    ack_timeout: float = 10.0  # a send not acknowledged within this is sent again (pings
+    # find dead connections much sooner; this is for a send lost without a disconnect)
+    window: int = 50  # sends in flight at most
 
 
 @dataclass
@@ -64,11 +67,12 @@ class SoakClient:
         self.last_id: int | None = None
         self.epoch: str | None = None
         self.sent = 0  # messages made so far (their client_msg_ids are user-0 .. user-{sent-1})
-        self.pending: str | None = None  # the one send in flight (stop-and-wait keeps order)
-        self.pending_since = 0.0
+        # sends in flight: client_msg_id -> (text, when it was last sent, monotonic)
+        self.pending: dict[str, tuple[str, float]] = {}
+        self._retry: list[str] = []  # answered "unavailable" / "rate_limited": send again
         self.sending = True
         self.ids: set[int] = set()
-        self._acked = asyncio.Event()
+        self._wake = asyncio.Event()
         self._missed = 0
 
     # ---- the connection loop -----------------------------------------------------------------
@@ -141,27 +145,35 @@ class SoakClient:
             await ws.send('{"op":"ping"}')
 
     async def _sender(self, ws: websockets.ClientConnection) -> None:
+        """New sends on schedule (up to ``window`` in flight), and every unacknowledged one
+        again: all of them on a new connection, then each after an error or ``ack_timeout``."""
         cfg = self.config
-        started = time.monotonic() - self.sent / cfg.rate  # keep the schedule across reconnects
+        started = time.monotonic() - self.sent / cfg.rate  # the schedule restarts on reconnect
+        again = list(self.pending)
         while True:
-            if self.pending is None:
-                if not self.sending:
-                    await asyncio.sleep(3600)
-                due = started + self.sent / cfg.rate
-                await asyncio.sleep(max(0.0, due - time.monotonic()))
-                if not self.sending:
-                    continue
-                self.pending = f"{self.user}-{self.sent}"
-                self.pending_since = time.time()
-                self.sent += 1
-            else:
+            now = time.monotonic()
+            again += [c for c in self._retry if c in self.pending]
+            again += [c for c, (_, at) in self.pending.items() if now - at > cfg.ack_timeout]
+            self._retry.clear()
+            for cmid in dict.fromkeys(again):
                 self.counts.resends += 1
-            self._acked.clear()
-            text = f"{self.pending} {self.pending_since:.6f}"
-            send = {"op": "send", "room": cfg.room, "text": text, "client_msg_id": self.pending}
-            await ws.send(json.dumps(send))
+                await self._send(ws, cmid, self.pending[cmid][0])
+            again = []
+            due = started + self.sent / cfg.rate
+            if self.sending and now >= due and len(self.pending) < cfg.window:
+                cmid = f"{self.user}-{self.sent}"
+                self.sent += 1
+                await self._send(ws, cmid, f"{cmid} {time.time():.6f}")
+                continue
+            self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._acked.wait(), cfg.ack_timeout)
+                wait = max(0.005, min(0.5, due - now)) if self.sending else 0.5
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def _send(self, ws: websockets.ClientConnection, cmid: str, text: str) -> None:
+        self.pending[cmid] = (text, time.monotonic())
+        send = {"op": "send", "room": self.config.room, "text": text, "client_msg_id": cmid}
+        await ws.send(json.dumps(send))
 
     # ---- events ------------------------------------------------------------------------------
 
@@ -172,16 +184,16 @@ class SoakClient:
         elif op == "history_gap":
             self.counts.gaps.append(str(event.get("reason")))
             self.epoch = event.get("epoch", self.epoch)
-        elif op == "error" and event.get("client_msg_id") == self.pending:
+        elif op == "error" and event.get("client_msg_id") in self.pending:
             self.counts.unavailable += event.get("code") == "unavailable"
             delay = float(event.get("retry_after", 0.1))
-            asyncio.get_running_loop().call_later(delay, self._acked.set)  # send it again
+            asyncio.get_running_loop().call_later(delay, self._again, event["client_msg_id"])
 
     def _msg(self, m: dict[str, Any]) -> None:
-        if m["from"] == self.user and m["client_msg_id"] == self.pending:
+        if m["from"] == self.user and m["client_msg_id"] in self.pending:
             self.counts.acked.add(m["client_msg_id"])
-            self.pending = None
-            self._acked.set()
+            del self.pending[m["client_msg_id"]]
+            self._wake.set()
         if m.get("duplicate"):
             return  # the answer to a re-sent send: not a delivery
         key = (m["from"], m["client_msg_id"])
@@ -197,8 +209,12 @@ class SoakClient:
         with contextlib.suppress(ValueError, IndexError):
             self.counts.latencies.append(time.time() - float(m["text"].split(" ", 1)[1]))
 
+    def _again(self, cmid: str) -> None:
+        self._retry.append(cmid)
+        self._wake.set()
+
     def done_sending(self) -> bool:
-        return not self.sending and self.pending is None
+        return not self.sending and not self.pending
 
 
 @dataclass(frozen=True)
