@@ -79,7 +79,7 @@ class Params:
     faults: tuple[str, ...] = FAULTS
     stop_seconds: float = 5.0
     settle: float = 30.0
-    ping_interval: float = 0.5
+    ping_interval: float = 1.0  # 2 unanswered: a dead connection (a SIGSTOP is found in ~3 s)
 
 
 @dataclass
