@@ -6,7 +6,7 @@ BIN = $(VENV)/bin
 # on 2 cores roughly halve its wall time; TEST_JOBS=0 runs it in one process.
 TEST_JOBS ?= 3
 
-.PHONY: demo test lint unit bench deps system-deps native clean
+.PHONY: demo test lint unit bench soak deps system-deps native clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: deps lint
 
 bench: deps
 	$(BIN)/python -m bench --out bench/out
+
+# the chat fault run (README, "The reference chat backend"); SOAK_ARGS for its options
+soak: deps
+	$(BIN)/python -m bench.chat_soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) lbproxy/*.so .mypy_cache .ruff_cache .pytest_cache bench/out

@@ -123,6 +123,20 @@ def check_config(path: str) -> None:
 @click.option("--burst", default=40, show_default=True, type=click.IntRange(min=1))
 @click.option("--presence-ttl", default=6.0, show_default=True, type=click.FloatRange(min=0.5))
 @click.option("--log-level", default="info", show_default=True)
+@click.option(
+    "--history-seconds",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(min=1.0),
+    help="chat history kept per room for this long (resume with since)",
+)
+@click.option(
+    "--history-max",
+    default=100_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="and at most this many messages per room",
+)
 def backend(
     listen: str,
     backend_id: str | None,
@@ -136,6 +150,8 @@ def backend(
     burst: int,
     presence_ttl: float,
     log_level: str,
+    history_seconds: float,
+    history_max: int,
 ) -> None:
     """Run the reference chat/echo backend."""
     from lbproxy.backend.server import BackendOptions, run_backend
@@ -155,6 +171,8 @@ def backend(
         rate=rate,
         burst=burst,
         presence_ttl=presence_ttl,
+        history=history_max,
+        history_seconds=history_seconds,
     )
     run_backend(options)
 

@@ -89,7 +89,7 @@ def run_demo() -> int:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes",  # chat history and epochs survive a Redis restart (SPEC section 15)
                 "--dir",
                 str(workdir),
             ],

@@ -138,9 +138,10 @@ async def test_join_since_replays_then_goes_live_and_gap_is_reported(
         assert [m["text"] for m in await reader.messages(1)] == ["live"]
 
         late = await open_chat(b, "late")
-        await late.join("r", since=ids[1])  # m2 was trimmed (history=5 keeps m4..live)
+        joined = await late.join("r", since=ids[1])  # m2 was trimmed (history=5: m4..live)
         gap = await late.recv()
-        assert gap == {"op": "error", "code": "history_gap", "room": "r", "oldest": ids[4]}
+        assert gap.pop("epoch") == joined["epoch"]
+        assert gap == {"op": "history_gap", "room": "r", "reason": "trimmed", "oldest": ids[4]}
         assert [m["text"] for m in await late.messages(5)] == ["m4", "m5", "m6", "m7", "live"]
 
         live_only = await open_chat(a, "l")
@@ -308,6 +309,8 @@ async def test_redis_killed_and_restarted_under_running_backends(open_chat: Open
             assert (await bob.recv())["code"] == "unavailable"
             redis = RedisServer(port=redis.port).start()  # empty: nothing was persisted
             stored = await _send_until_stored(bob, 30)
+            gap = await alice.recv(timeout=20)  # the room's data is gone: a new epoch
+            assert (gap["op"], gap["reason"]) == ("history_gap", "epoch"), gap
             got = await alice.messages(len(stored), timeout=20)
             assert [m["text"] for m in got] == [m["text"] for m in stored]
             assert got[0]["id"] > before["id"]  # ids still increase after Redis lost its data
@@ -325,6 +328,9 @@ async def _send_until_stored(client: ChatClient, count: int) -> list[dict[str, A
         assert time.monotonic() < deadline, "redis did not come back"
         await client.say("r", f"after-{i}")
         event = await client.recv()
+        if event["op"] == "history_gap":  # a member, told that Redis lost its data
+            assert event["reason"] == "epoch", event
+            event = await client.recv()
         if event["op"] == "msg":
             stored.append(event)
             i += 1
@@ -362,7 +368,7 @@ async def test_message_rate_of_one_backend(redis: RedisServer, open_chat: Opener
 
 def test_options_are_frozen_and_defaults_match_the_spec() -> None:
     opts = BackendOptions(Address("127.0.0.1", 0))
-    assert (opts.max_message, opts.history, opts.rate, opts.burst) == (65536, 1000, 20.0, 40)
+    assert (opts.max_message, opts.history, opts.rate, opts.burst) == (65536, 100_000, 20.0, 40)
     with pytest.raises(AttributeError):
         opts.rate = 1.0  # type: ignore[misc]
     assert replace(opts, rate=2.0).rate == 2.0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from websockets.sync.client import connect as ws_connect
 
 from tests.support import Proc, lbproxy_cmd, wait_until
@@ -87,6 +88,10 @@ def test_demo_serves_chat_and_dashboard_and_stops_everything_on_ctrl_c() -> None
         assert sum("redis-server" in c for c in commands) == 1, commands
         assert sum(" backend " in c for c in commands) == 3, commands
         assert sum(" serve " in c for c in commands) == 1, commands
+        redis_url = re.search(r"redis:\s+(redis://\S+)", demo.output())
+        assert redis_url is not None, demo.output()
+        with redis.Redis.from_url(redis_url.group(1), decode_responses=True) as r:
+            assert r.config_get("appendonly") == {"appendonly": "yes"}  # history survives
 
         page = httpx.get(urls["page"], timeout=5)
         assert page.status_code == 200, page

@@ -7,6 +7,8 @@ stream, which joins replay. If the pub/sub connection fails (error, or no answer
 is re-opened with backoff and every room is subscribed again; at each confirmation the hub
 re-reads the room's stream after the last id it delivered, so local members get what was
 published while the subscription was down (members drop anything they already have by id).
+When that catch-up cannot be complete (the messages were trimmed meanwhile, or the room is in
+a new epoch: Redis lost its data), local members get a ``history_gap`` first.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from redis.retry import Retry
 
 from lbproxy.backend import chat_protocol as proto
 from lbproxy.backend.admission import admit
+from lbproxy.backend.history import EPOCH, TRIMMED, gap_reason
 from lbproxy.backend.interfaces import WsConnectionPeer
 from lbproxy.backend.options import BackendOptions
 from lbproxy.backend.ratelimit import RateLimit
@@ -46,7 +49,7 @@ BACKOFF_BASE, BACKOFF_CAP = 0.05, 2.0
 class Room:
     """A room with members on this backend."""
 
-    __slots__ = ("channel", "last_id", "members", "name", "subscribed", "users")
+    __slots__ = ("channel", "epoch", "last_id", "members", "name", "subscribed", "users")
 
     def __init__(self, name: str, channel: str) -> None:
         self.name = name
@@ -54,6 +57,7 @@ class Room:
         self.members: dict[ChatSession, None] = {}
         self.users: collections.Counter[str] = collections.Counter()
         self.last_id: int | None = None  # newest id delivered here; None before the 1st sub
+        self.epoch: str | None = None  # the room's epoch when last_id was read
         self.subscribed = asyncio.Event()
 
 
@@ -81,6 +85,7 @@ class ChatHub:
         settings = StoreSettings(
             prefix=options.prefix,
             history=options.history,
+            history_seconds=options.history_seconds,
             limit=RateLimit(options.rate, options.burst),
             presence_ttl=options.presence_ttl,
             session_ttl=options.session_ttl,
@@ -272,7 +277,8 @@ class ChatHub:
         if self._pending[channel] > 0 or room is None:
             return  # a later (un)subscribe of this channel is still on its way
         if room.last_id is None:
-            room.last_id = await self.store.head(room.name)
+            view = await self.store.view(room.name, 0, 0)
+            room.last_id, room.epoch = view.last, view.epoch
         else:
             await self._catch_up(room)
         room.subscribed.set()
@@ -280,12 +286,25 @@ class ChatHub:
     async def _catch_up(self, room: Room) -> None:
         """Deliver what was stored while this backend was not subscribed to ``room``."""
         assert room.last_id is not None
+        view = await self.store.view(room.name, room.last_id, REPLAY_BATCH)
+        reason = gap_reason(room.last_id, room.epoch, view)
+        if reason is not None:
+            oldest = view.entries[0].id if view.entries and reason == TRIMMED else None
+            log.warning("chat: room %s lost history while unsubscribed (%s)", room.name, reason)
+            event = proto.history_gap(room.name, reason, view.epoch, oldest)
+            for session in list(room.members):
+                session.gap(room.name, event, restart=reason == EPOCH)
+        room.epoch = view.epoch
+        if reason == EPOCH:
+            room.last_id = 0
+            view = await self.store.view(room.name, 0, REPLAY_BATCH)
+        entries = view.entries
         while True:
-            entries = await self.store.read_after(room.name, room.last_id, REPLAY_BATCH)
             for entry in entries:
                 self._deliver(room, entry.payload)
             if len(entries) < REPLAY_BATCH:
                 return
+            entries = await self.store.read_after(room.name, entries[-1].id, REPLAY_BATCH)
 
     # ---- presence ----------------------------------------------------------------------------
 

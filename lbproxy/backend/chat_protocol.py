@@ -2,15 +2,22 @@
 
 Client to server (text frames, one JSON object each):
 
-- ``{"op":"join","room":R,"since":ID?}``: ``since`` absent or null means live messages only;
-  ``0`` means all retained history.
+- ``{"op":"join","room":R,"since":ID?,"epoch":E?}``: ``since`` absent or null means live
+  messages only; ``0`` means all retained history. ``epoch`` is the room epoch ``since`` was
+  read in (from ``joined`` or ``history_gap``): when the room is in another epoch now (Redis
+  lost its data), the answer is a ``history_gap`` with reason ``epoch``, then the whole history
+  of the new epoch.
 - ``{"op":"leave","room":R}``
 - ``{"op":"send","room":R,"text":T,"client_msg_id":C}``: ``client_msg_id`` is optional (the
   server makes one up, so no dedupe) but a client that retries must send one.
 - ``{"op":"presence","room":R}``
+- ``{"op":"ping","id":X?}``: answered ``{"op":"pong","id":X}`` at once (an application-level
+  liveness check: browsers cannot send websocket pings).
 
-Server to client: ``joined`` (with ``backend`` and ``user``), ``left``, ``msg``, ``presence``
-and ``error`` (``bad_request``, ``rate_limited``, ``history_gap``, ``unavailable``).
+Server to client: ``joined`` (with ``backend``, ``user`` and ``epoch``), ``left``, ``msg``,
+``presence``, ``pong``, ``history_gap`` (``{"op":"history_gap","room":R,"reason":W,"epoch":E}``,
+W ``trimmed`` with ``oldest``, the oldest id still stored, or ``epoch``: messages the client has
+not seen are gone) and ``error`` (``bad_request``, ``rate_limited``, ``unavailable``).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ MAX_CLIENT_MSG_ID = 128
 class Join:
     room: str
     since: int | None
+    epoch: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +55,14 @@ class Presence:
     room: str
 
 
-Command = Join | Leave | Send | Presence
+@dataclass(frozen=True, slots=True)
+class Ping:
+    id: str | int | None
+
+
+Command = Join | Leave | Send | Presence | Ping
+MAX_EPOCH = 64
+MAX_PING = 1024  # longest text parsed as a possible ping before queueing
 
 
 class BadRequest(ValueError):
@@ -79,6 +94,24 @@ def _since(message: dict[str, Any]) -> int | None:
     return since
 
 
+def _epoch(message: dict[str, Any]) -> str | None:
+    epoch = message.get("epoch")
+    if epoch is None:
+        return None
+    if not isinstance(epoch, str) or not 0 < len(epoch) <= MAX_EPOCH:
+        raise BadRequest(f"epoch must be a string of 1-{MAX_EPOCH} characters")
+    return epoch
+
+
+def _ping(message: dict[str, Any]) -> Ping:
+    ping_id = message.get("id")
+    if ping_id is not None and (
+        isinstance(ping_id, bool) or not isinstance(ping_id, str | int) or len(str(ping_id)) > 64
+    ):
+        raise BadRequest("ping id must be a string or an integer (at most 64 characters)")
+    return Ping(ping_id)
+
+
 def _send(message: dict[str, Any]) -> Send:
     text = message.get("text")
     if not isinstance(text, str):
@@ -101,14 +134,16 @@ def parse_command(text: str) -> Command:
         raise BadRequest("a message must be a JSON object")
     op = message.get("op")
     if op == "join":
-        return Join(_room(message), _since(message))
+        return Join(_room(message), _since(message), _epoch(message))
     if op == "send":
         return _send(message)
     if op == "presence":
         return Presence(_room(message))
     if op == "leave":
         return Leave(_room(message))
-    raise BadRequest(f"unknown op {op!r}: expected join, leave, send or presence")
+    if op == "ping":
+        return _ping(message)
+    raise BadRequest(f"unknown op {op!r}: expected join, leave, send, presence or ping")
 
 
 def dumps(value: dict[str, Any]) -> str:
@@ -119,8 +154,31 @@ def error(code: str, **fields: Any) -> str:
     return dumps({**fields, "op": "error", "code": code})
 
 
-def joined(room: str, backend: str, user: str) -> str:
-    return dumps({"op": "joined", "room": room, "backend": backend, "user": user})
+def joined(room: str, backend: str, user: str, epoch: str) -> str:
+    return dumps({"op": "joined", "room": room, "backend": backend, "user": user, "epoch": epoch})
+
+
+def history_gap(room: str, reason: str, epoch: str, oldest: int | None) -> str:
+    """Messages after the client's resume point are gone (``trimmed``, or ``epoch``: lost)."""
+    event: dict[str, Any] = {"op": "history_gap", "room": room, "reason": reason, "epoch": epoch}
+    if oldest is not None:
+        event["oldest"] = oldest
+    return dumps(event)
+
+
+def pong(ping: Ping) -> str:
+    return dumps({"op": "pong"} if ping.id is None else {"op": "pong", "id": ping.id})
+
+
+def quick_ping(text: str) -> Ping | None:
+    """``text`` as a ping, if it is one (short texts only: pings skip the command queue)."""
+    if len(text) > MAX_PING or '"ping"' not in text:
+        return None
+    try:
+        command = parse_command(text)
+    except BadRequest:
+        return None
+    return command if isinstance(command, Ping) else None
 
 
 def left(room: str) -> str:

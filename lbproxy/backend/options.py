@@ -19,9 +19,10 @@ class BackendOptions:
     ttl: float = 6.0  # registration TTL
     # chat (SPEC section 6); all shared through Redis
     max_message: int = 64 * 1024  # longest chat message (bytes); longer ones get bad_request
-    history: int = 1000  # messages kept per room (exact MAXLEN of the room stream)
+    history: int = 100_000  # messages kept per room at most (--history-max)
     rate: float = 20.0  # sends per second per user, across all backends
     burst: int = 40  # sends allowed at once before rate limiting starts
     presence_ttl: float = 6.0  # a user vanishes from presence this long after its backend died
     session_ttl: float = 86400.0  # lifetime of the session cookie and its Redis mapping
     dedupe_window: float = 600.0  # a client_msg_id is remembered this long per (room, user)
+    history_seconds: float = 300.0  # and for this long at most (--history-seconds)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError
 
 from lbproxy.backend import chat_protocol as proto
+from lbproxy.backend.history import EPOCH, TRIMMED, gap_reason
 from lbproxy.backend.store import Duplicate, Limited, Stored
 
 if TYPE_CHECKING:
@@ -72,7 +73,11 @@ class ChatSession:
     # ---- WsHandler ----------------------------------------------------------------------------
 
     def on_message(self, data: str | bytes) -> None:
-        self._enqueue(data)
+        ping = proto.quick_ping(data) if isinstance(data, str) else None
+        if ping is not None:
+            self._send(proto.pong(ping))  # at once: a liveness check of this backend
+        else:
+            self._enqueue(data)
 
     def on_too_big(self, size: int) -> None:
         self._enqueue(_TooBig(size))
@@ -95,6 +100,16 @@ class ChatSession:
         elif msg_id > member.last_id:
             member.last_id = msg_id
             self._send(payload)
+
+    def gap(self, room: str, event: str, restart: bool) -> None:
+        """The hub lost messages of ``room`` (``event``, a history_gap); ``restart``: the room
+        is in a new epoch, whose ids are not comparable with what was sent before."""
+        member = self.rooms.get(room)
+        if member is None or member.replaying:
+            return  # a join in progress reads the store itself
+        if restart:
+            member.last_id = 0
+        self._send(event)
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -153,6 +168,8 @@ class ChatSession:
         elif isinstance(command, proto.Presence):
             users = await self.hub.store.presence_list(command.room)
             self._send(proto.presence(command.room, users))
+        elif isinstance(command, proto.Ping):
+            self._send(proto.pong(command))
         else:
             if self.rooms.pop(command.room, None) is not None and self.hub.leave(
                 command.room, self
@@ -184,9 +201,7 @@ class ChatSession:
             await self.hub.store.presence_touch({room: [self.hub.member(self.user)]})
             if self.rooms.get(room) is not member:
                 return
-            self._send(proto.joined(room, self.hub.backend_id, self.user))
-            if command.since is not None:
-                await self._replay(room, member, command.since)
+            await self._replay(room, member, command)
         except BaseException:
             if self.rooms.get(room) is member:
                 self._leave(room)
@@ -199,21 +214,32 @@ class ChatSession:
             member.buffer.clear()
             member.replaying = False
 
-    async def _replay(self, room: str, member: Membership, since: int) -> None:
-        after = since
+    async def _replay(self, room: str, member: Membership, command: proto.Join) -> None:
+        """``joined`` (with the epoch), then any history_gap, then the stored messages."""
+        since = command.since
+        view = await self.hub.store.view(room, since or 0, 0 if since is None else REPLAY_BATCH)
+        if self.rooms.get(room) is not member:
+            return
+        self._send(proto.joined(room, self.hub.backend_id, self.user, view.epoch))
+        if since is None:
+            return
+        reason = gap_reason(since, command.epoch, view)
+        if reason is not None:
+            oldest = view.entries[0].id if view.entries and reason == TRIMMED else None
+            self._send(proto.history_gap(room, reason, view.epoch, oldest))
+        if reason == EPOCH:  # ids of the old epoch mean nothing now: all of the new one
+            view = await self.hub.store.view(room, 0, REPLAY_BATCH)
+        entries = view.entries
         while True:
-            entries = await self.hub.store.read_after(room, after, REPLAY_BATCH)
             if self.rooms.get(room) is not member:
                 return
-            if after == since and entries and entries[0].prev > since:
-                self._send(proto.error("history_gap", room=room, oldest=entries[0].id))
             for entry in entries:
                 if entry.id > member.last_id:
                     member.last_id = entry.id
                     self._send(entry.payload)
             if len(entries) < REPLAY_BATCH:
                 return
-            after = entries[-1].id
+            entries = await self.hub.store.read_after(room, entries[-1].id, REPLAY_BATCH)
 
     def _leave(self, room: str) -> None:
         if self.rooms.pop(room, None) is not None and self.hub.leave(room, self):
@@ -223,4 +249,6 @@ class ChatSession:
 def _context(command: proto.Command) -> dict[str, str]:
     if isinstance(command, proto.Send):
         return {"request": "send", "room": command.room, "client_msg_id": command.client_msg_id}
+    if isinstance(command, proto.Ping):
+        return {"request": "ping"}
     return {"request": type(command).__name__.lower(), "room": command.room}

@@ -4,7 +4,11 @@ Keys (``P`` = prefix, ``R`` = room, ``U`` = user):
 
 - ``P:chat:room:R:stream``: the room's history, a stream with entry ids ``<msg id>-0`` and fields
   ``m`` (the msg JSON) and ``p`` (the id of the message before it, to detect trimmed history);
-  trimmed to exactly ``history`` entries.
+  trimmed (exactly) to the last ``history_max`` entries and to ``history_seconds`` by id
+  (ids are at least the Redis time in microseconds when stored: ``XTRIM MINID``).
+- ``P:chat:room:R:meta``: hash with ``epoch`` (random, set once by the first join or send of
+  the room: a new epoch means Redis lost the room's data) and ``last`` (the newest id stored,
+  kept when trimming empties the stream).
 - ``P:chat:room:R`` (pub/sub channel): every stored msg JSON, published by the same script.
 - ``P:chat:room:R:presence``: sorted set of ``U\\n<backend instance>`` scored by expiry (ms).
 - ``P:chat:dedupe:<sha256 of [R, U, client_msg_id]>``: the stored msg JSON, for the dedupe window.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +32,9 @@ from redis.asyncio import Redis
 from lbproxy.backend.chat_protocol import Send, message_parts
 from lbproxy.backend.ratelimit import GCRA_LUA, MICROS, RateLimit
 
-# KEYS: dedupe, rate, stream. ARGV: dedupe ttl ms, interval us, tolerance us, maxlen, channel,
-# msg head, msg tail. One atomic step: dedupe check, rate limit, new id, XADD, remember, PUBLISH.
+# KEYS: dedupe, rate, stream, meta. ARGV: dedupe ttl ms, interval us, tolerance us, maxlen,
+# channel, msg head, msg tail, history us, new epoch. One atomic step: dedupe check, rate
+# limit, new id, XADD, trim by count and time, remember, PUBLISH.
 SEND_LUA = (
     """
 local dup = redis.call('GET', KEYS[1])
@@ -42,14 +48,21 @@ local TOLERANCE = tonumber(ARGV[3])
     + GCRA_LUA
     + """
 local top = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
-local prev = 0
-if #top > 0 then prev = tonumber(string.match(top[1][1], '^(%d+)')) end
+local prev = tonumber(redis.call('HGET', KEYS[4], 'last') or '0')
+if #top > 0 then
+  local newest = tonumber(string.match(top[1][1], '^(%d+)'))
+  if newest > prev then prev = newest end
+end
 local id = prev + 1
 if NOW > id then id = NOW end
 local ids = string.format('%d', id)
 local msg = ARGV[6] .. ids .. ARGV[7]
 local prevs = string.format('%d', prev)
 redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[4], ids .. '-0', 'm', msg, 'p', prevs)
+local oldest = NOW - tonumber(ARGV[8])
+if oldest > 0 then redis.call('XTRIM', KEYS[3], 'MINID', string.format('%d', oldest)) end
+redis.call('HSETNX', KEYS[4], 'epoch', ARGV[9])
+redis.call('HSET', KEYS[4], 'last', ids)
 redis.call('SET', KEYS[1], msg, 'PX', ARGV[1])
 redis.call('PUBLISH', ARGV[5], msg)
 return {'ok', msg}
@@ -109,13 +122,27 @@ class Entry:
 
 
 @dataclass(frozen=True, slots=True)
+class View:
+    """One consistent read of a room: its epoch, newest id stored, and entries after an id."""
+
+    epoch: str
+    last: int  # newest id ever stored in this epoch (0: none)
+    entries: list[Entry]
+
+
+@dataclass(frozen=True, slots=True)
 class StoreSettings:
     prefix: str
-    history: int
+    history: int  # at most this many messages per room
     limit: RateLimit
     presence_ttl: float
     session_ttl: float
     dedupe_window: float
+    history_seconds: float = 300.0  # and none older than this
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(8)
 
 
 def _entry(raw: Any) -> Entry:
@@ -139,6 +166,9 @@ class ChatStore:
     def stream_key(self, room: str) -> str:
         return f"{self.channel(room)}:stream"
 
+    def meta_key(self, room: str) -> str:
+        return f"{self.channel(room)}:meta"
+
     def presence_key(self, room: str) -> str:
         return f"{self.channel(room)}:presence"
 
@@ -159,6 +189,7 @@ class ChatStore:
             self.dedupe_key(room, user, send.client_msg_id),
             self.rate_key(user),
             self.stream_key(room),
+            self.meta_key(room),
         ]
         args: list[Any] = [
             int(s.dedupe_window * 1000),
@@ -168,6 +199,8 @@ class ChatStore:
             self.channel(room),
             head,
             tail,
+            int(s.history_seconds * MICROS),
+            new_epoch(),
         ]
         kind, value = await self._send(keys=keys, args=args)
         if kind == "ok":
@@ -176,10 +209,22 @@ class ChatStore:
             return Duplicate(value)
         return Limited(int(value) / MICROS)
 
-    async def head(self, room: str) -> int:
-        """The id of the newest stored message of ``room`` (0 when there is none)."""
-        top = await self.client.xrevrange(self.stream_key(room), count=1)
-        return _entry(top[0]).id if top else 0
+    async def view(self, room: str, after: int, count: int) -> View:
+        """The room's epoch (made now if it has none) and last id, and up to ``count`` entries
+        after ``after``, read atomically (MULTI/EXEC)."""
+        meta = self.meta_key(room)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(meta, "epoch", new_epoch())
+            pipe.hmget(meta, ["epoch", "last"])
+            pipe.xrevrange(self.stream_key(room), count=1)
+            if count > 0:
+                pipe.xrange(self.stream_key(room), min=f"{after}-1", count=count)
+            replies = await pipe.execute()
+        epoch, last = replies[1]
+        top = replies[2]
+        newest = _entry(top[0]).id if top else 0
+        entries = [_entry(item) for item in replies[3] or ()] if count > 0 else []
+        return View(str(epoch), max(int(last or 0), newest), entries)
 
     async def read_after(self, room: str, after: int, count: int) -> list[Entry]:
         """Up to ``count`` stored messages with ids greater than ``after``, oldest first."""
