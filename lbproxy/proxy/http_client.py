@@ -460,7 +460,11 @@ class HttpClient(asyncio.Protocol):
             if self.nbytes_in != self.wait_mark:
                 self.wait_mark, self.wait_since = self.nbytes_in, now
             elif body_stalled(now, self.wait_since, timeout):
-                self._reject(408, "request body not received in time")
+                if self.nbytes_out > self.mark_out:  # (the backend has begun its answer)
+                    self._drop_upstream()
+                    self.close_now()
+                else:
+                    self._reject(408, "request body not received in time")
                 return
             self._arm(Wait.BODY, next_body_check(now, self.wait_since, timeout))
         elif wait is Wait.RESPONSE:
@@ -468,6 +472,14 @@ class HttpClient(asyncio.Protocol):
                 native_upgrade.response_timeout(self)
             elif self.state == FORWARD:
                 self._response_timeout()
+
+    def _drop_upstream(self) -> None:
+        """Close the current request's backend connection (it will not be answered)."""
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.client = None
+            upstream.transport.close()
+        self._end_request()
 
     def _response_timeout(self) -> None:
         ctx = self.ctx
@@ -478,8 +490,6 @@ class HttpClient(asyncio.Protocol):
         ctx.stats.upstream_errors[(pool.name, backend.id, "response_timeout")] += 1
         pool.connect_failed(backend, "no response in time")
         self.tried = self.tried | {backend.id}
-        upstream.client = None
-        upstream.transport.close()
         action = after_response_timeout(
             answered=self.nbytes_out > self.mark_out,
             has_body=head.body.kind != "none",
@@ -487,7 +497,7 @@ class HttpClient(asyncio.Protocol):
             retries=pool.config.retries,
             others=untried(((b.id, b.state is UP) for b in pool.backends.values()), self.tried),
         )
-        self._end_request()
+        self._drop_upstream()
         if action is AfterTimeout.RETRY:
             self._retry(None, self.tried)
         elif action is AfterTimeout.ANSWER:
