@@ -5,18 +5,23 @@ and is never held against the backend. Real lbproxy subprocesses, small socket b
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import httpx
 import pytest
 
+from lbproxy.config_types import Address
 from lbproxy.http1 import parse_response_head
+from lbproxy.pool import Backend
+from lbproxy.proxy.context import IdleUpstreams
 from tests.proxyconf import proxy_config
-from tests.support import Lbproxy, free_port, wait_until
+from tests.support import Lbproxy, await_until, free_port, wait_until
 from tests.test_native_upgrade import read_head
 from tests.test_timeouts import OK, read_request
 from tests.test_tunnel import TcpServer
@@ -200,3 +205,30 @@ def test_reused_connection_closed_before_a_body_it_cannot_resend_is_502_only(rig
     with socket.create_connection(("127.0.0.1", rig.racy), timeout=10) as c:
         c.sendall(b"GET /3 HTTP/1.1\r\nHost: h\r\n\r\n")  # still up: served
         assert response(c)[0].startswith(b"HTTP/1.1 200 ")
+
+
+async def test_idle_upstreams_never_hand_out_a_connection_past_its_age() -> None:
+    """In process, real sockets: take() skips (and closes) connections idle for max_age;
+    expire() closes exactly those; the most recently idle one is reused first."""
+    accepted: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(lambda _r, w: accepted.append(w), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    writers = [(await asyncio.open_connection("127.0.0.1", port))[1] for _ in range(3)]
+    old, middle, recent = (cast(asyncio.Transport, w.transport) for w in writers)
+    backend = Backend("b1", Address("127.0.0.1", port), 1, "static")
+    idle = IdleUpstreams()
+    assert idle.put(backend, old, 100.0) and idle.put(backend, middle, 102.0)
+    assert idle.put(backend, recent, 103.5)
+    assert idle.take(backend, 104.0, 4.0) is recent  # most recent first
+    assert idle.expire(104.0, 4.0) == 1 and old.is_closing() and not middle.is_closing()
+    assert idle.take(backend, 106.5, 4.0) is None  # middle is 4.5 s old: closed, not reused
+    assert middle.is_closing() and not recent.is_closing()
+    for writer in writers:
+        writer.close()
+    await await_until(lambda: len(accepted) == 3)
+    for writer in accepted:
+        writer.close()
+    for writer in writers + accepted:
+        await writer.wait_closed()
+    server.close()
+    await server.wait_closed()
