@@ -33,7 +33,11 @@ _REG_NAME = rb"(?:[-A-Za-z0-9._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*"
 _IP_LITERAL = rb"\[(?:[0-9A-Fa-f:.]+|[vV][0-9A-Fa-f]+\.[-A-Za-z0-9._~!$&'()*+,;=:]+)\]"
 HOST = rb"(?:" + _REG_NAME + rb"|" + _IP_LITERAL + rb")(?::[0-9]*)?"
 _HOST = re.compile(HOST)
-LANE_HOST = _REG_NAME + rb"(?::[0-9]*)?"  # (the fast lanes leave IP literals to the parser)
+# the fast lanes: a non-empty reg-name starting with a plain character, and a port
+# (possessive: no backtracking, no slower than the old "any value" match); IP literals and
+# the rest are left to the parser
+_REG_CHARS = rb"[-A-Za-z0-9._~!$&'()*+,;=]"
+LANE_HOST = _REG_CHARS + rb"++(?:%[0-9A-Fa-f]{2}" + _REG_CHARS + rb"*+)*+(?::[0-9]*+)?"
 _ABSOLUTE = re.compile(rb"[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^/?#@]*@)?([^/?#]*)")
 
 TeClass = Literal["chunked", "malformed", "unsupported"]
