@@ -275,7 +275,7 @@ class HttpClient(asyncio.Protocol):
 
     def _begin(self, head: RequestHead, quick: bytes | None, key: bytes | None) -> None:
         """Book-keeping shared by every new request."""
-        self._disarm()
+        self.wait = None  # (the keep-alive entry stays in ctx.deadlines until overwritten)
         self.held = None
         self.replaying = False
         if self.timer is not None:
@@ -425,9 +425,8 @@ class HttpClient(asyncio.Protocol):
         self.ctx.deadlines[self] = when
 
     def _disarm(self) -> None:
-        if self.wait is not None:
-            self.wait = None
-            self.ctx.deadlines.pop(self, None)
+        self.wait = None
+        self.ctx.deadlines.pop(self, None)
 
     def _arm_wait(self) -> None:
         """The request went out (or part of it): wait for the rest of its body or the answer."""
@@ -441,13 +440,15 @@ class HttpClient(asyncio.Protocol):
             self._arm(Wait.RESPONSE, now + self.ctx.pool.config.response_timeout)
 
     def response_started(self) -> None:
-        """The backend's final response head (or 101) arrived: no response deadline now."""
+        """The backend's final response head (or 101) arrived: no response deadline now.
+        (Its entry stays in ctx.deadlines: the keep-alive one overwrites it, or the sweep
+        drops it; a set and a pop per request saved on the hot path.)"""
         if self.wait is Wait.RESPONSE:
-            self._disarm()
+            self.wait = None
 
     def deadline_passed(self, now: float) -> None:
         wait = self.wait
-        self._disarm()
+        self._disarm()  # (wait None: an entry left behind, nothing to do)
         if wait is Wait.KEEPALIVE:
             if self.state == HEAD and not self.buf:
                 self.state = DONE
