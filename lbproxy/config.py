@@ -332,6 +332,8 @@ def _listener(
         trusted_proxies=s.networks("trusted_proxies"),
         proxy_protocol=s.choice("proxy_protocol", d.proxy_protocol, ("", "v1", "v2")),
         tls=_tls(s, base_dir),
+        keepalive_timeout=s.number("keepalive_timeout", d.keepalive_timeout, zero_ok=False),
+        body_timeout=s.number("body_timeout", d.body_timeout, zero_ok=False),
     )
 
 
@@ -409,6 +411,10 @@ def _pool(name: str, table: Mapping[str, Any], problems: _Problems) -> PoolConfi
         health=_health(s),
         sticky_secret=_sticky_secret(s, d.sticky_secret),
         affinity_linger=s.number("affinity_linger", d.affinity_linger, zero_ok=True),
+        response_timeout=s.number("response_timeout", d.response_timeout, zero_ok=False),
+        upstream_keepalive_timeout=s.number(
+            "upstream_keepalive_timeout", d.upstream_keepalive_timeout, zero_ok=False
+        ),
     )
 
 

@@ -52,6 +52,8 @@ class ListenerConfig:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     proxy_protocol: Literal["", "v1", "v2"] = ""
     tls: TlsConfig | None = None
+    keepalive_timeout: float = 75.0  # an idle client connection between requests is closed
+    body_timeout: float = 60.0  # a request body with no byte for this long is answered 408
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,8 @@ class PoolConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     sticky_secret: str = ""  # HMAC key of the sticky cookies ("" = derived from the pool name)
     affinity_linger: float = 10.0  # seconds a key stays remembered after its last connection
+    response_timeout: float = 30.0  # no response head within it: 504 (and a passive failure)
+    upstream_keepalive_timeout: float = 4.0  # idle upstream connections closed after it
 
 
 @dataclass(frozen=True, slots=True)

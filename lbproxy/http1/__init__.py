@@ -15,7 +15,11 @@ Strictness beyond h11 (request-smuggling shapes are refused, never normalised):
 * Transfer-Encoding: exactly "chunked" (any case) is supported; a repeated or misplaced chunked,
   chunked with parameters, bad syntax or several Transfer-Encoding headers → 400; any other coding
   list ("gzip, chunked", "xchunked", "identity") → 501; Transfer-Encoding in HTTP/1.0 → 400;
-* missing (HTTP/1.1) or repeated Host → 400; HTTP versions other than 1.0/1.1 → 505;
+* missing (HTTP/1.1) or repeated Host → 400; a Host value that is not a valid authority (RFC 9110
+  7.2: reg-name, IPv4 or [IP-literal], optional :port digits), or an absolute-form target whose
+  authority is not, → 400; HTTP versions other than 1.0/1.1 → 505;
+* chunk sizes of 2^63 or more → 400 (502 in responses): an int64 parser behind would read them
+  as negative (ChunkedTracker);
 * leading empty lines (CRLF) before the request line are skipped (RFC 9112 2.2) and counted in n.
 
 Response heads get the same checks with every error reported as 502 (an over-long response head

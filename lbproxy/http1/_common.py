@@ -7,6 +7,7 @@ keep-alive and websocket decisions are made by exactly one piece of code.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Literal
 
@@ -27,8 +28,43 @@ _INTERESTING = frozenset(
     (b"content-length", b"transfer-encoding", b"connection", b"upgrade", b"host")
 )
 _VERSIONS = (b"1.1", b"1.0")
+# RFC 9110 7.2 / RFC 3986 3.2.2-3: reg-name (IPv4 included) or [IP-literal], then :port digits
+_REG_NAME = rb"(?:[-A-Za-z0-9._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*"
+_IP_LITERAL = rb"\[(?:[0-9A-Fa-f:.]+|[vV][0-9A-Fa-f]+\.[-A-Za-z0-9._~!$&'()*+,;=:]+)\]"
+HOST = rb"(?:" + _REG_NAME + rb"|" + _IP_LITERAL + rb")(?::[0-9]*)?"
+_HOST = re.compile(HOST)
+# the fast lanes: a non-empty reg-name starting with a plain character, and a port
+# (possessive: no backtracking, no slower than the old "any value" match); IP literals and
+# the rest are left to the parser
+_REG_CHARS = rb"[-A-Za-z0-9._~!$&'()*+,;=]"
+LANE_HOST = _REG_CHARS + rb"++(?:%[0-9A-Fa-f]{2}" + _REG_CHARS + rb"*+)*+(?::[0-9]*+)?"
+_ABSOLUTE = re.compile(rb"[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^/?#@]*@)?([^/?#]*)")
 
 TeClass = Literal["chunked", "malformed", "unsupported"]
+
+
+def valid_host(value: bytes) -> bool:
+    """Whether ``value`` is a valid Host field value / authority (RFC 9110 7.2): a reg-name or
+    IPv4 address or [IPv6] literal with an optional :port; no userinfo, no spaces."""
+    if _HOST.fullmatch(value) is None:
+        return False
+    if value.startswith(b"[") and value[1:2] not in (b"v", b"V"):
+        literal = value[1 : value.index(b"]")].decode("ascii")
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            return False
+    return True
+
+
+def _check_host(target: bytes, headers: Headers) -> None:
+    """400 for an invalid Host value, or an absolute-form target with an invalid authority."""
+    for name, value in headers:
+        if name == b"host" and not valid_host(value):
+            raise HttpError(400, "invalid Host header")
+    absolute = _ABSOLUTE.match(target)
+    if absolute is not None and not valid_host(absolute.group(1)):
+        raise HttpError(400, "invalid authority in the request target")
 
 
 def locate_head(
@@ -181,6 +217,7 @@ def build_request(
         raise HttpError(400, "missing Host header")
     if version not in _VERSIONS:
         raise HttpError(505, f"HTTP version {version.decode('ascii')} not supported")
+    _check_host(target, headers)
     if body is CHUNKED:
         if version == b"1.0":
             raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")

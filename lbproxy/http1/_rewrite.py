@@ -18,6 +18,8 @@ _NEVER_HOP_BY_HOP = frozenset((b"host", b"content-length", b"transfer-encoding",
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _FIELD_VALUE = re.compile(rb"[^\x00\r\n]*")
 _AUTHORITY = re.compile(rb"[a-zA-Z][a-zA-Z0-9+.-]*://([^/?#@]*@)?([^/?#]*)")
+# what only a trusted proxy may tell the backend (removed from anyone else's requests)
+_UNTRUSTED = frozenset((b"forwarded", b"x-real-ip"))
 _MAX_DETAIL = 200
 
 REASONS = MappingProxyType(
@@ -49,8 +51,19 @@ def _host_for_http10(head: RequestHead) -> list[bytes]:
     """HTTP/1.0 may omit Host, but the HTTP/1.1 request we send must carry one (RFC 9112 3.2)."""
     if head.header(b"host") is not None:
         return []
-    match = _AUTHORITY.match(head.target)
-    return [b"Host: ", match.group(2) if match else b"", b"\r\n"]
+    return [b"Host: \r\n"]
+
+
+def origin_form(target: bytes) -> tuple[bytes, bytes | None]:
+    """(the target in origin form, its authority) for an absolute-form target (RFC 9112 3.2.2:
+    the authority replaces Host); ``(target, None)`` for any other form."""
+    match = _AUTHORITY.match(target)
+    if match is None:
+        return target, None
+    rest = target[match.end() :]
+    if not rest.startswith(b"/"):
+        rest = b"/" + rest  # "http://a?q" -> "/?q"
+    return rest, match.group(2)
 
 
 def rewrite_request(
@@ -70,13 +83,21 @@ def rewrite_request(
     Proxy-Connection, TE, Trailer, Upgrade) are removed; Connection can never name Host,
     Content-Length or Transfer-Encoding away. "Connection: close" is added when not
     ``upstream_keep_alive``. A websocket request keeps Upgrade and gets "Connection: Upgrade".
-    An HTTP/1.0 request without Host gets one (the absolute-form authority, else empty).
+    An absolute-form target is sent in origin form with Host set to its authority (any Host
+    header is replaced, RFC 9112 3.2.2); an HTTP/1.0 request without Host gets an empty one.
+    Forwarded and X-Real-IP are kept only when ``keep_xff`` (a trusted peer).
     """
     drop = _DROP_WEBSOCKET if head.websocket else _DROP_PLAIN
     connection = [value for name, value in head.headers if name == b"connection"]
     if connection:
         drop = drop | _connection_named(connection)
-    out = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
+    if not keep_xff:
+        drop = drop | _UNTRUSTED
+    target, authority = origin_form(head.target)
+    out = [head.method, b" ", target, b" HTTP/1.1\r\n"]
+    if authority is not None:
+        drop = drop | {b"host"}
+        out += (b"Host: ", authority, b"\r\n")
     forwarded_for: list[bytes] = []
     for (name, _), (raw_name, value) in zip(head.headers, head.raw_headers, strict=True):
         if name in drop:
@@ -84,7 +105,7 @@ def rewrite_request(
                 forwarded_for.append(value)
             continue
         out += (raw_name, b": ", value, b"\r\n")
-    if head.version == b"1.0":
+    if head.version == b"1.0" and authority is None:
         out += _host_for_http10(head)
     ip = client_ip.encode("ascii")
     if keep_xff and forwarded_for:
@@ -157,13 +178,18 @@ _RESPONSE_HOP_BY_HOP = frozenset(
 
 
 def rewrite_response(
-    raw_head: bytes, *, close: bool, extra: Sequence[tuple[bytes, bytes]] = ()
+    raw_head: bytes,
+    *,
+    close: bool,
+    extra: Sequence[tuple[bytes, bytes]] = (),
+    keep_alive: bool = False,
 ) -> bytes:
     """The backend's response head as the client gets it (not used for a 101).
 
     The backend's hop-by-hop headers (Connection, the headers it names, Keep-Alive, ...)
     describe the backend connection, not the client's, so they are dropped; ``close``
-    adds ``Connection: close`` (lbproxy closes the client connection after this response);
+    adds ``Connection: close`` (lbproxy closes the client connection after this response),
+    ``keep_alive`` (an HTTP/1.0 client whose connection stays open) ``Connection: keep-alive``;
     ``extra`` lines (e.g. Set-Cookie) are added. Upgrade is dropped too unless 101.
     """
     if not raw_head.endswith(b"\r\n\r\n"):
@@ -182,4 +208,6 @@ def rewrite_response(
         out += _header_lines(extra)
     if close:
         out += b"Connection: close\r\n"
+    elif keep_alive:
+        out += b"Connection: keep-alive\r\n"
     return out + b"\r\n"

@@ -15,6 +15,7 @@ from lbproxy.http1._types import MAX_HEAD
 Data = bytes | bytearray | memoryview
 MAX_LINE = 4096
 MAX_TRAILERS = MAX_HEAD
+MAX_CHUNK = (1 << 63) - 1  # larger sizes read as negative in an int64 parser: a desync risk
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n\x00]*)?")
 
 _TRAILER_FIELD = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[^\x00\r\n]*\r\n")
@@ -140,6 +141,8 @@ class ChunkedTracker:
         if match is None:
             raise self._fail(f"invalid chunk-size line {line[:40]!r}")
         size = int(match.group(1), 16)
+        if size > MAX_CHUNK:
+            raise self._fail("chunk size of 2^63 or more")
         if size:
             self._remaining = size
             self._state = _DATA

@@ -13,19 +13,23 @@ from __future__ import annotations
 
 import re
 
+from lbproxy.http1._common import LANE_HOST, valid_host
+
 # A request line for GET, then header lines whose names are tokens other than the
 # ones that change framing, connection handling or forwarding (those go to the full
 # parser), then the blank line. Values: any byte but controls (HTAB allowed).
 _NAME = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 _TEXT = rb"[^\x00-\x08\x0a-\x1f\x7f]*"  # a field value: no controls but HTAB
-_FORBIDDEN = (
-    rb"content-length|transfer-encoding|keep-alive|te|trailer|proxy-connection"
-    rb"|x-forwarded-for|x-forwarded-proto|x-forwarded-port|expect"
+# (alternatives factored by prefix: sre tries them one by one on every header line)
+_FORBIDDEN_REST = (
+    rb"t(?:e|railer|ransfer-encoding)|keep-alive|proxy-connection"
+    rb"|x-(?:forwarded-(?:for|proto|port)|real-ip)|expect|forwarded"
 )
+_FORBIDDEN = rb"content-length|" + _FORBIDDEN_REST
 _HEADER = (
-    rb"(?!(?i:"
-    + _FORBIDDEN
-    + rb"|connection|upgrade|host)[ \t]*:)"
+    rb"(?!(?i:c(?:ontent-length|onnection)|"
+    + _FORBIDDEN_REST
+    + rb"|upgrade|host)[ \t]*:)"
     + _NAME
     + rb":"
     + _TEXT
@@ -37,7 +41,7 @@ _QUICK_WEBSOCKET = re.compile(rb"GET /[\x21-\x7e]* HTTP/1\.1\r\n(?:" + _WS_HEADE
 _SWITCHING = re.compile(
     rb"HTTP/1\.1 101(?: " + _TEXT + rb")?\r\n(?:" + _NAME + rb":" + _TEXT + rb"\r\n)*\r\n"
 )
-_VALUE = rb"[ \t]*[^\x00-\x20\x7f][^\x00-\x08\x0a-\x1f\x7f]*"
+_VALUE = rb"[ \t]*+" + LANE_HOST + rb"[ \t]*+"  # a valid, non-empty Host
 _QUICK_REQUEST = re.compile(
     rb"GET /[\x21-\x7e]* HTTP/1\.1\r\n"
     rb"(?:" + _HEADER + rb")*"
@@ -84,7 +88,13 @@ def quick_websocket(head: bytes) -> bool:
         and b"\r\nupgrade: websocket\r\n" in low
         and b"\r\nconnection: upgrade\r\n" in low
         and b"\r\nhost: " in low
+        and _host_ok(head, low)
     )
+
+
+def _host_ok(head: bytes, low: bytes) -> bool:
+    start = low.index(b"\r\nhost:") + 7
+    return valid_host(head[start : head.index(b"\r\n", start)].strip(b" \t"))
 
 
 def switching_protocols(head: bytes) -> bool:

@@ -32,36 +32,61 @@ class Tracked(Protocol):
         """Close now (idle timeout, forced shutdown)."""
 
 
+class Timed(Protocol):
+    """A client connection waiting on a deadline (response, request body, keep-alive idle)."""
+
+    def deadline_passed(self, now: float) -> None:
+        """Its deadline in ``ListenerContext.deadlines`` passed (the sweep calls this)."""
+
+
 class IdleUpstreams:
-    """Keep-alive upstream connections per backend, ready for the next plain-HTTP request."""
+    """Keep-alive upstream connections per backend, ready for the next plain-HTTP request.
+
+    Each remembers when it became idle: one idle for ``max_age`` (the pool's
+    upstream_keepalive_timeout, below the backend's own) is closed, never reused."""
 
     __slots__ = ("by_backend", "limit")
 
     def __init__(self, limit: int = 256) -> None:
-        self.by_backend: dict[Backend, list[asyncio.Transport]] = {}
+        # (insertion-ordered: oldest first, and take() reuses the most recent)
+        self.by_backend: dict[Backend, dict[asyncio.Transport, float]] = {}
         self.limit = limit
 
-    def put(self, backend: Backend, transport: asyncio.Transport) -> bool:
-        idle = self.by_backend.setdefault(backend, [])
+    def put(self, backend: Backend, transport: asyncio.Transport, now: float) -> bool:
+        idle = self.by_backend.setdefault(backend, {})
         if len(idle) >= self.limit:
             return False
-        idle.append(transport)
+        idle[transport] = now
         return True
 
-    def take(self, backend: Backend) -> asyncio.Transport | None:
+    def take(self, backend: Backend, now: float, max_age: float) -> asyncio.Transport | None:
         idle = self.by_backend.get(backend)
         while idle:
-            transport = idle.pop()
-            if not transport.is_closing():
+            transport, since = idle.popitem()
+            if now - since >= max_age:
+                transport.close()  # (older ones too: the sweep closes them)
+            elif not transport.is_closing():
                 return transport
         return None
 
     def discard(self, backend: Backend, transport: asyncio.Transport) -> None:
         idle = self.by_backend.get(backend)
-        if idle is not None and transport in idle:
-            idle.remove(transport)
+        if idle is not None and idle.pop(transport, None) is not None and not idle:
+            del self.by_backend[backend]
+
+    def expire(self, now: float, max_age: float) -> int:
+        """Close every connection idle for ``max_age`` or more; how many were closed."""
+        closed = 0
+        for backend in list(self.by_backend):
+            idle = self.by_backend[backend]
+            old = [t for t, since in idle.items() if now - since >= max_age]
+            for transport in old:
+                del idle[transport]
+                transport.close()
             if not idle:
                 del self.by_backend[backend]
+            closed += len(old)
+        return closed
 
     def close_all(self, keep: Callable[[Backend], bool] | None = None) -> None:
         for backend in list(self.by_backend):
@@ -78,6 +103,7 @@ class ListenerContext:
         "access_log",
         "config",
         "connections",
+        "deadlines",
         "idle",
         "key_cache",
         "log_json",
@@ -104,6 +130,8 @@ class ListenerContext:
         self.stats = stats
         self.loop = loop
         self.connections: set[Tracked] = set()
+        # client connections waiting on a deadline -> when (the listener's sweep checks them)
+        self.deadlines: dict[Timed, float] = {}
         self.idle = IdleUpstreams()
         self.proto = b"https" if config.tls is not None else b"http"
         self.port = config.bind.port

@@ -25,11 +25,19 @@ from lbproxy.http1 import (
     rewrite_request,
 )
 from lbproxy.http1.lanes import quick_request, quick_websocket
-from lbproxy.pool import Backend
+from lbproxy.pool import Backend, BackendState
 from lbproxy.proxy import native_upgrade
 from lbproxy.proxy.accesslog import log_connection
 from lbproxy.proxy.connect import connect_with_retries
 from lbproxy.proxy.context import ListenerContext
+from lbproxy.proxy.deadlines import (
+    AfterTimeout,
+    Wait,
+    after_response_timeout,
+    body_stalled,
+    next_body_check,
+    untried,
+)
 from lbproxy.proxy.http_upstream import Upstream
 from lbproxy.proxy.tunnel import Linger, WsLink
 
@@ -39,6 +47,8 @@ HEAD, CONNECTING, FORWARD, DONE = range(4)
 QUICK_LIMIT = 8192  # larger heads take the full path (and its limits)
 QUICK_GET = RequestHead(b"GET", b"/", b"1.1", (), (), True, False, BodyFraming("none"))
 QUICK_WEBSOCKET = RequestHead(b"GET", b"/", b"1.1", (), (), True, True, BodyFraming("none"))
+UP = BackendState.UP
+REPLAY_LIMIT = 65536  # request body bytes held for a resend while on a reused connection
 
 
 class HttpClient(asyncio.Protocol):
@@ -50,6 +60,7 @@ class HttpClient(asyncio.Protocol):
         "closing",
         "ctx",
         "head",
+        "held",
         "ip",
         "key",
         "last_backend",
@@ -63,6 +74,7 @@ class HttpClient(asyncio.Protocol):
         "nslot",
         "port",
         "quick",
+        "replaying",
         "requests",
         "reused",
         "set_cookie",
@@ -76,6 +88,9 @@ class HttpClient(asyncio.Protocol):
         "transport",
         "tried",
         "upstream",
+        "wait",
+        "wait_mark",
+        "wait_since",
     )
 
     def __init__(self, ctx: ListenerContext) -> None:
@@ -108,6 +123,12 @@ class HttpClient(asyncio.Protocol):
         self.nslot = -1
         self.nbackend: Backend | None = None
         self.nresp = bytearray()
+        # the deadline this connection waits on (in ctx.deadlines; the listener's sweep checks)
+        self.wait: Wait | None = None
+        self.wait_mark = 0  # (a streaming body: nbytes_in when last looked at, and since when)
+        self.wait_since = 0.0
+        self.held: bytearray | None = None  # the request body so far, while it can be resent
+        self.replaying = False
 
     # -- asyncio callbacks ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -157,6 +178,7 @@ class HttpClient(asyncio.Protocol):
         prev = self.state
         self.state = DONE
         ctx.connections.discard(self)
+        self._disarm()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -192,6 +214,7 @@ class HttpClient(asyncio.Protocol):
             self._reject(exc.status, exc.reason)
             return
         if parsed is None:
+            self._disarm()  # (a keep-alive wait ends: the handshake timeout applies)
             if self.timer is None:
                 self.timer = self.ctx.loop.call_later(
                     self.ctx.config.handshake_timeout, self._head_timeout
@@ -214,7 +237,8 @@ class HttpClient(asyncio.Protocol):
         backend = pool.pick(key)
         if backend is None:
             return False
-        transport = ctx.idle.take(backend)
+        now = time.monotonic()
+        transport = ctx.idle.take(backend, now, pool.config.upstream_keepalive_timeout)
         if transport is None:  # no warm connection: the full path, to the backend just picked
             try:
                 parsed = parse_request_head(data)
@@ -237,6 +261,7 @@ class HttpClient(asyncio.Protocol):
         self.mark_out = self.nbytes_out
         upstream.expect(self, b"GET", False, None)
         upstream.transport.write(data[:-2] + self._suffix())
+        self._arm(Wait.RESPONSE, now + pool.config.response_timeout)
         return True
 
     def _lane_key(self) -> tuple[bool, bytes | None]:
@@ -250,6 +275,9 @@ class HttpClient(asyncio.Protocol):
 
     def _begin(self, head: RequestHead, quick: bytes | None, key: bytes | None) -> None:
         """Book-keeping shared by every new request."""
+        self.wait = None  # (the keep-alive entry stays in ctx.deadlines until overwritten)
+        self.held = None
+        self.replaying = False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -299,7 +327,7 @@ class HttpClient(asyncio.Protocol):
             if first is None:
                 self._reject(503, "no healthy backend")
                 return
-            idle = ctx.idle.take(first)
+            idle = ctx.idle.take(first, time.monotonic(), pool.config.upstream_keepalive_timeout)
             if idle is not None:
                 upstream = idle.get_protocol()
                 assert isinstance(upstream, Upstream)
@@ -359,6 +387,10 @@ class HttpClient(asyncio.Protocol):
         self.mark_out = self.nbytes_out
         out = self.request_bytes()
         upstream.expect(self, head.method, head.websocket, self.set_cookie)
+        if self.replaying:  # a resend on a fresh connection, the whole body held
+            self._replay(upstream, out)
+            return
+        self.held = bytearray() if self.reused and head.body.kind != "none" else None
         body = head.body
         if body.kind == "length" and body.length:
             self.tracker = LengthTracker(body.length)
@@ -373,8 +405,107 @@ class HttpClient(asyncio.Protocol):
             self._request_body(pending)
         else:
             upstream.transport.write(out)
+        if self.state == FORWARD and self.wait is None:
+            self._arm_wait()
         if not head.websocket and self.state == FORWARD:
             self.transport.resume_reading()
+
+    def _replay(self, upstream: Upstream, out: bytes) -> None:
+        held = self.held
+        assert held is not None
+        self.held = None
+        self.replaying = False
+        self.tracker = None
+        upstream.transport.write(out + held)
+        self._arm_wait()
+        self.transport.resume_reading()
+
+    # -- deadlines (checked by the listener's sweep: no timer per connection) ---
+    def _arm(self, wait: Wait, when: float) -> None:
+        self.wait = wait
+        self.ctx.deadlines[self] = when
+
+    def _disarm(self) -> None:
+        self.wait = None
+        self.ctx.deadlines.pop(self, None)
+
+    def _arm_wait(self) -> None:
+        """The request went out (or part of it): wait for the rest of its body or the answer."""
+        now = time.monotonic()
+        if self.tracker is not None:
+            self.wait_mark = self.nbytes_in
+            self.wait_since = now
+            timeout = self.ctx.config.body_timeout
+            self._arm(Wait.BODY, next_body_check(now, now, timeout))
+        else:
+            self._arm(Wait.RESPONSE, now + self.ctx.pool.config.response_timeout)
+
+    def response_started(self) -> None:
+        """The backend's final response head (or 101) arrived: no response deadline now.
+        (Its entry stays in ctx.deadlines: the keep-alive one overwrites it, or the sweep
+        drops it; a set and a pop per request saved on the hot path.)"""
+        if self.wait is Wait.RESPONSE:
+            self.wait = None
+
+    def deadline_passed(self, now: float) -> None:
+        wait = self.wait
+        self._disarm()  # (wait None: an entry left behind, nothing to do)
+        if wait is Wait.KEEPALIVE:
+            if self.state == HEAD and not self.buf:
+                self.state = DONE
+                self._log(f"idle for {self.ctx.config.keepalive_timeout:g}s between requests")
+                self.transport.close()
+        elif wait is Wait.BODY:
+            if self.state != FORWARD or self.tracker is None:
+                return
+            timeout = self.ctx.config.body_timeout
+            if self.nbytes_in != self.wait_mark:
+                self.wait_mark, self.wait_since = self.nbytes_in, now
+            elif body_stalled(now, self.wait_since, timeout):
+                if self.nbytes_out > self.mark_out:  # (the backend has begun its answer)
+                    self._drop_upstream()
+                    self.close_now()
+                else:
+                    self._reject(408, "request body not received in time")
+                return
+            self._arm(Wait.BODY, next_body_check(now, self.wait_since, timeout))
+        elif wait is Wait.RESPONSE:
+            if self.nslot >= 0:
+                native_upgrade.response_timeout(self)
+            elif self.state == FORWARD:
+                self._response_timeout()
+
+    def _drop_upstream(self) -> None:
+        """Close the current request's backend connection (it will not be answered)."""
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.client = None
+            upstream.transport.close()
+        self._end_request()
+
+    def _response_timeout(self) -> None:
+        ctx = self.ctx
+        pool = ctx.pool
+        backend, upstream, head = self.backend, self.upstream, self.head
+        if backend is None or upstream is None or head is None:
+            return
+        ctx.stats.upstream_errors[(pool.name, backend.id, "response_timeout")] += 1
+        pool.connect_failed(backend, "no response in time")
+        self.tried = self.tried | {backend.id}
+        action = after_response_timeout(
+            answered=self.nbytes_out > self.mark_out,
+            has_body=head.body.kind != "none",
+            tried=len(self.tried),
+            retries=pool.config.retries,
+            others=untried(((b.id, b.state is UP) for b in pool.backends.values()), self.tried),
+        )
+        self._drop_upstream()
+        if action is AfterTimeout.RETRY:
+            self._retry(None, self.tried)
+        elif action is AfterTimeout.ANSWER:
+            self._reject(504, "backend sent no response in time")
+        else:
+            self.close_now()
 
     def request_bytes(self) -> bytes:
         """The current request's head as the backend gets it (X-Forwarded-* added)."""
@@ -407,6 +538,10 @@ class HttpClient(asyncio.Protocol):
         """Continue the attempts on the Python path, starting with ``backend``."""
         self.task = self.ctx.loop.create_task(self._connect(backend, self.tried))
 
+    def arm_response_deadline(self) -> None:
+        """The engine sent the upgrade request: the response deadline starts now."""
+        self._arm(Wait.RESPONSE, time.monotonic() + self.ctx.pool.config.response_timeout)
+
     def adopted(self, backend: Backend, upstream: Upstream) -> None:
         """A backend connection the engine made now belongs to ``upstream`` (request sent)."""
         head = self.head
@@ -427,6 +562,7 @@ class HttpClient(asyncio.Protocol):
         backend = self.nbackend
         assert backend is not None
         self.state = DONE
+        self._disarm()
         self.last_backend = backend
         ctx.connections.discard(self)
         ctx.stats.requests[(ctx.pool.name, backend.id)] += 1
@@ -436,6 +572,7 @@ class HttpClient(asyncio.Protocol):
     def close_now(self) -> None:
         """The backend went away in the middle of its answer: close the client."""
         self.state = DONE
+        self._disarm()
         self.transport.close()
 
     def _drop_native(self) -> None:
@@ -455,13 +592,21 @@ class HttpClient(asyncio.Protocol):
         except HttpError as exc:
             self._reject(exc.status, exc.reason)
             return
+        body = data if end < 0 or end == len(data) else data[:end]
+        held = self.held
+        if held is not None:  # (only on a reused connection, and only up to REPLAY_LIMIT)
+            if len(held) + len(body) > REPLAY_LIMIT:
+                self.held = None
+            else:
+                held += body
+        upstream.transport.write(body)
         if end < 0:
-            upstream.transport.write(data)
             return
-        upstream.transport.write(data[:end] if end < len(data) else data)
         self.tracker = None
         if end < len(data):
             self.buf += data[end:]
+        if self.wait is Wait.BODY and upstream.awaiting_head():
+            self._arm_wait()  # the body is complete: now the response deadline
 
     def will_close(self) -> bool:
         """Whether the client connection closes after the current response."""
@@ -481,6 +626,7 @@ class HttpClient(asyncio.Protocol):
         if self.buf:
             self._try_head()
         else:
+            self._arm(Wait.KEEPALIVE, time.monotonic() + self.ctx.config.keepalive_timeout)
             self.transport.resume_reading()
 
     def _end_request(self) -> None:
@@ -499,16 +645,16 @@ class HttpClient(asyncio.Protocol):
         """The backend connection died before the response completed."""
         head = self.head
         backend = self.backend
-        if (
-            not got_response
-            and self.reused
-            and head is not None
-            and head.body.kind == "none"
-            and backend is not None
-        ):
-            # A kept-alive connection closed under us before any answer: retry once, fresh.
-            self._end_request()
-            self._retry(backend, frozenset())
+        if not got_response and self.reused and head is not None and backend is not None:
+            # A kept-alive connection closed under us before any answer: not the backend's
+            # failure. Resend once on a fresh connection when the whole request is at hand.
+            replay = head.body.kind != "none" and self.tracker is None and self.held is not None
+            if head.body.kind == "none" or replay:
+                self._end_request()
+                self._retry(backend, frozenset(), replay)
+            else:
+                self._end_request()
+                self._reject(502, "reused backend connection closed (request not resendable)")
             return
         ctx = self.ctx
         if backend is not None:
@@ -533,8 +679,11 @@ class HttpClient(asyncio.Protocol):
         else:
             self._reject(502, "backend closed the connection")
 
-    def _retry(self, first: Backend | None, avoid: frozenset[str]) -> None:
-        """Send the current request again on a new connection (to ``first``, or elsewhere)."""
+    def _retry(self, first: Backend | None, avoid: frozenset[str], replay: bool = False) -> None:
+        """Send the current request again on a new connection (to ``first``, or elsewhere);
+        ``replay``: with the request body held in ``held``."""
+        self._disarm()
+        self.replaying = replay
         if self.quick is not None:  # the fast lane kept only the bytes: parse them now
             parsed = parse_request_head(self.quick)
             assert parsed is not None
@@ -543,6 +692,12 @@ class HttpClient(asyncio.Protocol):
         self.state = CONNECTING
         self.reused = False
         self.transport.pause_reading()
+        splicer = self.ctx.splicer
+        head = self.head
+        if head is not None and head.websocket and head.body.kind == "none" and splicer is not None:
+            self.nresp = bytearray()
+            if native_upgrade.attempt(self, splicer, first):
+                return
         self.task = self.ctx.loop.create_task(self._connect(first, avoid))
 
     def start_tunnel(self, upstream: Upstream, to_client: bytes, head_len: int) -> None:
@@ -551,6 +706,7 @@ class HttpClient(asyncio.Protocol):
         backend = self.backend
         assert backend is not None
         self.state = DONE
+        self._disarm()
         ctx.connections.discard(self)
         ctx.stats.handshake_seconds.observe(time.monotonic() - self.started)
         self.backend = None
@@ -584,6 +740,7 @@ class HttpClient(asyncio.Protocol):
     def _close_after_response(self) -> None:
         """Close once the response is out: FIN, then drop what the client still sends."""
         self.state = DONE
+        self._disarm()
         self.ctx.connections.discard(self)
         self._log(f"closed after {self.requests} request(s)")
         Linger.close(self.transport, self.ctx.loop)
@@ -592,6 +749,7 @@ class HttpClient(asyncio.Protocol):
         ctx = self.ctx
         ctx.stats.rejected[(ctx.config.name, str(status))] += 1
         self.status = status
+        self._disarm()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

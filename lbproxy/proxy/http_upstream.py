@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, cast
 
 from lbproxy.errors import HttpError
@@ -34,6 +35,7 @@ class Upstream(asyncio.Protocol):
         "client",
         "ctx",
         "got_response",
+        "http10",
         "keep",
         "method",
         "set_cookie",
@@ -56,6 +58,7 @@ class Upstream(asyncio.Protocol):
         self.tracker: ChunkedTracker | LengthTracker | None = None
         self.keep = True
         self.got_response = False
+        self.http10 = False  # the client speaks HTTP/1.0: say "keep-alive" when it is kept
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
@@ -76,6 +79,8 @@ class Upstream(asyncio.Protocol):
         self.set_cookie = set_cookie
         self.state = HEAD
         self.got_response = False
+        head = client.head
+        self.http10 = head is not None and head.version == b"1.0"
         self.buf.clear()
         self.transport.resume_reading()
 
@@ -95,6 +100,7 @@ class Upstream(asyncio.Protocol):
                 and self.set_cookie is None
                 and self.method == b"GET"
                 and not self.websocket
+                and not self.http10
                 and self._quick(data)
             ):
                 return
@@ -118,6 +124,10 @@ class Upstream(asyncio.Protocol):
         self.client = None
         if client is not None:
             client.upstream_failed(self.got_response, "reset" if exc else "closed")
+
+    def awaiting_head(self) -> bool:
+        """Whether the response head has not arrived yet."""
+        return self.state == HEAD
 
     def pause_writing(self) -> None:
         if self.client is not None:
@@ -159,6 +169,7 @@ class Upstream(asyncio.Protocol):
         client = self.client
         assert client is not None
         client.status = quick[0]
+        client.response_started()
         client.write(data)
         if have == total:
             self._done(reusable=True, close_client=False)
@@ -210,7 +221,8 @@ class Upstream(asyncio.Protocol):
                 continue
             close = head.body.kind == "close" or client.will_close()
             extra = [self.set_cookie] if self.set_cookie is not None else []
-            client.write(rewrite_response(raw, close=close, extra=extra))
+            client.response_started()
+            client.write(rewrite_response(raw, close=close, extra=extra, keep_alive=self.http10))
             client.status = head.status
             self.keep = head.keep_alive
             break
@@ -262,7 +274,7 @@ class Upstream(asyncio.Protocol):
             and self.backend.state is BackendState.UP
             and client is not None
             and client.tracker is None  # the request body went out whole
-            and self.ctx.idle.put(self.backend, self.transport)
+            and self.ctx.idle.put(self.backend, self.transport, time.monotonic())
         ):
             pass
         else:

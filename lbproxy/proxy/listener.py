@@ -15,6 +15,7 @@ from lbproxy.fdreserve import MAX_LINGERING, FdReserve
 from lbproxy.http1 import error_response
 from lbproxy.pool import Pool
 from lbproxy.proxy.context import ListenerContext, Tracked
+from lbproxy.proxy.deadlines import idle_tick, sweep_tick
 from lbproxy.proxy.http_client import HttpClient
 from lbproxy.proxy.splice import Splicer
 from lbproxy.proxy.tcp_conn import TcpClient
@@ -193,21 +194,49 @@ class Listener:
                 conn.flush_bytes()
 
     async def _sweep(self) -> None:
-        """Close connections idle for idle_timeout; move byte counts into the stats."""
+        """Every tick: deadlines (response, request body, keep-alive idle) and idle upstream
+        connections; every idle tick: close connections idle for idle_timeout and move byte
+        counts into the stats. The tick follows the shortest configured timeout."""
         marks: dict[Tracked, tuple[int, float]] = {}
+        next_idle = time.monotonic() + idle_tick(self.config.idle_timeout)
         while True:
-            idle_timeout = self.config.idle_timeout
-            await asyncio.sleep(max(0.25, min(idle_timeout / 4, 15.0)))
+            config, pool = self.config, self.ctx.pool.config
+            await asyncio.sleep(
+                sweep_tick(
+                    config.idle_timeout,
+                    config.keepalive_timeout,
+                    config.body_timeout,
+                    pool.response_timeout,
+                    pool.upstream_keepalive_timeout,
+                )
+            )
             now = time.monotonic()
-            fresh: dict[Tracked, tuple[int, float]] = {}
-            for conn in list(self.ctx.connections):
-                if isinstance(conn, Link):
-                    conn.flush_bytes()
-                seen = conn.activity()
-                old = marks.get(conn)
-                since = old[1] if old is not None and old[0] == seen else now
-                if now - since >= idle_timeout:
-                    conn.abort(f"idle for {idle_timeout:g}s")
-                    continue
-                fresh[conn] = (seen, since)
-            marks = fresh
+            self._deadlines(now)
+            self.ctx.idle.expire(now, self.ctx.pool.config.upstream_keepalive_timeout)
+            if now >= next_idle:
+                next_idle = now + idle_tick(self.config.idle_timeout)
+                marks = self._idle_sweep(marks, now)
+
+    def _deadlines(self, now: float) -> None:
+        deadlines = self.ctx.deadlines
+        passed = [conn for conn, when in deadlines.items() if when <= now]
+        for conn in passed:
+            if conn in deadlines:  # (an earlier one's handling may have ended it)
+                conn.deadline_passed(now)
+
+    def _idle_sweep(
+        self, marks: dict[Tracked, tuple[int, float]], now: float
+    ) -> dict[Tracked, tuple[int, float]]:
+        idle_timeout = self.config.idle_timeout
+        fresh: dict[Tracked, tuple[int, float]] = {}
+        for conn in list(self.ctx.connections):
+            if isinstance(conn, Link):
+                conn.flush_bytes()
+            seen = conn.activity()
+            old = marks.get(conn)
+            since = old[1] if old is not None and old[0] == seen else now
+            if now - since >= idle_timeout:
+                conn.abort(f"idle for {idle_timeout:g}s")
+                continue
+            fresh[conn] = (seen, since)
+        return fresh

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING
 
 from lbproxy.http1 import MAX_HEAD, add_response_headers
 from lbproxy.http1.lanes import switching_protocols
+from lbproxy.pool import BackendState
 from lbproxy.proxy.connect import LOCAL_ERRORS
+from lbproxy.proxy.deadlines import untried
 from lbproxy.proxy.http_upstream import Upstream
 from lbproxy.proxy.tunnel import NativeWsLink, WsLink
 
@@ -75,6 +77,7 @@ def attempt(client: HttpClient, splicer: Splicer, backend: Backend | None) -> bo
         client.nslot = slot
         client.nbackend = backend
         client.timer = ctx.loop.call_later(pool.config.connect_timeout, timeout, client, slot)
+        client.arm_response_deadline()
         return True
 
 
@@ -105,6 +108,31 @@ def timeout(client: HttpClient, slot: int) -> None:
     client.nslot = -1
     if failed(client, backend, "connect_timeout", "connect_timeout"):
         attempt(client, splicer, None)
+
+
+def response_timeout(client: HttpClient) -> None:
+    """response_timeout passed with no (complete) answer from the backend the engine holds:
+    a passive failure; another backend while attempts remain, else 504."""
+    splicer = client.ctx.splicer
+    backend = client.nbackend
+    if client.nslot < 0 or splicer is None or backend is None:
+        return
+    if client.timer is not None:
+        client.timer.cancel()
+        client.timer = None
+    splicer.engine.close(client.nslot, client)
+    client.nslot = -1
+    client.nresp = bytearray()  # (part of a head at most: nothing reached the client)
+    ctx = client.ctx
+    pool = ctx.pool
+    ctx.stats.upstream_errors[(pool.name, backend.id, "response_timeout")] += 1
+    pool.connect_failed(backend, "no response in time")
+    client.tried = tried = client.tried | {backend.id}
+    states = ((b.id, b.state is BackendState.UP) for b in pool.backends.values())
+    if len(tried) > pool.config.retries or not untried(states, tried):
+        client._reject(504, "backend sent no response in time")
+        return
+    attempt(client, splicer, None)
 
 
 def on_data(client: HttpClient, data: bytes | None, err: int) -> None:
