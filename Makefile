@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: demo test lint unit bench deps system-deps native clean
+.PHONY: demo test lint unit bench deps system-deps native clean container-test
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,15 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check lbproxy tests bench build_ext.py hatch_build.py
 	$(BIN)/ruff format --check lbproxy tests bench build_ext.py hatch_build.py
 	$(BIN)/mypy lbproxy
+	$(BIN)/hadolint --failure-threshold error Dockerfile
 
 test: deps lint
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# builds the image (Dockerfile) with podman on a Debian base made by mmdebstrap; minutes
+container-test: deps
+	LBPROXY_CONTAINER_TESTS=1 ./scripts/system-deps.sh
+	LBPROXY_CONTAINER_TESTS=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_deploy_container.py
 
 bench: deps
 	$(BIN)/python -m bench --out bench/out
