@@ -144,3 +144,35 @@ def test_image_proxies_a_websocket_and_drains_on_stop(image: str, tmp_path: Path
     finally:
         podman("rm", "-f", name, check=False)
         backend.stop()
+
+
+def test_image_upgrade_keeps_websockets(image: str, tmp_path: Path) -> None:
+    """SPEC 13: `lbproxy upgrade` works inside the image (lbproxy is PID 1, exec form)."""
+    has_upgrade = podman("run", "--rm", *ulimits(), image, "upgrade", "--help", check=False)
+    if has_upgrade.returncode != 0:
+        pytest.skip("this lbproxy has no `upgrade` command yet (SPEC section 10)")
+    backend = Backend("b1").start()
+    text, port, admin = proxy_config([("b1", backend.address)])
+    (tmp_path / "lbproxy.toml").write_text(text)
+    tmp_path.chmod(0o755)
+    (tmp_path / "lbproxy.toml").chmod(0o644)
+    name = f"lbproxy-upgrade-{os.getpid()}"
+    podman(
+        "run", "-d", "--name", name, "--network", "host", *ulimits(),
+        "-v", f"{tmp_path / 'lbproxy.toml'}:/etc/lbproxy/lbproxy.toml:ro",
+        image,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: port_open(port) and port_open(admin), timeout=30)
+        with connect(f"ws://127.0.0.1:{port}/echo", open_timeout=10) as ws:
+            ws.send("before")
+            assert ws.recv(timeout=10) == "before"
+            admin_url = f"http://127.0.0.1:{admin}"
+            podman("exec", name, "lbproxy", "upgrade", "--admin", admin_url, timeout=60)
+            ws.send("after")
+            assert ws.recv(timeout=10) == "after"
+        running = podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip()
+        assert running == "true"
+    finally:
+        podman("rm", "-f", name, check=False)
+        backend.stop()
