@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import tempfile
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -58,8 +59,12 @@ def resolve(name: str, exported: dict[str, set[str]]) -> str | None:
 
 
 def http_get(url: str, timeout: float = 5.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return bytes(response.read())
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return bytes(response.read())
+    except urllib.error.HTTPError as error:  # e.g. 503 while Prometheus is starting
+        error.close()  # it holds the socket
+        raise RuntimeError(f"GET {url}: HTTP {error.code}") from None
 
 
 class Prometheus:
