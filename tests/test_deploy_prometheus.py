@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ def stack(tmp_path: Path) -> Iterator[tuple[Prometheus, Backend]]:
     proxy = Lbproxy(text, tmp_path).start(wait_ports=(port, admin))
     shipped = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
     config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "global": {"scrape_interval": "500ms", "evaluation_interval": "500ms"},
         "rule_files": [*shipped["rule_files"], "test.yml"],
         "scrape_configs": [
             dict(shipped["scrape_configs"][0], static_configs=[{"targets": [f"127.0.0.1:{admin}"]}])
@@ -87,7 +88,8 @@ def test_prometheus_scrapes_lbproxy_and_fires_when_a_backend_dies(
     assert not firing(prom, "TestLbproxyBackendDown")
     assert not firing(prom, "LbproxyDeadPeersRising")  # absent metric: silent, not an error
 
-    b1.stop()
+    assert b1.proc is not None
+    b1.proc.signal(signal.SIGKILL)  # the backend dies
     alerts = wait_until(lambda: firing(prom, "TestLbproxyBackendDown"), timeout=10, interval=0.2)
     assert [a["labels"]["backend"] for a in alerts] == ["b1"]  # type: ignore[attr-defined]
 
