@@ -6,7 +6,7 @@ BIN = $(VENV)/bin
 # on 2 cores roughly halve its wall time; TEST_JOBS=0 runs it in one process.
 TEST_JOBS ?= 3
 
-.PHONY: demo test lint unit bench soak deps system-deps native clean
+.PHONY: demo test lint unit bench soak deps system-deps native clean container-test
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,15 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check lbproxy tests bench build_ext.py hatch_build.py
 	$(BIN)/ruff format --check lbproxy tests bench build_ext.py hatch_build.py
 	$(BIN)/mypy lbproxy
+	$(BIN)/hadolint --failure-threshold error Dockerfile
 
 test: deps lint
 	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_JOBS)
+
+# builds the image (Dockerfile) with podman on a Debian base made by mmdebstrap; minutes
+container-test: deps
+	LBPROXY_CONTAINER_TESTS=1 ./scripts/system-deps.sh
+	LBPROXY_CONTAINER_TESTS=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_deploy_container.py
 
 bench: deps
 	$(BIN)/python -m bench --out bench/out
