@@ -190,7 +190,7 @@ class AdminServer:
         """Answer one request (the body has been read and ignored)."""
         method = request.method.decode("ascii", "replace")
         headers = {name.decode("latin-1"): value for name, value in request.headers}
-        refused = refusal(self._hosts, headers)
+        refused = refusal(self._hosts, headers, method)
         if refused is not None:
             return error(*refused)
         path = urlsplit(request.target.decode("ascii", "replace")).path

@@ -5,10 +5,13 @@ DNS rebinding: a web page on ``evil.example`` makes its name resolve to 127.0.0.
 the browser then sends the page's requests to the admin API as same-origin requests
 (it can read ``/api/pools`` and POST a drain), but with ``Host: evil.example``. So the
 admin API answers only requests whose Host names it: the host of ``admin.listen`` (when
-it is a specific address), ``localhost``, a loopback literal (127.0.0.0/8, ``[::1]``),
-or an ``[admin] allowed_hosts`` entry. The port in Host is not compared: an attacker
-chooses the port of its own URL, so it proves nothing, and SSH tunnels or container
-port mappings change it legitimately.
+it is a specific address), ``localhost``, an IP address literal, or an ``[admin]
+allowed_hosts`` entry. An IP literal cannot be rebound (rebinding needs a name the
+attacker's DNS answers for; a page served from an IP literal *is* that address), and it is
+what Prometheus scrapes and Kubernetes probes send (``Host: POD_IP:PORT``) with
+``listen = "0.0.0.0:..."``, so every IP literal passes. The port in Host is not
+compared: an attacker chooses the port of its own URL, so it proves nothing, and SSH
+tunnels or container port mappings change it legitimately.
 """
 
 from __future__ import annotations
@@ -81,16 +84,17 @@ def allowed_host_entry(text: str) -> str:
     return host
 
 
-def _is_loopback_literal(host: str) -> bool:
+def _is_ip_literal(host: str) -> bool:
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ipaddress.ip_address(host)
     except ValueError:
         return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
 class HostPolicy:
-    """The host names the admin API answers to (besides localhost and loopback literals)."""
+    """The host names the admin API answers to (besides localhost and IP literals)."""
 
     names: frozenset[str]
 
@@ -111,10 +115,25 @@ class HostPolicy:
             host, _port = split_host(host_header)
         except ValueError:
             return False
-        return host in ALWAYS_ALLOWED or host in self.names or _is_loopback_literal(host)
+        return host in ALWAYS_ALLOWED or host in self.names or _is_ip_literal(host)
 
 
-def refusal(policy: HostPolicy, headers: Mapping[str, bytes]) -> tuple[int, str] | None:
+def cross_origin(headers: Mapping[str, bytes]) -> bool:
+    """A browser request made by a page of another origin (CSRF: a page anywhere can POST
+    to ``http://127.0.0.1:9901/...`` without reading the answer; the Host check cannot see
+    it, since its Host is the real one). Browsers send ``Origin`` on every cross-origin
+    POST; the CLI and curl send none."""
+    origin = headers.get("origin")
+    if origin is None:
+        return headers.get("sec-fetch-site", b"") == b"cross-site"
+    host = headers.get("host", b"")
+    _scheme, sep, rest = origin.partition(b"://")
+    return not sep or rest.rstrip(b"/").lower() != host.lower()
+
+
+def refusal(
+    policy: HostPolicy, headers: Mapping[str, bytes], method: str = "GET"
+) -> tuple[int, str] | None:
     """(status, message) when the request must be refused before routing, else None."""
     host = headers.get("host")
     if host is None:
@@ -128,4 +147,6 @@ def refusal(policy: HostPolicy, headers: Mapping[str, bytes]) -> tuple[int, str]
     for name in PROXY_HEADERS:
         if name in headers:
             return 403, f"refused: the admin API is not served through a proxy ({name} header)"
+    if method not in ("GET", "HEAD") and cross_origin(headers):
+        return 403, "refused: a change requested by a page of another origin"
     return None

@@ -83,6 +83,18 @@ def test_rebinding_host_is_refused_and_drains_nothing(admin_port: int) -> None:
     assert backend_state(admin_port) == "up"
 
 
+def test_cross_origin_drain_is_refused(admin_port: int) -> None:
+    """A page of another origin POSTing a drain (CSRF, with the real Host) is refused."""
+    path = "/api/pools/main/backends/b1/drain"
+    host = f"127.0.0.1:{admin_port}"
+    status, body = get(admin_port, path, host, "POST", Origin="https://evil.example")
+    assert status == 403, body
+    assert backend_state(admin_port) == "up"
+    status, _ = get(admin_port, path, host, "POST", Origin=f"http://{host}")  # the dashboard
+    assert status == 202
+    assert get(admin_port, "/api/pools/main/backends/b1/enable", host, "POST")[0] == 200
+
+
 @pytest.mark.parametrize(
     "host",
     [
@@ -262,9 +274,10 @@ def test_split_host() -> None:
 def test_host_policy() -> None:
     policy = HostPolicy.build("0.0.0.0", ["lb.example"])
     assert policy.names == frozenset({"lb.example"})  # (0.0.0.0 names no host)
-    assert not policy.allows("0.0.0.0:9901")
     assert policy.allows("127.9.9.9:1") and policy.allows("[::1]") and policy.allows("lb.example")
-    assert not policy.allows("10.0.0.5:9901")
+    # IP literals cannot be rebound; Prometheus and Kubernetes probes send Host: POD_IP:PORT
+    assert policy.allows("10.0.0.5:9901") and policy.allows("[fd00::5]:9901")
+    assert not policy.allows("lb2.example") and not policy.allows("10.0.0.5.nip.io")
     assert HostPolicy.build("10.0.0.5", []).allows("10.0.0.5:9901")
     assert HostPolicy.build("::1", []).names == frozenset({"::1"})
     good = {"host": b"localhost"}
@@ -272,6 +285,22 @@ def test_host_policy() -> None:
     assert refusal(policy, {}) == (400, "a Host header is required")
     assert refusal(policy, {"host": b"evil"})[0] == 421  # type: ignore[index]
     assert refusal(policy, {**good, "forwarded": b"for=x"})[0] == 403  # type: ignore[index]
+
+
+def test_cross_origin_changes_are_refused() -> None:
+    """CSRF: a page anywhere can POST to the admin API (its Host is the real one)."""
+    policy = HostPolicy.build("127.0.0.1", [])
+    host = {"host": b"127.0.0.1:9901"}
+    evil = {**host, "origin": b"https://evil.example"}
+    assert refusal(policy, evil, "POST") == (
+        403,
+        "refused: a change requested by a page of another origin",
+    )
+    assert refusal(policy, {**host, "origin": b"null"}, "POST") is not None
+    assert refusal(policy, {**host, "sec-fetch-site": b"cross-site"}, "POST") is not None
+    assert refusal(policy, evil, "GET") is None  # (reads are the Host check's and CORS's)
+    assert refusal(policy, {**host, "origin": b"http://127.0.0.1:9901"}, "POST") is None
+    assert refusal(policy, host, "POST") is None  # the CLI, curl: no Origin
 
 
 def test_allowed_host_entries() -> None:
