@@ -11,6 +11,7 @@ are integers):
 
 - ``recover_s``: from the kill until the last client got the echo of a message it sent after
   the kill (every client echoing again);
+- ``recover_p50_s``: the median of that time over the clients of the killed backend;
 - ``failed_handshakes``: reconnect attempts after the kill that got no 101 (a 5xx, another
   status, or a reset / EOF / connect error first): ``hs_5xx`` + ``hs_other_status`` +
   ``hs_resets``;
@@ -67,7 +68,10 @@ def failover_metrics(res: dict[str, object], clients: int) -> Metrics:
             f"(failed_handshakes={num(res, 'failed_handshakes'):g}, "
             f"lost_echoes={num(res, 'lost_echoes'):g})"
         )
-    metrics: Metrics = {"recover_s": round(num(res, "recover_s"), 4)}
+    metrics: Metrics = {
+        "recover_s": round(num(res, "recover_s"), 4),
+        "recover_p50_s": round(num(res, "recover_p50_s"), 4),
+    }
     metrics.update({key: num(res, key) for key in COUNTS})
     parts = metrics["hs_5xx"] + metrics["hs_other_status"] + metrics["hs_resets"]
     if parts != metrics["failed_handshakes"]:

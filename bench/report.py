@@ -38,6 +38,7 @@ LOWER_BETTER = {
     "setup_p50_ms",
     "setup_p99_ms",
     "recover_s",
+    "recover_p50_s",
     "failed_handshakes",
     "hs_5xx",
     "hs_other_status",
@@ -107,7 +108,8 @@ METHOD = """\
   `max_fails 1`) with `lb_try_duration 5s` (retries on another upstream), lbproxy its active
   (`check = "http"`, interval 1 s, fall 2) plus passive (`passive_failures = 1`) checks with
   its default `retries`. Metrics: `recover_s` = from the kill until the last client got the
-  echo of a message it sent after the kill (every client echoing again); `failed_handshakes` =
+  echo of a message it sent after the kill (every client echoing again); `recover_p50_s` = the
+  median of that time over the killed backend's clients; `failed_handshakes` =
   reconnect attempts after the kill that got no 101 (`hs_5xx` + `hs_other_status` +
   `hs_resets`: a 5xx, another status, a reset / EOF / connect error before the response);
   `lost_echoes` = messages sent and never answered on a connection to the surviving backend
@@ -240,7 +242,13 @@ SUMMARY_METRICS = {
         "proxy_cpu_us_1w",
         "proxy_cpu_us_2w",
     ),
-    "failover": ("recover_s", "failed_handshakes", "lost_echoes", "in_flight_at_kill"),
+    "failover": (
+        "recover_s",
+        "recover_p50_s",
+        "failed_handshakes",
+        "lost_echoes",
+        "in_flight_at_kill",
+    ),
     "ws_echo_small_limits": ("msgs_per_s", "proxy_cpu_us", "limits_on"),
 }
 

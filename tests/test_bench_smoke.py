@@ -85,6 +85,7 @@ def check_failover_metrics(m: dict[str, object]) -> None:
     """failover (quick: 100 clients): recovered in a finite time, sane integer counts."""
     recover = m["recover_s"]
     assert isinstance(recover, float) and 0 < recover < 10 and math.isfinite(recover), m
+    assert 0 < m["recover_p50_s"] <= recover, m  # type: ignore[operator]
     for key in ("failed_handshakes", "lost_echoes", "in_flight_at_kill", "reconnected"):
         value = m[key]
         assert isinstance(value, int | float) and value >= 0 and value == int(value), (key, m)
@@ -409,6 +410,7 @@ def failover_result(**over: float) -> dict[str, object]:
     res: dict[str, object] = {
         "killed": 1,
         "recover_s": 0.25,
+        "recover_p50_s": 0.125,
         "recovered": 10,
         "failed_handshakes": 3,
         "hs_5xx": 2,
@@ -432,7 +434,8 @@ def failover_result(**over: float) -> dict[str, object]:
 
 def test_failover_metrics_from_the_generator_result() -> None:
     m = failover_metrics(failover_result(), clients=10)
-    assert m["recover_s"] == 0.25 and m["failed_handshakes"] == 3 and m["hs_5xx"] == 2
+    assert m["recover_s"] == 0.25 and m["recover_p50_s"] == 0.125
+    assert m["failed_handshakes"] == 3 and m["hs_5xx"] == 2
     assert m["in_flight_at_kill"] == 4 and m["lost_echoes"] == 0 and m["on_killed"] == 5
     assert m["p50_ms"] == 1.5 and m["p99_ms"] == 9.0 and m["msgs_per_s"] == 1234.5
 

@@ -32,6 +32,8 @@
  *            echoes get up to 2 s (DRAIN_S) to come back.  Extra RESULT fields, exactly:
  *              recover_s: t_kill -> the moment the last client got the echo of a message it
  *                sent after t_kill (-1 if not every client did before RECOVER_TIMEOUT);
+ *              recover_p50_s: the median of that time over the clients of the killed backend
+ *                (-1 if none recovered);
  *              failed_handshakes: reconnect attempts after t_kill that did not end in a 101
  *                (= hs_5xx + hs_other_status + hs_resets: a 5xx, another status, or a reset /
  *                EOF / connect error before the response head);
@@ -111,6 +113,7 @@ typedef struct conn {
     double t_start, retry_at;
     int backend_id, recovered; /* failover: backend named in the 101; echoing again after kill */
     int hs_status;             /* failover: this attempt's non-101 status was counted */
+    int was_killed;            /* failover: its connection to the killed backend closed */
     uint64_t echoes;
 } conn;
 
@@ -137,6 +140,8 @@ static int on_killed = 0, on_survivor = 0;
 static char extra_json[1024] = "";
 static conn *all_conns; /* failover: every client, for the counts taken at the kill */
 static int all_n;
+static double *killed_recovery; /* failover: t_kill -> echoing again, per client of the killed backend */
+static int killed_recovered = 0;
 
 static double now(void) {
     struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -213,7 +218,10 @@ static void echo_data(conn *c, size_t n) {
         double t = now(), sent = c->t_sent[c->tail & 63];
         if (measuring) { ops++; hist_add(t - sent); }
         c->tail++; c->echoes++;
-        if (t_kill > 0 && sent >= t_kill && !c->recovered) { c->recovered = 1; recovered++; t_recovered = t; }
+        if (t_kill > 0 && sent >= t_kill && !c->recovered) {
+            c->recovered = 1; recovered++; t_recovered = t;
+            if (c->was_killed && killed_recovered < all_n) killed_recovery[killed_recovered++] = t - t_kill;
+        }
         if (!stopping) c->to_send++;
     }
     if (c->to_send) pump_send(c);
@@ -309,7 +317,7 @@ static void hs_data(conn *c, const unsigned char *p, size_t n) {
 /* failover: a connection closed or failed; account for it, reconnect after a jittered backoff */
 static void failover_closed(conn *c) {
     uint64_t inflight = c->head - c->tail;
-    if (c->state == S_RUN && t_kill > 0 && c->backend_id == killed_id) { killed_closed++; in_flight_at_kill += inflight; }
+    if (c->state == S_RUN && t_kill > 0 && c->backend_id == killed_id) { killed_closed++; in_flight_at_kill += inflight; c->was_killed = 1; }
     else if (c->state == S_RUN && t_kill > 0) { survivor_closed++; lost_echoes += inflight; }
     else if (t_kill > 0) { failed_handshakes++; if (!c->hs_status) hs_resets++; }
     else errors++; /* before the kill: the proxy failed a client with both backends up */
@@ -517,6 +525,11 @@ static void run_storm(conn *cs, int nconn, int conc) {
     print_result(el, nconn);
 }
 
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
 /* failover: see the header.  post = seconds after the kill, recover_timeout = the hard limit */
 static void run_failover(conn *cs, int nconn, int conc, double warmup, double post, double recover_timeout) {
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
@@ -524,6 +537,7 @@ static void run_failover(conn *cs, int nconn, int conc, double warmup, double po
     for (int i = 0; i < nconn; i++) { cs[i].state = S_IDLE_SLOT; cs[i].retry_at = 0; }
     double t0 = now(), t_ready = 0;
     all_conns = cs; all_n = nconn;
+    killed_recovery = calloc((size_t)nconn, sizeof *killed_recovery);
     while (!stdin_eof) {
         double t = now();
         if (t_ready == 0) {
@@ -549,12 +563,14 @@ static void run_failover(conn *cs, int nconn, int conc, double warmup, double po
         poll_once(5);
     }
     double rec = recovered == nconn && t_kill > 0 ? t_recovered - t_kill : -1;
+    qsort(killed_recovery, (size_t)killed_recovered, sizeof *killed_recovery, cmp_double);
+    double rec_p50 = killed_recovered ? killed_recovery[killed_recovered / 2] : -1;
     snprintf(extra_json, sizeof extra_json,
-             "\"recover_s\":%.4f,\"failed_handshakes\":%llu,\"hs_5xx\":%llu,\"hs_other_status\":%llu,"
+             "\"recover_s\":%.4f,\"recover_p50_s\":%.4f,\"failed_handshakes\":%llu,\"hs_5xx\":%llu,\"hs_other_status\":%llu,"
              "\"hs_resets\":%llu,\"lost_echoes\":%llu,\"in_flight_at_kill\":%llu,\"survivor_closed\":%llu,"
              "\"killed_closed\":%llu,\"reconnected\":%llu,\"recovered\":%d,\"on_killed\":%d,\"on_survivor\":%d,"
              "\"killed\":%d,",
-             rec, (unsigned long long)failed_handshakes, (unsigned long long)hs_5xx, (unsigned long long)hs_other,
+             rec, rec_p50, (unsigned long long)failed_handshakes, (unsigned long long)hs_5xx, (unsigned long long)hs_other,
              (unsigned long long)hs_resets, (unsigned long long)lost_echoes, (unsigned long long)in_flight_at_kill,
              (unsigned long long)survivor_closed, (unsigned long long)killed_closed, (unsigned long long)reconnected,
              recovered, on_killed, on_survivor, t_kill > 0);
