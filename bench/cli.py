@@ -19,7 +19,7 @@ from bench.machine import machine_info
 from bench.plots import make_plots
 from bench.report import copy_configs, write_report, write_results_json
 from bench.runner import MAIN_METRIC, RunOutcome, run_all
-from bench.scenarios import SCENARIOS, targets_for
+from bench.scenarios import QUICK_SKIP, SCENARIOS, targets_for
 from bench.stage import FULL, QUICK
 from bench.targets import TARGETS, lbproxy_available
 
@@ -35,15 +35,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--targets", default=",".join(TARGETS), help="comma list of " + ",".join(TARGETS)
     )
     p.add_argument(
-        "--scenarios", default=",".join(SCENARIOS), help="comma list of " + ",".join(SCENARIOS)
+        "--scenarios",
+        default=None,
+        help="comma list of "
+        + ",".join(SCENARIOS)
+        + " (default: all; with --quick all but "
+        + ",".join(QUICK_SKIP)
+        + ")",
     )
     p.add_argument("--keep-run-dir", action="store_true", help="keep the temp dir (configs, logs)")
     args = p.parse_args(argv)
     args.targets = split_choice(p, args.targets, TARGETS, "target")
-    args.scenarios = split_choice(p, args.scenarios, tuple(SCENARIOS), "scenario")
+    args.scenarios = split_choice(
+        p, args.scenarios or ",".join(default_scenarios(args.quick)), tuple(SCENARIOS), "scenario"
+    )
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
     return args
+
+
+def default_scenarios(quick: bool) -> list[str]:
+    return [s for s in SCENARIOS if not (quick and s in QUICK_SKIP)]
 
 
 def split_choice(
@@ -59,7 +71,8 @@ def split_choice(
 def missing_prerequisites(targets: list[str]) -> list[str]:
     """Names of what is missing to run these targets (empty when all is there)."""
     missing = [tool for tool in ("gcc", "taskset") if shutil.which(tool) is None]
-    missing += [t for t in ("nginx", "haproxy") if t in targets and shutil.which(t) is None]
+    peers = ("nginx", "haproxy", "caddy")
+    missing += [t for t in peers if t in targets and shutil.which(t) is None]
     if "lbproxy" in targets:
         ok, detail = lbproxy_available()
         if not ok:

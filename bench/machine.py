@@ -19,6 +19,7 @@ PINNING = {
     "backend": "CPU 0 (taskset -c 0)",
     "bench driver": "CPU 0 (sched_setaffinity)",
     "workers_scaling": "lbproxy (1 or 2 workers), backend and generator unpinned (taskset -c 0-1)",
+    "failover": "both backends on CPU 0 (taskset -c 0), the proxy on CPU 1",
 }
 
 
@@ -58,6 +59,7 @@ def machine_info(gcc: str, command: str, quick: bool, repeat: int) -> dict[str, 
         "python": sys.version.split()[0],
         "nginx": tool_version(["nginx", "-v"]),
         "haproxy": tool_version(["haproxy", "-v"]),
+        "caddy": tool_version(["caddy", "version"]),
         "gcc": tool_version([gcc, "--version"]),
         "uvloop": package_version("uvloop"),
         "lbproxy": lbproxy_version if ok else f"unavailable: {lbproxy_version}",

@@ -8,7 +8,13 @@ from typing import Any
 from bench.stage import Cdf, Metrics
 from bench.targets import TARGETS
 
-COLORS = {"direct": "#999999", "lbproxy": "#d62728", "nginx": "#2ca02c", "haproxy": "#1f77b4"}
+COLORS = {
+    "direct": "#999999",
+    "lbproxy": "#d62728",
+    "nginx": "#2ca02c",
+    "haproxy": "#1f77b4",
+    "caddy": "#9467bd",
+}
 UNITS = {
     "rps": "requests/s",
     "conn_per_s": "connections/s",
@@ -18,6 +24,7 @@ UNITS = {
     "storm_s": "seconds until all reconnected",
     "proxy_cpu_us": "proxy CPU-µs per op",
     "scaling": "conn/s with 2 workers ÷ 1 worker",
+    "recover_s": "seconds from the kill until every client echoes again",
 }
 
 

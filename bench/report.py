@@ -9,7 +9,7 @@ from pathlib import Path
 from bench.runner import MAIN_METRIC, RunOutcome
 from bench.scenarios import SCENARIO_TARGETS
 from bench.stage import Metrics, Settings
-from bench.targets import TARGETS
+from bench.targets import PEERS, TARGETS
 
 QUIET_LOAD = 1.5
 WORKER_SUFFIXES = ("_1w", "_2w")
@@ -37,14 +37,27 @@ LOWER_BETTER = {
     "dropped",
     "setup_p50_ms",
     "setup_p99_ms",
+    "recover_s",
+    "recover_p50_s",
+    "failed_handshakes",
+    "hs_5xx",
+    "hs_other_status",
+    "hs_resets",
+    "lost_echoes",
+    "survivor_closed",
 }
+RATIO_HEADS = [f"lbproxy/{peer}" for peer in PEERS]
 METHOD = """\
 - Every (scenario, target) pair runs with fresh processes (pinning as follows except in
   `workers_scaling`, below): the C backend (`bench/native/backend.c`,
   HTTP 200 + websocket echo on one port) pinned to CPU 0, the proxy pinned to CPU 1, the C load
   generator (`bench/native/loadgen.c`) pinned to CPU 0; all with `taskset`, all on 127.0.0.1,
   all stopped by PID at the end (pinning checked in `/proc/PID/status` Cpus_allowed_list).
-  `direct` = the generator talks to the backend, no proxy.
+  `direct` = the generator talks to the backend, no proxy. Caddy (Debian package) runs with
+  `GOMAXPROCS=1` (one OS thread running Go code, like the one worker / thread / process of the
+  others), its admin endpoint and automatic HTTPS off, a plain `http://` site bound to
+  127.0.0.1, its `reverse_proxy` with its defaults (websockets need no option; it has no
+  tunnel-buffer setting, so no bulk variant).
 - CPU: utime+stime from `/proc/PID/stat` (the proxy's whole process tree) sampled when the
   generator prints MEASURE_START / MEASURE_END; `proxy_cpu_us` = proxy CPU-µs per operation
   (request, connection, message echoed, idle websocket opened, reconnection) — **lower is
@@ -81,6 +94,36 @@ METHOD = """\
   `projected_scaling` = (proxy CPU-µs per connection with 1 worker ÷ with 2 workers) ÷ the
   busier worker's share: what two cores given to the proxy alone would carry at the measured
   per-connection cost — an estimate from measured figures, not a measurement.
+- `failover` (every target but `direct`): {failover_conns} websockets, {small_size} B messages,
+  one in flight each, through the proxy to two backends (two processes of the C backend; each
+  names itself in its 101 with `X-Bench-Backend`). Once every client echoes and
+  {failover_warmup:g} s have passed, backend 2 is SIGKILLed; a client whose connection closes
+  reconnects after a jittered exponential backoff (attempt n waits U(0.5, 1) x min(1 s,
+  {failover_backoff_ms:g} ms x 2^(n-1))). The run ends {failover_after:g} s after the kill once
+  every client echoes again (a pair that has not recovered {failover_timeout:g} s after the
+  kill fails). Health checking as each one's docs recommend: NGINX OSS passive
+  (`max_fails=1 fail_timeout=10s`, `proxy_next_upstream error timeout`), HAProxy active
+  (`option httpchk GET /`, `inter 1s fall 2 rise 2`, `retries 2`, `option redispatch 1`),
+  Caddy active (`health_uri /`, `health_interval 1s`) plus passive (`fail_duration 10s`,
+  `max_fails 1`) with `lb_try_duration 5s` (retries on another upstream), lbproxy its active
+  (`check = "http"`, interval 1 s, fall 2) plus passive (`passive_failures = 1`) checks with
+  its default `retries`. Metrics: `recover_s` = from the kill until the last client got the
+  echo of a message it sent after the kill (every client echoing again); `recover_p50_s` = the
+  median of that time over the killed backend's clients; `failed_handshakes` =
+  reconnect attempts after the kill that got no 101 (`hs_5xx` + `hs_other_status` +
+  `hs_resets`: a 5xx, another status, a reset / EOF / connect error before the response);
+  `lost_echoes` = messages sent and never answered on a connection to the surviving backend
+  (still outstanding 2 s after the last send on a connection that stayed up, or outstanding
+  when the proxy closed such a connection, also counted in `survivor_closed`);
+  `in_flight_at_kill` = messages outstanding on connections to the killed backend when they
+  closed — lost with the backend, not by the proxy (in a closed loop nearly every connection
+  has one); `on_killed` = clients on the killed backend at the kill; `reconnected` = 101s
+  after the kill. `msgs_per_s`, p50/p99 and `proxy_cpu_us` (per echo) cover the run from the
+  first all-echoing moment to the end, kill included.
+- `ws_echo_small_limits` (**lbproxy only**): `ws_echo_small` with SPEC section 11's
+  `[pools.be.websocket]` pings, limits and message metrics on (values never reached), its
+  `proxy_cpu_us` beside the plain `ws_echo_small` run's; used only when `lbproxy check-config`
+  accepts those keys — otherwise the run uses the plain config and says so (`limits_on` = 0).
 - Each timed scenario measures {duration:g} s after a {warmup:g} s warm-up; `--repeat N` reports
   the median of each metric over N runs.
 """
@@ -128,6 +171,18 @@ def lbproxy_only(scenario: str) -> bool:
     return SCENARIO_TARGETS.get(scenario) == ("lbproxy",)
 
 
+def limits_table(limits: Metrics, plain: Metrics | None) -> list[str]:
+    """ws_echo_small_limits (lbproxy only): each metric beside the plain ws_echo_small run's."""
+    head = ["metric (lbproxy only)", "ws_echo_small_limits", "ws_echo_small", "limits / plain"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, value in limits.items():
+        other = plain.get(key) if plain else None
+        rel = ratio(limits, plain, key) if key in HIGHER_BETTER | LOWER_BETTER else ""
+        cells = [fmt(value), fmt(other) if other is not None else "—", rel]
+        lines.append(f"| {key}{direction(key)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def workers_table(metrics: Metrics) -> list[str]:
     """workers_scaling: one row per metric, its value with 1 and with 2 workers side by side."""
     head = ["metric (lbproxy only)", "--workers 1", "--workers 2", "2 workers / 1 worker"]
@@ -152,7 +207,12 @@ def workers_table(metrics: Metrics) -> list[str]:
     return lines
 
 
-def scenario_table(scenario: str, per_target: dict[str, Metrics]) -> list[str]:
+def scenario_table(
+    scenario: str, per_target: dict[str, Metrics], plain: Metrics | None = None
+) -> list[str]:
+    """``plain``: lbproxy's ``ws_echo_small`` figures, shown beside ``ws_echo_small_limits``."""
+    if scenario == "ws_echo_small_limits":
+        return limits_table(per_target.get("lbproxy", {}), plain)
     if lbproxy_only(scenario):
         return workers_table(per_target.get("lbproxy", {}))
     targets = [t for t in TARGETS if t in per_target]
@@ -161,14 +221,14 @@ def scenario_table(scenario: str, per_target: dict[str, Metrics]) -> list[str]:
         metrics.extend(k for k in per_target[t] if k not in metrics)
     main = MAIN_METRIC[scenario]
     metrics.sort(key=lambda k: (k != main, k not in HIGHER_BETTER | LOWER_BETTER))
-    head = ["metric", *targets, "lbproxy/nginx", "lbproxy/haproxy"]
+    head = ["metric", *targets, *RATIO_HEADS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lb = per_target.get("lbproxy")
     for m in metrics:
         cells = [fmt(per_target[t][m]) if m in per_target[t] else "—" for t in targets]
-        ratios = ["", ""]  # ratios only where better/worse has a direction
+        ratios = [""] * len(PEERS)  # ratios only where better/worse has a direction
         if m in HIGHER_BETTER | LOWER_BETTER:
-            ratios = [ratio(lb, per_target.get(other), m) for other in ("nginx", "haproxy")]
+            ratios = [ratio(lb, per_target.get(other), m) for other in PEERS]
         lines.append(f"| {m}{direction(m)} | " + " | ".join(cells + ratios) + " |")
     return lines
 
@@ -182,11 +242,19 @@ SUMMARY_METRICS = {
         "proxy_cpu_us_1w",
         "proxy_cpu_us_2w",
     ),
+    "failover": (
+        "recover_s",
+        "recover_p50_s",
+        "failed_handshakes",
+        "lost_echoes",
+        "in_flight_at_kill",
+    ),
+    "ws_echo_small_limits": ("msgs_per_s", "proxy_cpu_us", "limits_on"),
 }
 
 
 def summary_table(outcome: RunOutcome) -> list[str]:
-    head = ["scenario", "metric", *TARGETS, "lbproxy/nginx", "lbproxy/haproxy"]
+    head = ["scenario", "metric", *TARGETS, *RATIO_HEADS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for scenario, per_target in outcome.results.items():
         for metric in SUMMARY_METRICS.get(scenario, (MAIN_METRIC[scenario], "proxy_cpu_us")):
@@ -197,12 +265,11 @@ def summary_table(outcome: RunOutcome) -> list[str]:
                 for t in TARGETS
             ]
             lb = per_target.get("lbproxy")
-            ratios = [
-                ratio(lb, per_target.get("nginx"), metric),
-                ratio(lb, per_target.get("haproxy"), metric),
-            ]
+            ratios = [ratio(lb, per_target.get(peer), metric) for peer in PEERS]
+            if metric not in HIGHER_BETTER | LOWER_BETTER:
+                ratios = [""] * len(PEERS)
             if lbproxy_only(scenario):
-                ratios = ["lbproxy only", "lbproxy only"]
+                ratios = ["lbproxy only"] * len(PEERS)
             lines.append(
                 f"| {scenario} | {metric}{direction(metric)} | " + " | ".join(cells + ratios) + " |"
             )
@@ -262,12 +329,13 @@ def write_report(
         "",
         "↑ higher is better, ↓ lower is better. Ratios are lbproxy's value divided by the "
         "other's: for throughput above 1 means lbproxy is faster; for CPU-µs per op, latency, "
-        "memory and storm time **below 1 means lbproxy is better (lower is better)**.",
+        "memory, storm and recovery time **below 1 means lbproxy is better (lower is better)**.",
         "",
     ]
     lines += summary_table(outcome)
+    plain = outcome.results.get("ws_echo_small", {}).get("lbproxy")
     for scenario, per_target in outcome.results.items():
-        lines += ["", f"## {scenario}", "", *scenario_table(scenario, per_target)]
+        lines += ["", f"## {scenario}", "", *scenario_table(scenario, per_target, plain)]
         for target, notes in outcome.notes.get(scenario, {}).items():
             lines += [f"- note ({target}): {n}" for n in notes]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]

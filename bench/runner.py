@@ -27,9 +27,10 @@ from bench.procs import (
 )
 from bench.scenarios import SCENARIOS, targets_for
 from bench.stage import Cdf, Launched, Metrics, ScenarioResult, Settings, Stage
-from bench.targets import Ports, lbproxy_workers_spec, proxy_spec
+from bench.targets import Ports, ProxySpec, lbproxy_accepts, lbproxy_workers_spec, proxy_spec
 
 SELF_LAUNCHED = {"workers_scaling"}  # scenarios that start (and stop) the proxy themselves
+VARIANTS = {"failover": "failover", "ws_echo_small_limits": "limits"}  # config variant per scenario
 
 
 @dataclass
@@ -45,16 +46,17 @@ class RunOutcome:
 
 
 def distinct_ports(backend: int | None = None) -> Ports:
-    """Free listen, backend and admin ports; admin + 1 is free too (worker 1's admin API)."""
+    """Free listen, backend, admin and second backend ports; admin + 1 is free too (worker 1's
+    admin API)."""
     picked = [] if backend is None else [backend]
-    while len(picked) < 2:
+    while len(picked) < 3:
         port = free_port()
         if port not in picked:
             picked.append(port)
     admin = free_port_run(2, avoid=picked)
     if backend is None:
-        return Ports(listen=picked[0], backend=picked[1], admin=admin)
-    return Ports(listen=picked[1], backend=backend, admin=admin)
+        return Ports(listen=picked[0], backend=picked[1], admin=admin, backend2=picked[2])
+    return Ports(listen=picked[1], backend=backend, admin=admin, backend2=picked[2])
 
 
 def start_proxy(
@@ -104,6 +106,30 @@ def workers_launcher(
     return launch
 
 
+def start_backend(
+    children: ChildSet, name: str, cmd: list[str], port: int, cpu: int | str
+) -> Child:
+    backend = children.start(name, cmd, cpu=cpu)
+    if not poll_until(lambda: port_open(port), timeout=10):
+        raise RuntimeError(f"{name} did not listen: {backend.log_tail()}")
+    check_pinned([backend.pid], cpu=cpu)
+    return backend
+
+
+def scenario_spec(
+    target: str, scenario: str, run_dir: Path, ports: Ports
+) -> tuple[ProxySpec, bool]:
+    """The proxy config for this pair, and whether SPEC 11's websocket limits are on (only
+    ``ws_echo_small_limits``, when lbproxy accepts the keys; else the plain config)."""
+    variant = VARIANTS.get(scenario, "")
+    spec = proxy_spec(target, run_dir, ports, bulk=scenario == "ws_echo_bulk", variant=variant)
+    if variant != "limits" or spec.config_path is None:
+        return spec, False
+    if lbproxy_accepts(spec.config_path):
+        return spec, True
+    return proxy_spec(target, run_dir, ports, bulk=False), False
+
+
 def run_pair(
     target: str,
     scenario: str,
@@ -119,18 +145,24 @@ def run_pair(
     log_dir.mkdir(parents=True, exist_ok=True)
     own_proxy = scenario in SELF_LAUNCHED
     side_cpu: int | str = BOTH_CPUS if own_proxy else 0
+    failover = scenario == "failover"
     with ChildSet(log_dir) as children:
-        backend_cmd = [str(tools.backend), "-p", str(ports.backend)]
-        backend = children.start("backend", backend_cmd, cpu=side_cpu)
-        if not poll_until(lambda: port_open(ports.backend), timeout=10):
-            raise RuntimeError(f"backend did not listen: {backend.log_tail()}")
-        check_pinned([backend.pid], cpu=side_cpu)
+        backend_cmd = [
+            str(tools.backend),
+            "-p",
+            str(ports.backend),
+            *(("-i", "1") if failover else ()),
+        ]
+        backend = start_backend(children, "backend", backend_cmd, ports.backend, side_cpu)
         stage = Stage(target, ports.backend, children, tools.loadgen, backend, None, settings)
+        if failover:  # the one killed: a separate process
+            cmd2 = [str(tools.backend), "-p", str(ports.backend2), "-i", "2"]
+            stage.backend2 = start_backend(children, "backend2", cmd2, ports.backend2, side_cpu)
         if own_proxy:
             stage.gen_cpus = BOTH_CPUS
             stage.launch = workers_launcher(children, run_dir, ports.backend, outcome)
         else:
-            spec = proxy_spec(target, run_dir, ports, bulk=scenario == "ws_echo_bulk")
+            spec, stage.limits = scenario_spec(target, scenario, run_dir, ports)
             if spec.config_path is not None:
                 outcome.configs[spec.config_path.name] = spec.config_path
             if spec.command:
@@ -200,8 +232,19 @@ MAIN_METRIC = {
     "idle_ws_memory": "bytes_per_conn",
     "reconnect_storm": "storm_s",
     "workers_scaling": "scaling",
+    "failover": "recover_s",
+    "ws_echo_small_limits": "msgs_per_s",
 }
-HEADLINE_KEYS = ("p50_ms", "p99_ms", "proxy_cpu_us", "errors")
+HEADLINE_KEYS = (
+    "p50_ms",
+    "p99_ms",
+    "proxy_cpu_us",
+    "errors",
+    "failed_handshakes",
+    "lost_echoes",
+    "in_flight_at_kill",
+    "limits_on",
+)
 SCALING_KEYS = ("conn_per_s_1w", "conn_per_s_2w", "proxy_cpu_us_1w", "proxy_cpu_us_2w")
 
 

@@ -36,9 +36,22 @@ class Settings:
     idle_conns: int = 9000  # RSS slope measured between idle_conns/2 and idle_conns
     storm_clients: int = 9000
     open_concurrency: int = 256  # idle/storm setup: at most this many opening at once
+    failover_conns: int = 1000
+    failover_warmup: float = 1.0  # seconds of echoing (all clients up) before the kill
+    failover_after: float = 5.0  # the run goes on this long after the kill (once recovered)
+    failover_timeout: float = 30.0  # not every client echoing again by then: the pair fails
+    failover_backoff_ms: float = 50.0  # reconnect backoff base (jittered, doubling, 1 s cap)
 
 
-QUICK = Settings(duration=2.0, idle_conns=1000, storm_clients=1000)
+QUICK = Settings(
+    duration=2.0,
+    idle_conns=1000,
+    storm_clients=1000,
+    failover_conns=100,
+    failover_warmup=0.3,
+    failover_after=0.5,
+    failover_timeout=10.0,
+)
 FULL = Settings(duration=10.0)
 
 
@@ -76,6 +89,8 @@ class Stage:
     settings: Settings
     gen_cpus: str = "0"
     launch: Callable[[int], Launched] | None = None
+    backend2: Child | None = None  # failover: the second backend (the one killed)
+    limits: bool = False  # ws_echo_small_limits: lbproxy runs with SPEC 11's websocket keys
 
     def proxy_pids(self) -> list[int]:
         return tree_pids(self.proxy.pid) if self.proxy is not None else []

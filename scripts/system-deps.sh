@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests, demo and benchmarks need, when missing.
 # redis-server: tests and demo; chromium: page tests; gcc + Python headers: the native tunnel
-# engine (lbproxy/_splice.c) and the bench tools; nginx, haproxy, wrk: the bench;
+# engine (lbproxy/_splice.c) and the bench tools; nginx, haproxy, caddy, wrk: the bench;
 # prometheus (+ promtool): the deploy/prometheus tests. With LBPROXY_CONTAINER_TESTS=1
 # (make container-test) also podman, runc and mmdebstrap: the image build test.
 set -euo pipefail
@@ -10,6 +10,7 @@ command -v redis-server >/dev/null || want+=(redis-server)
 command -v chromium >/dev/null || want+=(chromium)
 command -v nginx >/dev/null || want+=(nginx)
 command -v haproxy >/dev/null || want+=(haproxy)
+command -v caddy >/dev/null || want+=(caddy)
 command -v wrk >/dev/null || want+=(wrk)
 command -v gcc >/dev/null || want+=(gcc)
 "${PYTHON:-python3}" -c 'import os, sys, sysconfig

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -14,15 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import incomplete
+from bench.cli import default_scenarios, incomplete, parse_args
+from bench.failover import failover_metrics, parse_ready
 from bench.procs import free_port_run
 from bench.report import scenario_table, summary_table
-from bench.runner import MAIN_METRIC, RunOutcome
-from bench.scenarios import SCENARIOS, targets_for
+from bench.runner import MAIN_METRIC, RunOutcome, scenario_spec
+from bench.scenarios import LIMITS_MISSING, SCENARIOS, targets_for
 from bench.targets import TARGETS, Ports, lbproxy_workers_spec, proxy_spec
 from tests.support import REPO
 
-BENCH_TOOLS = ("nginx", "haproxy", "gcc", "taskset")
+BENCH_TOOLS = ("nginx", "haproxy", "caddy", "gcc", "taskset")
 MISSING = [tool for tool in BENCH_TOOLS if shutil.which(tool) is None]
 needs_tools = pytest.mark.skipif(
     bool(MISSING),
@@ -66,6 +68,8 @@ def check_metrics(scenario: str, target: str, metrics: dict[str, object]) -> Non
     if scenario == "workers_scaling":
         check_scaling_metrics(metrics)
         return
+    if scenario == "failover":
+        check_failover_metrics(metrics)
     if target != "direct":
         cpu = metrics["proxy_cpu_us"]
         assert isinstance(cpu, int | float) and cpu > 0, (where, "proxy_cpu_us", cpu)
@@ -75,6 +79,20 @@ def check_metrics(scenario: str, target: str, metrics: dict[str, object]) -> Non
         assert metrics["conns_full"] == 1000 and metrics["dropped"] == 0, (where, metrics)
     if scenario == "reconnect_storm":
         assert metrics["reconnected"] == metrics["clients"] == 1000, (where, metrics)
+
+
+def check_failover_metrics(m: dict[str, object]) -> None:
+    """failover (quick: 100 clients): recovered in a finite time, sane integer counts."""
+    recover = m["recover_s"]
+    assert isinstance(recover, float) and 0 < recover < 10 and math.isfinite(recover), m
+    assert 0 < m["recover_p50_s"] <= recover, m  # type: ignore[operator]
+    for key in ("failed_handshakes", "lost_echoes", "in_flight_at_kill", "reconnected"):
+        value = m[key]
+        assert isinstance(value, int | float) and value >= 0 and value == int(value), (key, m)
+    assert m["on_killed"] + m["on_survivor"] == 100 and m["on_killed"] > 0, m  # type: ignore[operator]
+    assert m["reconnected"] >= m["on_killed"] == m["killed_closed"], m  # type: ignore[operator]
+    assert m["in_flight_at_kill"] <= m["killed_closed"], m  # type: ignore[operator]  # depth 1
+    assert m["failed_handshakes"] == m["hs_5xx"] + m["hs_other_status"] + m["hs_resets"], m  # type: ignore[operator]
 
 
 def check_scaling_metrics(m: dict[str, object]) -> None:
@@ -94,15 +112,17 @@ def check_scaling_metrics(m: dict[str, object]) -> None:
 
 
 @needs_tools
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(260)
 def test_quick_bench_measures_every_scenario_on_every_target(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = run_bench("--quick", "--out", str(out), timeout=180)
+    proc = run_bench("--quick", "--out", str(out), timeout=200)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     data = json.loads((out / "results.json").read_text())
     assert set(data) == {"machine", "scenarios"}
     assert data["machine"]["pinning"]["proxy"].startswith("CPU 1")
-    assert set(data["scenarios"]) == set(SCENARIOS)
+    quick = default_scenarios(quick=True)
+    assert "failover" in quick and "caddy" in TARGETS
+    assert set(data["scenarios"]) == set(quick)
     for scenario, per_target in data["scenarios"].items():
         assert set(per_target) == set(targets_for(scenario, TARGETS)), scenario
         for target, metrics in per_target.items():
@@ -112,11 +132,18 @@ def test_quick_bench_measures_every_scenario_on_every_target(tmp_path: Path) -> 
         *SCENARIOS,
         "lbproxy/nginx",
         "lbproxy/haproxy",
+        "lbproxy/caddy",
         "nginx-default.conf",
         "haproxy-bulk.cfg",
         "lbproxy.toml",
         "lbproxy-workers.toml",
         "lbproxy only",
+        "caddy.caddyfile",
+        "caddy-failover.caddyfile",
+        "nginx-failover.conf",
+        "haproxy-failover.cfg",
+        "lbproxy-failover.toml",
+        "in_flight_at_kill",
     ):
         assert name in report, name
     pngs = sorted(p.name for p in out.glob("*.png"))
@@ -131,12 +158,12 @@ def test_missing_tools_are_named_and_exit_non_zero(tmp_path: Path) -> None:
         "--out",
         str(tmp_path / "out"),
         "--targets",
-        "direct,nginx,haproxy",
+        "direct,nginx,haproxy,caddy",
         timeout=60,
         env=env,
     )
     assert proc.returncode == 2
-    for tool in ("gcc", "taskset", "nginx", "haproxy"):
+    for tool in ("gcc", "taskset", "nginx", "haproxy", "caddy"):
         assert tool in proc.stderr, proc.stderr
     assert not (tmp_path / "out" / "results.json").exists()
 
@@ -251,12 +278,201 @@ def test_report_tables_mark_the_lbproxy_only_scenario() -> None:
         "proxy_cpu_us_1w ↓",
         "proxy_cpu_us_2w ↓",
     ]
-    assert all(line.endswith("| lbproxy only | lbproxy only |") for line in summary), summary
+    only = "| lbproxy only | lbproxy only | lbproxy only |"  # nginx, haproxy, caddy
+    assert all(line.endswith(only) for line in summary), summary
     other = next(line for line in summary_table(outcome) if "ws_connect_rate | conn" in line)
-    assert other.endswith("| 0.50 | — |"), other  # ratios still computed elsewhere
+    assert other.endswith("| 0.50 | — | — |"), other  # ratios still computed elsewhere
     table = scenario_table("workers_scaling", outcome.results["workers_scaling"])
     assert "lbproxy only" in table[0] and "nginx" not in "\n".join(table)
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table[2:]}
     assert rows["conn_per_s ↑"].endswith("| 4,000 | 6,000 | 1.50 |"), rows
     assert rows["proxy_cpu_us ↓"].endswith("| 200 | 220 | 1.10 |"), rows
     assert rows["scaling ↑"].endswith("| 1.5 |"), rows
+
+
+FAILOVER_PORTS = Ports(listen=1, backend=2, admin=3, backend2=4)
+
+
+@pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy not installed")
+@pytest.mark.parametrize("variant", ["", "failover"])
+def test_generated_caddy_config_is_valid(tmp_path: Path, variant: str) -> None:
+    spec = proxy_spec("caddy", tmp_path, FAILOVER_PORTS, bulk=False, variant=variant)
+    assert spec.config_path is not None
+    assert spec.command[:2] == ("env", "GOMAXPROCS=1") and "caddy" in spec.command
+    text = spec.config_path.read_text()
+    assert "http://:1 {" in text and "bind 127.0.0.1" in text and "auto_https off" in text
+    assert "admin off" in text and "@" not in text
+    assert ("127.0.0.1:4" in text) is bool(variant)  # the second backend only for failover
+    assert ("health_uri /" in text and "fail_duration" in text) is bool(variant)
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
+    proc = subprocess.run(
+        ["caddy", "validate", "--adapter", "caddyfile", "--config", str(spec.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed")
+def test_generated_nginx_failover_config_is_valid(tmp_path: Path) -> None:
+    spec = proxy_spec("nginx", tmp_path, FAILOVER_PORTS, bulk=False, variant="failover")
+    assert spec.config_path is not None
+    text = spec.config_path.read_text()
+    for line in ("127.0.0.1:2 max_fails=1", "127.0.0.1:4 max_fails=1", "proxy_next_upstream"):
+        assert line in text, line
+    cmd = [c for c in spec.command if c not in ("-g", "daemon off;")]
+    proc = subprocess.run([*cmd, "-t"], capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed")
+def test_generated_haproxy_failover_config_is_valid(tmp_path: Path) -> None:
+    spec = proxy_spec("haproxy", tmp_path, FAILOVER_PORTS, bulk=False, variant="failover")
+    assert spec.config_path is not None
+    text = spec.config_path.read_text()
+    assert "server b1 127.0.0.1:2 check" in text and "server b2 127.0.0.1:4 check" in text
+    assert "option redispatch" in text and "inter 1s" in text
+    proc = subprocess.run(
+        ["haproxy", "-c", "-f", str(spec.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_generated_lbproxy_failover_config_is_valid(tmp_path: Path) -> None:
+    spec = proxy_spec("lbproxy", tmp_path, FAILOVER_PORTS, bulk=False, variant="failover")
+    assert spec.config_path is not None
+    text = spec.config_path.read_text()
+    assert '"127.0.0.1:2"' in text and '"127.0.0.1:4"' in text and 'check = "http"' in text
+    proc = subprocess.run(
+        [sys.executable, "-m", "lbproxy", "check-config", str(spec.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_failover_config_needs_a_second_backend(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="two backend ports"):
+        proxy_spec("nginx", tmp_path, Ports(listen=1, backend=2, admin=3), False, "failover")
+
+
+def test_limits_scenario_uses_the_limits_config_only_when_lbproxy_accepts_it(
+    tmp_path: Path,
+) -> None:
+    """ws_echo_small_limits: SPEC 11's [pools.be.websocket] keys when check-config takes them,
+    else the plain ws_echo_small config (and the pair says limits are off)."""
+    spec, limits = scenario_spec("lbproxy", "ws_echo_small_limits", tmp_path, FAILOVER_PORTS)
+    assert spec.config_path is not None
+    limits_conf = tmp_path / "lbproxy-limits.toml"
+    assert "[pools.be.websocket]" in limits_conf.read_text()
+    accepted = subprocess.run(
+        [sys.executable, "-m", "lbproxy", "check-config", str(limits_conf)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert limits is (accepted.returncode == 0)
+    assert spec.config_path.name == ("lbproxy-limits.toml" if limits else "lbproxy.toml")
+    assert ("[pools.be.websocket]" in spec.config_path.read_text()) is limits
+    plain, off = scenario_spec("lbproxy", "ws_echo_small", tmp_path, FAILOVER_PORTS)
+    assert off is False and plain.config_path is not None
+    assert plain.config_path.name == "lbproxy.toml"
+
+
+def test_quick_default_leaves_out_the_limits_scenario() -> None:
+    assert parse_args(["--quick"]).scenarios == [
+        s for s in SCENARIOS if s != "ws_echo_small_limits"
+    ]
+    assert parse_args([]).scenarios == list(SCENARIOS)
+    named = parse_args(["--quick", "--scenarios", "ws_echo_small_limits"])
+    assert named.scenarios == ["ws_echo_small_limits"]
+    assert targets_for("failover", TARGETS) == ["lbproxy", "nginx", "haproxy", "caddy"]
+    assert targets_for("ws_echo_small_limits", TARGETS) == ["lbproxy"]
+
+
+def test_parse_ready_line() -> None:
+    assert parse_ready("READY 100 49 51") == (100, 49, 51)
+    for bad in ("READY 100 49", "OPEN 1 2 3", "READY a b c"):
+        with pytest.raises(ValueError):
+            parse_ready(bad)
+
+
+def failover_result(**over: float) -> dict[str, object]:
+    res: dict[str, object] = {
+        "killed": 1,
+        "recover_s": 0.25,
+        "recover_p50_s": 0.125,
+        "recovered": 10,
+        "failed_handshakes": 3,
+        "hs_5xx": 2,
+        "hs_other_status": 0,
+        "hs_resets": 1,
+        "lost_echoes": 0,
+        "in_flight_at_kill": 4,
+        "survivor_closed": 0,
+        "killed_closed": 5,
+        "reconnected": 5,
+        "on_killed": 5,
+        "on_survivor": 5,
+        "errors": 0,
+        "ops_per_s": 1234.5,
+        "p50_us": 1500,
+        "p99_us": 9000,
+    }
+    res.update(over)
+    return res
+
+
+def test_failover_metrics_from_the_generator_result() -> None:
+    m = failover_metrics(failover_result(), clients=10)
+    assert m["recover_s"] == 0.25 and m["recover_p50_s"] == 0.125
+    assert m["failed_handshakes"] == 3 and m["hs_5xx"] == 2
+    assert m["in_flight_at_kill"] == 4 and m["lost_echoes"] == 0 and m["on_killed"] == 5
+    assert m["p50_ms"] == 1.5 and m["p99_ms"] == 9.0 and m["msgs_per_s"] == 1234.5
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"killed": 0}, "never saw the kill"),
+        ({"recover_s": -1, "recovered": 7}, "only 7 of 10 clients"),
+        ({"recovered": 9}, "only 9 of 10 clients"),
+        ({"hs_resets": 0}, "failed_handshakes 3.0 != 2.0"),
+    ],
+)
+def test_failover_metrics_refuse_a_run_that_says_nothing(
+    over: dict[str, float], message: str
+) -> None:
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        failover_metrics(failover_result(**over), clients=10)
+
+
+def test_report_has_caddy_ratios_and_the_limits_note_table() -> None:
+    outcome = RunOutcome()
+    outcome.results["failover"] = {
+        "lbproxy": {"recover_s": 0.2, "lost_echoes": 0.0, "in_flight_at_kill": 50.0},
+        "nginx": {"recover_s": 0.1, "lost_echoes": 0.0, "in_flight_at_kill": 50.0},
+        "caddy": {"recover_s": 0.4, "lost_echoes": 0.0, "in_flight_at_kill": 50.0},
+    }
+    summary = summary_table(outcome)
+    assert summary[0].endswith("| lbproxy/nginx | lbproxy/haproxy | lbproxy/caddy |")
+    row = next(line for line in summary if "| recover_s" in line)
+    assert row.endswith("| 2.00 | — | 0.50 |"), row
+    no_direction = next(line for line in summary if "| in_flight_at_kill" in line)
+    assert no_direction.endswith("|  |  |  |"), no_direction
+    limits = {"msgs_per_s": 900.0, "proxy_cpu_us": 22.0, "limits_on": 0.0}
+    plain = {"msgs_per_s": 1000.0, "proxy_cpu_us": 20.0}
+    table = scenario_table("ws_echo_small_limits", {"lbproxy": limits}, plain)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table[2:]}
+    assert rows["proxy_cpu_us ↓"].endswith("| 22 | 20 | 1.10 |"), rows
+    assert rows["limits_on"].endswith("| 0 | — |  |"), rows
+    assert "limits not implemented yet: same as ws_echo_small" in LIMITS_MISSING

@@ -9,8 +9,10 @@
  *   - any other request: "200 ok" (2-byte body) with keep-alive; pipelined requests and
  *     Content-Length request bodies are handled; "Connection: close" closes after the reply.
  *   - with -t: raw TCP echo instead (every byte read is written back).
+ *   - with -i ID: the 101 response carries "X-Bench-Backend: ID", so that a client behind
+ *     a proxy knows which backend its websocket landed on (the failover scenario).
  * Derived from perf-baseline/echo_srv.c.  Loopback only.
- *   backend -p PORT [-t]          Build: gcc -O2 -o backend backend.c
+ *   backend -p PORT [-t] [-i ID]  Build: gcc -O2 -o backend backend.c
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -42,7 +44,7 @@ typedef struct conn {
     unsigned char *out; size_t outlen, outoff, outcap;
 } conn;
 
-static int tcp_mode = 0, epfd;
+static int tcp_mode = 0, epfd, backend_id = 0;
 static unsigned char rdbuf[RDBUF];
 static const char HTTP_OK[] = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok";
 
@@ -157,10 +159,11 @@ static int on_head(conn *c, size_t hlen) {
         snprintf(cat, sizeof cat, "%s258EAFA5-E914-47DA-95CA-C5AB0DC85B11", key);
         unsigned char dg[20]; sha1((unsigned char *)cat, strlen(cat), dg);
         char acc[64]; b64(dg, 20, acc);
-        char resp[256];
+        char resp[320], idh[48] = "";
+        if (backend_id) snprintf(idh, sizeof idh, "X-Bench-Backend: %d\r\n", backend_id);
         int n = snprintf(resp, sizeof resp,
                          "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                         "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n", acc);
+                         "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n%s\r\n", acc, idh);
         out_append(c, resp, (size_t)n);
         c->state = ST_WS;
         return 1;
@@ -280,12 +283,13 @@ static void accept_all(int ls) {
 
 int main(int argc, char **argv) {
     int port = 0, opt;
-    while ((opt = getopt(argc, argv, "p:t")) != -1) {
+    while ((opt = getopt(argc, argv, "p:ti:")) != -1) {
         if (opt == 'p') port = atoi(optarg);
         else if (opt == 't') tcp_mode = 1;
-        else { fprintf(stderr, "usage: %s -p PORT [-t]\n", argv[0]); return 2; }
+        else if (opt == 'i') backend_id = atoi(optarg);
+        else { fprintf(stderr, "usage: %s -p PORT [-t] [-i ID]\n", argv[0]); return 2; }
     }
-    if (port <= 0) { fprintf(stderr, "usage: %s -p PORT [-t]\n", argv[0]); return 2; }
+    if (port <= 0) { fprintf(stderr, "usage: %s -p PORT [-t] [-i ID]\n", argv[0]); return 2; }
     signal(SIGPIPE, SIG_IGN);
     int ls = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0), one = 1;
     setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);

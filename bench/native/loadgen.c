@@ -2,7 +2,7 @@
  * Derived from perf-baseline/loadgen.c.  Target is 127.0.0.1 only.
  *
  *   loadgen -m MODE -p PORT [-c CONNS] [-s SIZE] [-d SECS] [-n DEPTH] [-u PATH]
- *           [-W WARMUP] [-P PHASES] [-k CONCURRENCY] [-T ALARM]
+ *           [-W WARMUP] [-P PHASES] [-k CONCURRENCY] [-T ALARM] [-b BACKOFF_MS] [-R SECS]
  *
  * Modes (all websocket modes use binary frames, masked with a random key per connection):
  *   echo     closed loop on CONNS websockets: DEPTH messages of SIZE bytes in flight each;
@@ -20,6 +20,32 @@
  *            close them all; print "CLOSED"; wait for a line; then reconnect all CONNS at
  *            once (each: handshake + one exchange; a failed attempt is retried after
  *            10-100 ms); latency = time from the storm start to that client's echo.
+ *   failover CONNS websockets in a closed echo loop (like echo, depth 1) through a proxy to two
+ *            backends that name themselves in the 101 ("X-Bench-Backend: ID", backend -i).
+ *            Once every client has echoed and WARMUP has passed: print "READY echoing on1 on2".
+ *            The driver writes "KILL ID PID" on stdin: the generator takes t_kill, counts the
+ *            clients on each backend, then sends SIGKILL to PID (the backend with that ID).
+ *            A client whose connection closes reconnects after a
+ *            jittered exponential backoff (attempt n waits U(0.5, 1) x min(1 s, BACKOFF_MS x
+ *            2^(n-1))).  The run ends SECS after the kill once every client echoes again, or at
+ *            RECOVER_TIMEOUT (-R) after the kill; then no new message is sent and outstanding
+ *            echoes get up to 2 s (DRAIN_S) to come back.  Extra RESULT fields, exactly:
+ *              recover_s: t_kill -> the moment the last client got the echo of a message it
+ *                sent after t_kill (-1 if not every client did before RECOVER_TIMEOUT);
+ *              recover_p50_s: the median of that time over the clients of the killed backend
+ *                (-1 if none recovered);
+ *              failed_handshakes: reconnect attempts after t_kill that did not end in a 101
+ *                (= hs_5xx + hs_other_status + hs_resets: a 5xx, another status, or a reset /
+ *                EOF / connect error before the response head);
+ *              in_flight_at_kill: messages sent and not answered on connections to the killed
+ *                backend when those closed (lost with the backend, not by the proxy);
+ *              lost_echoes: messages sent and never answered on a connection to a backend that
+ *                stayed alive: still outstanding DRAIN_S after the last send on a connection
+ *                that stayed up to the end, or outstanding when the proxy closed such a
+ *                connection (those closes are also counted in survivor_closed);
+ *              on_killed / on_survivor: clients echoing on each backend at t_kill;
+ *              killed_closed: connections to the killed backend closed; reconnected: 101s
+ *                after t_kill; recovered: clients echoing again.
  * Timed modes print "MEASURE_START" and "MEASURE_END" around the measurement window.
  * Every mode ends with one line "RESULT {json}".  Build: gcc -O2 -o loadgen loadgen.c
  */
@@ -73,7 +99,7 @@ static uint64_t hist_quantile(double q) {
 
 /* ---------- connections ---------- */
 enum { S_IDLE_SLOT, S_CONNECTING, S_HS, S_RUN, S_HTTP, S_ECHO1, S_CLOSING, S_WAIT_EOF, S_OPEN, S_DEAD };
-enum { M_ECHO, M_TCP, M_HTTP, M_CONNECT, M_IDLE, M_STORM };
+enum { M_ECHO, M_TCP, M_HTTP, M_CONNECT, M_IDLE, M_STORM, M_FAILOVER };
 
 typedef struct conn {
     int fd, state, want_out, attempts;
@@ -85,6 +111,10 @@ typedef struct conn {
     char rb[1024]; size_t rblen;                   /* handshake / response head */
     size_t body_left;                              /* http body bytes still expected */
     double t_start, retry_at;
+    int backend_id, recovered; /* failover: backend named in the 101; echoing again after kill */
+    int hs_status;             /* failover: this attempt's non-101 status was counted */
+    int was_killed;            /* failover: its connection to the killed backend closed */
+    uint64_t echoes;
 } conn;
 
 static int epfd, mode = M_ECHO, measuring = 0, port = 0, depth = 1;
@@ -100,6 +130,18 @@ static int upgrade_len, http_len;
 static unsigned char *payload;
 static unsigned char small_frame[2 + 4 + 125], close_frame[2 + 4 + 2];
 static size_t small_len;
+/* failover counters (see the header for their exact meaning) */
+#define DRAIN_S 2.0
+static double t_kill = 0, t_recovered = 0, backoff_s = 0.05;
+static int killed_id = 0, stopping = 0, stdin_eof = 0, recovered = 0;
+static uint64_t failed_handshakes = 0, hs_5xx = 0, hs_other = 0, hs_resets = 0, lost_echoes = 0;
+static uint64_t in_flight_at_kill = 0, survivor_closed = 0, killed_closed = 0, reconnected = 0;
+static int on_killed = 0, on_survivor = 0;
+static char extra_json[1024] = "";
+static conn *all_conns; /* failover: every client, for the counts taken at the kill */
+static int all_n;
+static double *killed_recovery; /* failover: t_kill -> echoing again, per client of the killed backend */
+static int killed_recovered = 0;
 
 static double now(void) {
     struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -159,9 +201,10 @@ static void build_msg(conn *c) {
 }
 static void pump_send(conn *c) {
     while (c->to_send) {
-        if (c->sendoff == 0) { c->t_sent[c->head & 63] = now(); c->head++; }
+        if (c->sendoff == 0) c->t_sent[c->head & 63] = now();
         ssize_t w = send(c->fd, c->msg + c->sendoff, c->msglen - c->sendoff, MSG_NOSIGNAL);
         if (w < 0) { if (errno == EAGAIN) { set_out(c, 1); return; } if (errno == EINTR) continue; fail(c); return; }
+        if (c->sendoff == 0) c->head++; /* in flight from its first byte on */
         c->sendoff += (size_t)w;
         if (c->sendoff == c->msglen) { c->sendoff = 0; c->to_send--; }
         else { set_out(c, 1); return; }
@@ -172,9 +215,14 @@ static void echo_data(conn *c, size_t n) {
     c->rx_bytes += n;
     while (c->rx_bytes >= c->echolen) {
         c->rx_bytes -= c->echolen;
-        double t = now();
-        if (measuring) { ops++; hist_add(t - c->t_sent[c->tail & 63]); }
-        c->tail++; c->to_send++;
+        double t = now(), sent = c->t_sent[c->tail & 63];
+        if (measuring) { ops++; hist_add(t - sent); }
+        c->tail++; c->echoes++;
+        if (t_kill > 0 && sent >= t_kill && !c->recovered) {
+            c->recovered = 1; recovered++; t_recovered = t;
+            if (c->was_killed && killed_recovered < all_n) killed_recovery[killed_recovered++] = t - t_kill;
+        }
+        if (!stopping) c->to_send++;
     }
     if (c->to_send) pump_send(c);
 }
@@ -245,10 +293,20 @@ static void hs_data(conn *c, const unsigned char *p, size_t n) {
     char *end = strstr(c->rb, "\r\n\r\n");
     if (!end) { if (c->rblen >= sizeof c->rb - 1) fail(c); return; }
     if (strncmp(c->rb, "HTTP/1.1 101", 12) != 0) {
-        if (errors < 5) fprintf(stderr, "handshake failed: %.60s\n", c->rb);
+        if (errors + failed_handshakes < 5) fprintf(stderr, "handshake failed: %.60s\n", c->rb);
+        if (mode == M_FAILOVER && t_kill > 0) { c->hs_status = 1; if (c->rb[9] == '5') hs_5xx++; else hs_other++; }
         fail(c); return;
     }
     size_t extra = c->rblen - (size_t)(end + 4 - c->rb) + (n - cp);
+    if (mode == M_FAILOVER) {
+        char *id = strcasestr(c->rb, "\r\nX-Bench-Backend:");
+        c->backend_id = id && id < end ? atoi(id + 19) : 0;
+        c->attempts = 0; if (t_kill > 0) reconnected++;
+        c->head = c->tail = 0; c->sendoff = 0; c->rx_bytes = 0;
+        c->state = S_RUN; c->to_send = stopping ? 0 : 1; pump_send(c);
+        if (c->fd >= 0 && extra) echo_data(c, extra);
+        return;
+    }
     if (mode == M_ECHO) { c->state = S_RUN; c->to_send = (uint64_t)depth; pump_send(c); if (extra) echo_data(c, extra); return; }
     c->state = S_ECHO1;
     if (send_small(c, small_frame, small_len) < 0) { fail(c); return; }
@@ -256,8 +314,23 @@ static void hs_data(conn *c, const unsigned char *p, size_t n) {
 }
 
 /* ---------- failure / retry policy per mode ---------- */
+/* failover: a connection closed or failed; account for it, reconnect after a jittered backoff */
+static void failover_closed(conn *c) {
+    uint64_t inflight = c->head - c->tail;
+    if (c->state == S_RUN && t_kill > 0 && c->backend_id == killed_id) { killed_closed++; in_flight_at_kill += inflight; c->was_killed = 1; }
+    else if (c->state == S_RUN && t_kill > 0) { survivor_closed++; lost_echoes += inflight; }
+    else if (t_kill > 0) { failed_handshakes++; if (!c->hs_status) hs_resets++; }
+    else errors++; /* before the kill: the proxy failed a client with both backends up */
+    drop_fd(c);
+    c->head = c->tail = 0; c->to_send = 0; c->sendoff = 0; c->rx_bytes = 0; c->rblen = 0; c->hs_status = 0;
+    int n = c->attempts < 5 ? c->attempts : 5; /* attempts since the last 101; 1 s cap below */
+    double delay = backoff_s * (double)(1 << n);
+    if (delay > 1.0) delay = 1.0;
+    c->state = S_IDLE_SLOT; c->retry_at = now() + delay * (0.5 + 0.5 * (rand() / (double)RAND_MAX));
+}
 static void fail(conn *c) {
     if (c->state == S_DEAD) return;
+    if (mode == M_FAILOVER) { failover_closed(c); return; }
     errors++;
     drop_fd(c);
     if (mode == M_CONNECT) { c->state = S_IDLE_SLOT; c->retry_at = now(); return; }
@@ -308,11 +381,30 @@ static void on_event(conn *c, uint32_t e) {
     if (c->fd >= 0 && (e & (EPOLLERR | EPOLLHUP)) && !(e & EPOLLIN)) on_eof(c);
 }
 
+/* failover: the driver's "KILL ID PID" line on stdin (EOF: the driver is gone, stop) */
+static void on_stdin(void) {
+    char line[64];
+    ssize_t r = read(0, line, sizeof line - 1);
+    if (r <= 0) { stdin_eof = 1; epoll_ctl(epfd, EPOLL_CTL_DEL, 0, NULL); return; }
+    line[r] = 0;
+    int pid = 0;
+    if (t_kill > 0 || sscanf(line, "KILL %d %d", &killed_id, &pid) != 2 || pid <= 0) return;
+    t_kill = now();
+    for (int i = 0; i < all_n; i++) {
+        conn *c = &all_conns[i];
+        c->recovered = 0;
+        if (c->state == S_RUN) { if (c->backend_id == killed_id) on_killed++; else on_survivor++; }
+    }
+    /* the kill itself comes after t_kill and the counts: no close can be seen "before" it */
+    if (kill((pid_t)pid, SIGKILL) != 0) perror("kill");
+}
+
 static void poll_once(int timeout_ms) {
     static struct epoll_event evs[1024];
     int n = epoll_wait(epfd, evs, 1024, timeout_ms);
     for (int i = 0; i < n; i++) {
         conn *c = evs[i].data.ptr;
+        if (!c) { on_stdin(); continue; }
         if (c->fd >= 0) on_event(c, evs[i].events);
     }
 }
@@ -326,7 +418,7 @@ static void launch(conn *cs, int from, int to, int limit, int *in_flight_open) {
         if (limit && *in_flight_open >= limit) return;
         c->attempts++;
         if (start_conn(c) == 0) { (*in_flight_open)++; continue; }
-        errors++;
+        if (mode == M_FAILOVER && t_kill > 0) { failed_handshakes++; hs_resets++; } else errors++;
         c->retry_at = t + 0.05;
         if ((mode == M_IDLE || mode == M_STORM) && c->attempts >= 20) { c->state = S_DEAD; pending_open--; }
     }
@@ -353,13 +445,13 @@ static void open_batch(conn *cs, int from, int to, int conc, double deadline) {
 static void print_result(double secs, int nconn) {
     printf("RESULT {\"mode\":\"%s\",\"conns\":%d,\"size\":%zu,\"depth\":%d,\"secs\":%.4f,\"ops\":%llu,"
            "\"ops_per_s\":%.1f,\"payload_mb_per_s\":%.2f,\"errors\":%llu,\"dropped\":%llu,\"opened\":%d,"
-           "\"p50_us\":%llu,\"p90_us\":%llu,\"p99_us\":%llu,\"p999_us\":%llu,\"max_us\":%llu,\"cdf\":[",
-           (const char *[]){"echo", "tcp", "http", "connect", "idle", "storm"}[mode], nconn, size, depth,
+           "\"p50_us\":%llu,\"p90_us\":%llu,\"p99_us\":%llu,\"p999_us\":%llu,\"max_us\":%llu,%s\"cdf\":[",
+           (const char *[]){"echo", "tcp", "http", "connect", "idle", "storm", "failover"}[mode], nconn, size, depth,
            secs, (unsigned long long)ops, secs > 0 ? (double)ops / secs : 0.0,
            secs > 0 ? (double)ops * (double)size / secs / 1e6 : 0.0, (unsigned long long)errors,
            (unsigned long long)dropped, opened, (unsigned long long)hist_quantile(0.5),
            (unsigned long long)hist_quantile(0.9), (unsigned long long)hist_quantile(0.99),
-           (unsigned long long)hist_quantile(0.999), (unsigned long long)hist_max);
+           (unsigned long long)hist_quantile(0.999), (unsigned long long)hist_max, extra_json);
     static const double qs[] = {0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95,
                                 0.98, 0.99, 0.995, 0.999, 1.0};
     for (size_t i = 0; i < sizeof qs / sizeof qs[0]; i++)
@@ -433,11 +525,65 @@ static void run_storm(conn *cs, int nconn, int conc) {
     print_result(el, nconn);
 }
 
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* failover: see the header.  post = seconds after the kill, recover_timeout = the hard limit */
+static void run_failover(conn *cs, int nconn, int conc, double warmup, double post, double recover_timeout) {
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    epoll_ctl(epfd, EPOLL_CTL_ADD, 0, &ev);
+    for (int i = 0; i < nconn; i++) { cs[i].state = S_IDLE_SLOT; cs[i].retry_at = 0; }
+    double t0 = now(), t_ready = 0;
+    all_conns = cs; all_n = nconn;
+    killed_recovery = calloc((size_t)nconn, sizeof *killed_recovery);
+    while (!stdin_eof) {
+        double t = now();
+        if (t_ready == 0) {
+            int echoing = 0, on1 = 0;
+            for (int i = 0; i < nconn; i++) if (cs[i].state == S_RUN && cs[i].echoes > 0) { echoing++; on1 += cs[i].backend_id == 1; }
+            if ((echoing == nconn && t - t0 >= warmup) || t - t0 > 60) {
+                t_ready = t; measuring = 1;
+                printf("READY %d %d %d\n", echoing, on1, echoing - on1); fflush(stdout);
+            }
+        }
+        if (t_kill > 0 && ((recovered == nconn && t >= t_kill + post) || t >= t_kill + recover_timeout)) break;
+        int busy = 0;
+        for (int i = 0; i < nconn; i++) busy += cs[i].state == S_CONNECTING || cs[i].state == S_HS;
+        launch(cs, 0, nconn, conc, &busy);
+        poll_once(5);
+    }
+    double t_stop = now();
+    stopping = 1; measuring = 0;
+    for (;;) { /* no new sends; outstanding echoes on open connections get DRAIN_S */
+        uint64_t out = 0;
+        for (int i = 0; i < nconn; i++) if (cs[i].state == S_RUN) out += cs[i].head - cs[i].tail;
+        if (out == 0 || now() >= t_stop + DRAIN_S) { lost_echoes += out; break; }
+        poll_once(5);
+    }
+    double rec = recovered == nconn && t_kill > 0 ? t_recovered - t_kill : -1;
+    qsort(killed_recovery, (size_t)killed_recovered, sizeof *killed_recovery, cmp_double);
+    double rec_p50 = killed_recovered ? killed_recovery[killed_recovered / 2] : -1;
+    snprintf(extra_json, sizeof extra_json,
+             "\"recover_s\":%.4f,\"recover_p50_s\":%.4f,\"failed_handshakes\":%llu,\"hs_5xx\":%llu,\"hs_other_status\":%llu,"
+             "\"hs_resets\":%llu,\"lost_echoes\":%llu,\"in_flight_at_kill\":%llu,\"survivor_closed\":%llu,"
+             "\"killed_closed\":%llu,\"reconnected\":%llu,\"recovered\":%d,\"on_killed\":%d,\"on_survivor\":%d,"
+             "\"killed\":%d,",
+             rec, rec_p50, (unsigned long long)failed_handshakes, (unsigned long long)hs_5xx, (unsigned long long)hs_other,
+             (unsigned long long)hs_resets, (unsigned long long)lost_echoes, (unsigned long long)in_flight_at_kill,
+             (unsigned long long)survivor_closed, (unsigned long long)killed_closed, (unsigned long long)reconnected,
+             recovered, on_killed, on_survivor, t_kill > 0);
+    opened = count_state(cs, nconn, S_RUN);
+    for (int i = 0; i < nconn; i++) drop_fd(&cs[i]);
+    print_result(t_ready > 0 ? t_stop - t_ready : 0, nconn);
+}
+
 int main(int argc, char **argv) {
     int nconn = 100, opt, phases = 2, conc = 256, alarm_s = 300;
-    double dur = 10, warmup = 0.3;
+    double dur = 10, warmup = 0.3, recover_timeout = 30;
     const char *m = "echo";
-    while ((opt = getopt(argc, argv, "m:p:c:s:d:n:u:W:P:k:T:")) != -1) {
+    while ((opt = getopt(argc, argv, "m:p:c:s:d:n:u:W:P:k:T:b:R:")) != -1) {
         switch (opt) {
         case 'm': m = optarg; break;
         case 'p': port = atoi(optarg); break;
@@ -450,16 +596,19 @@ int main(int argc, char **argv) {
         case 'P': phases = atoi(optarg); break;
         case 'k': conc = atoi(optarg); break;
         case 'T': alarm_s = atoi(optarg); break;
+        case 'b': backoff_s = atof(optarg) / 1000.0; break;
+        case 'R': recover_timeout = atof(optarg); break;
         default: fprintf(stderr, "see the header of loadgen.c for usage\n"); return 2;
         }
     }
-    const char *names[] = {"echo", "tcp", "http", "connect", "idle", "storm"};
+    const char *names[] = {"echo", "tcp", "http", "connect", "idle", "storm", "failover"};
     mode = -1;
-    for (int i = 0; i < 6; i++) if (strcmp(m, names[i]) == 0) mode = i;
+    for (int i = 0; i < 7; i++) if (strcmp(m, names[i]) == 0) mode = i;
     if (mode < 0 || !port || depth < 1 || depth > 64 || nconn < 1 || phases < 1 || phases > nconn) {
         fprintf(stderr, "bad args\n"); return 2;
     }
-    if (mode >= M_CONNECT && size > 125) { fprintf(stderr, "-s must be <= 125 in mode %s\n", m); return 2; }
+    if (mode == M_FAILOVER && (depth != 1 || backoff_s <= 0 || recover_timeout <= 0)) { fprintf(stderr, "failover: -n 1, -b > 0, -R > 0\n"); return 2; }
+    if (mode >= M_CONNECT && mode != M_FAILOVER && size > 125) { fprintf(stderr, "-s must be <= 125 in mode %s\n", m); return 2; }
     alarm((unsigned)alarm_s); /* bounded in time whatever happens */
     signal(SIGPIPE, SIG_IGN);
     srand((unsigned)getpid());
@@ -484,10 +633,11 @@ int main(int argc, char **argv) {
     for (int i = 0; i < nconn; i++) {
         cs[i].fd = -1;
         for (int k = 0; k < 4; k++) cs[i].mask[k] = (unsigned char)rand();
-        if (mode == M_ECHO || mode == M_TCP) build_msg(&cs[i]);
+        if (mode == M_ECHO || mode == M_TCP || mode == M_FAILOVER) build_msg(&cs[i]);
     }
     if (mode == M_IDLE) run_idle(cs, nconn, phases, conc);
     else if (mode == M_STORM) run_storm(cs, nconn, conc);
+    else if (mode == M_FAILOVER) run_failover(cs, nconn, conc, warmup, dur, recover_timeout);
     else run_timed(cs, nconn, warmup, dur);
     return 0;
 }
