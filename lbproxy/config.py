@@ -1,4 +1,5 @@
-"""Load and validate the TOML configuration (SPEC section 2), reporting every problem at once.
+"""Load and validate the TOML configuration (README "Configuration"), reporting every problem at
+once.
 
 Each problem is one line ``PATH: dotted.key: what is wrong``.  Defaults come from the frozen
 dataclasses in :mod:`lbproxy.config_types`; this module only reads, checks and assembles.

@@ -89,7 +89,7 @@ def run_demo() -> int:
                 "--save",
                 "",
                 "--appendonly",
-                "yes",  # chat history and epochs survive a Redis restart (SPEC section 15)
+                "yes",  # chat history and epochs survive a Redis restart
                 "--dir",
                 str(workdir),
             ],

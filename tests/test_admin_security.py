@@ -1,6 +1,6 @@
-"""Admin API security (SPEC 15): Host check against DNS rebinding (421), no proxies (403),
-max_connections, and the file descriptors kept in reserve so /metrics answers while the
-proxy is full. Against real lbproxy subprocesses, plus the pure parts in-process."""
+"""Admin API security (README "Admin API security"): Host check against DNS rebinding (421), no
+proxies (403), max_connections, and the file descriptors kept in reserve so /metrics answers while
+the proxy is full. Against real lbproxy subprocesses, plus the pure parts in-process."""
 
 from __future__ import annotations
 

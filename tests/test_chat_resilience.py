@@ -1,4 +1,5 @@
-"""Chat history across failures (SPEC section 15): time/count retention, epochs, gaps, soak.
+"""Chat history across failures (README "The reference chat backend"): time/count retention, epochs,
+gaps, soak.
 
 Real redis-server processes; backends in this process (``running_backend``) where the test is
 about the chat logic, ``lbproxy backend`` subprocesses where it is about the command line or

@@ -1,4 +1,4 @@
-"""Live rates and per-backend history (SPEC 16 "Dashboard").
+"""Live rates and per-backend history (README "Admin API, dashboard and metrics").
 
 The pure History ring buffer in memory; then a real lbproxy and backend with a websocket
 streaming through it, and the dashboard in headless Chromium showing the bytes move

@@ -147,10 +147,10 @@ def test_image_proxies_a_websocket_and_drains_on_stop(image: str, tmp_path: Path
 
 
 def test_image_upgrade_keeps_websockets(image: str, tmp_path: Path) -> None:
-    """SPEC 13: `lbproxy upgrade` works inside the image (lbproxy is PID 1, exec form)."""
+    """`lbproxy upgrade` works inside the image (lbproxy is PID 1, exec form)."""
     has_upgrade = podman("run", "--rm", *ulimits(), image, "upgrade", "--help", check=False)
     if has_upgrade.returncode != 0:
-        pytest.skip("this lbproxy has no `upgrade` command yet (SPEC section 10)")
+        pytest.skip("this lbproxy has no `upgrade` command yet (a planned command)")
     backend = Backend("b1").start()
     text, port, admin = proxy_config([("b1", backend.address)])
     (tmp_path / "lbproxy.toml").write_text(text)

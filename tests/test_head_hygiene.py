@@ -1,4 +1,4 @@
-"""Head hygiene (SPEC 15): chunk sizes of 2^63 or more, invalid Host values, absolute-form
+"""Head hygiene (README "Proxying"): chunk sizes of 2^63 or more, invalid Host values, absolute-form
 targets forwarded in origin form, Forwarded / X-Real-IP only from trusted peers. In-process on
 both parsers and the fast lanes, then once end to end through a real lbproxy."""
 

@@ -1,6 +1,6 @@
-"""Keep-alive (SPEC 16): an HTTP/1.0 client's kept connection says so; upstream connections
-are closed after upstream_keepalive_timeout (before the backend would); a reused upstream
-connection the backend closes without answering is retried on a fresh one (or answered 502)
+"""Keep-alive (README "Proxying"): an HTTP/1.0 client's kept connection says so; upstream
+connections are closed after upstream_keepalive_timeout (before the backend would); a reused
+upstream connection the backend closes without answering is retried on a fresh one (or answered 502)
 and is never held against the backend. Real lbproxy subprocesses, small socket backends."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Redis losing its data, lbproxy starting, and refused registrations, end to end.
 
 Real redis-server, real `lbproxy serve` and reference backends, registrations heartbeating
-with the real Registration code (SPEC 15 "Registry", "Start", "Registrations").
+with the real Registration code (docs/registry.md).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Three real python-socketio nodes on uvicorn share state through ``AsyncRedisMana
 real redis-server (started once for the module). The python-socketio client starts with
 HTTP long-polling (the default transports) and upgrades to a websocket; it connects by
 host name (``localhost``), because aiohttp's cookie jar ignores cookies from IP hosts.
-lbproxy runs at the default ``hash_balance_factor`` (SPEC 16).
+lbproxy runs at the default ``hash_balance_factor`` (README "Balancing and affinity").
 """
 
 from __future__ import annotations

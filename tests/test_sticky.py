@@ -1,4 +1,5 @@
-"""Sticky sessions with bounded loads (SPEC 16): signed cookies, the affinity table, the pool.
+"""Sticky sessions with bounded loads (README "Balancing and affinity"): signed cookies, the
+affinity table, the pool.
 
 Pure parts in memory; one end-to-end test per hash key kind through a real lbproxy in
 front of three reference backends at the default ``hash_balance_factor``.

@@ -1,7 +1,7 @@
-"""Timeouts (SPEC 15): response_timeout (504, passive failure, a bodiless request or upgrade
-retried on another backend), body_timeout (408), keepalive_timeout (an idle client connection
-is closed, a busy one is not). Real lbproxy subprocesses against small socket backends; the
-response timeout on the native engine's upgrade path and on the Python path (LBPROXY_SPLICE=0).
+"""Timeouts (README "Proxying"): response_timeout (504, passive failure, a bodiless request or
+upgrade retried on another backend), body_timeout (408), keepalive_timeout (an idle client
+connection is closed, a busy one is not). Real lbproxy subprocesses against small socket backends;
+the response timeout on the native engine's upgrade path and on the Python path (LBPROXY_SPLICE=0).
 Also the pure parts (deadlines.py) and the config validation of the four new keys."""
 
 from __future__ import annotations

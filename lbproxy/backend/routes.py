@@ -1,6 +1,6 @@
 """Pure HTTP routing of the reference backend: a request and the server's status in, a response out.
 
-Routes (SPEC section 6 plus test helpers):
+Routes (README "The reference chat backend", plus test helpers):
 
 - ``GET /healthz``: 200 ``ok`` (503 ``draining`` while draining)
 - ``GET /whoami``: ``{"id": ..., "connections": N}`` (N = open websockets)
