@@ -25,7 +25,7 @@ from lbproxy.backend.server import BackendOptions
 from lbproxy.backend.store import Entry, View
 from lbproxy.config_types import Address
 from tests.support import Backend, RedisServer
-from tests.test_backend_support import ChatClient, CuttableProxy, running_backend
+from tests.support.backend import ChatClient, CuttableProxy, running_backend
 
 pytestmark = pytest.mark.timeout(90)
 

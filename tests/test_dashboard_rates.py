@@ -19,8 +19,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 
 from lbproxy.stats import History
-from tests.proxyconf import proxy_config
-from tests.support import Backend, Lbproxy
+from tests.support import Backend, Lbproxy, proxy_config
 from tests.test_dashboard import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.timeout(60)

@@ -19,8 +19,7 @@ import yaml
 
 from lbproxy.config import load_config
 from tests.deploy_support import exported_metrics, http_get, promql_metrics, resolve
-from tests.proxyconf import proxy_config
-from tests.support import REPO, Backend, Lbproxy, RedisServer
+from tests.support import REPO, Backend, Lbproxy, RedisServer, proxy_config
 
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"

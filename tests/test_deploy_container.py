@@ -29,8 +29,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from lbproxy import __version__
-from tests.proxyconf import proxy_config
-from tests.support import REPO, Backend, port_open, wait_until
+from tests.support import REPO, Backend, port_open, proxy_config, wait_until
 
 BASE = "localhost/lbproxy-test-base:bookworm"
 IMAGE = "localhost/lbproxy-test:latest"

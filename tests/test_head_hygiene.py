@@ -21,8 +21,7 @@ from lbproxy.http1 import (
 )
 from lbproxy.http1._common import valid_host
 from lbproxy.http1.lanes import quick_request, quick_websocket
-from tests.proxyconf import proxy_config
-from tests.support import Lbproxy, wait_until
+from tests.support import Lbproxy, proxy_config, wait_until
 from tests.test_native_upgrade import read_head
 from tests.test_tunnel import TcpServer
 

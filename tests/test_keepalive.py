@@ -20,8 +20,7 @@ from lbproxy.config_types import Address
 from lbproxy.http1 import parse_response_head
 from lbproxy.pool import Backend
 from lbproxy.proxy.context import IdleUpstreams
-from tests.proxyconf import proxy_config
-from tests.support import Lbproxy, await_until, free_port, wait_until
+from tests.support import Lbproxy, await_until, free_port, proxy_config, wait_until
 from tests.test_native_upgrade import read_head
 from tests.test_timeouts import OK, read_request
 from tests.test_tunnel import TcpServer

@@ -17,7 +17,7 @@ from lbproxy.pool import BackendState, Pool
 from lbproxy.registry import Registration, run_register
 from lbproxy.registry_schema import backend_key, events_channel, members_key
 from tests.support import RedisServer, await_until, free_port
-from tests.test_registry_helpers import (
+from tests.support.registry import (
     PREFIX,
     make_pool,
     raw_client,

@@ -20,7 +20,7 @@ from websockets.exceptions import InvalidStatus
 from lbproxy.pool import BackendState
 from lbproxy.registry import Registration
 from tests.support import Backend, Lbproxy, RedisServer, await_until, free_port
-from tests.test_registry_helpers import (
+from tests.support.registry import (
     PREFIX,
     make_pool,
     raw_client,

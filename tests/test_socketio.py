@@ -22,8 +22,16 @@ import pytest
 import socketio
 from websockets.asyncio.client import connect as ws_connect
 
-from tests.proxyconf import proxy_config
-from tests.support import Lbproxy, Proc, RedisServer, await_until, free_port, port_open, wait_until
+from tests.support import (
+    Lbproxy,
+    Proc,
+    RedisServer,
+    await_until,
+    free_port,
+    port_open,
+    proxy_config,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parent.parent
