@@ -46,7 +46,7 @@ class Node:
     proc: Proc | None = None
 
     def spawn(self) -> Node:
-        args = [sys.executable, "-m", "tests.sio_node", "--port", str(self.port)]
+        args = [sys.executable, "-m", "tests.support.sio_node", "--port", str(self.port)]
         args += ["--id", self.id, "--redis", self.redis_url, "--ping", str(PING)]
         self.proc = Proc(args, cwd=str(REPO))
         return self

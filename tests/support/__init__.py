@@ -5,8 +5,10 @@
 - ``processes``: ``Proc`` (a subprocess stopped by PID), ``RedisServer``, ``Backend`` (the
   reference backend), ``Lbproxy`` (the one way to start ``lbproxy serve``), ``engine_env``.
 - ``config``: ``proxy_config``, one listener in front of one pool, as TOML text.
-- ``backend`` (in-process reference backend, raw HTTP and chat clients) and ``registry``
-  (pools, watchers and raw registry writes): import them from their submodule.
+- ``backend`` (in-process reference backend, raw HTTP and chat clients), ``registry``
+  (pools, watchers and raw registry writes), ``deploy`` (Prometheus, promtool, the deploy
+  files) and ``sio_node`` (a python-socketio node, ``python -m tests.support.sio_node``):
+  import them from their submodule.
 
 The tunnel engine fixture (``engine``: "native", "python") is in tests/conftest.py.
 """
