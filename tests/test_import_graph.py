@@ -6,8 +6,9 @@ and ``from ... import`` anywhere in the file counts, including those under
 the design (and becomes a real one the day the import moves up). ``from lbproxy.a import b``
 is an edge to ``lbproxy.a.b`` when that is a module, else to ``lbproxy.a``; relative imports
 are resolved against the importing module's package. Importing ``lbproxy.a.b`` also runs the
-package ``lbproxy.a``'s ``__init__``; that implicit edge is not counted (the ``__init__``
-files import nothing of their own package).
+package ``lbproxy.a``'s ``__init__``; that implicit edge is not counted: a package's
+``__init__`` may re-export its submodules (``http1/`` and ``balance/`` do), which is a facade,
+not a cycle. What an ``__init__`` imports explicitly is counted like any other module.
 """
 
 from __future__ import annotations
