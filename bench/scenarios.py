@@ -50,8 +50,9 @@ LIMITS_MISSING = (
 
 
 def ws_echo_small_limits(stage: Stage) -> ScenarioResult:
-    """``ws_echo_small`` against lbproxy with SPEC 11's pings, limits and message metrics on
-    (when lbproxy accepts those keys; otherwise the plain config, said in a note)."""
+    """``ws_echo_small`` against lbproxy with the planned ``[pools.be.websocket]`` pings, limits and
+    message metrics on (when lbproxy accepts those keys; otherwise the plain config, said in a
+    note)."""
     result = ws_echo_small(stage)
     result.metrics["limits_on"] = 1.0 if stage.limits else 0.0
     if not stage.limits:

@@ -1,4 +1,5 @@
-"""A chat client that follows the protocol (SPEC sections 6 and 15), and the run's tally.
+"""A chat client that follows the protocol (README
+"The reference chat backend"), and the run's tally.
 
 Following the protocol means: after every disconnect it reconnects and joins with ``since`` (the
 newest id it has) and the ``epoch`` that id was read in; a send that was not acknowledged (its

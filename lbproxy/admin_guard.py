@@ -1,5 +1,5 @@
-"""Who may talk to the admin API (SPEC 15): the Host check against DNS rebinding, and
-the rule that the admin API is never reached through a proxy. Pure functions.
+"""Who may talk to the admin API (README "Admin API security"): the Host check against DNS
+rebinding, and the rule that the admin API is never reached through a proxy. Pure functions.
 
 DNS rebinding: a web page on ``evil.example`` makes its name resolve to 127.0.0.1, and
 the browser then sends the page's requests to the admin API as same-origin requests

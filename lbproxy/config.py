@@ -1,4 +1,5 @@
-"""Load and validate the TOML configuration (SPEC section 2), reporting every problem at once.
+"""Load and validate the TOML configuration (README "Configuration"), reporting every problem at
+once.
 
 Each problem is one line ``PATH: dotted.key: what is wrong``.  Defaults come from the frozen
 dataclasses in :mod:`lbproxy.config_types`; this module only reads, checks and assembles.
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
+from lbproxy.addresses import parse_address
 from lbproxy.admin_guard import allowed_host_entry
 from lbproxy.config_types import (
     MAX_WEIGHT,
@@ -37,7 +39,6 @@ __all__ = ["load_config", "parse_address", "parse_config"]
 
 _S = TypeVar("_S", bound=str)
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_HOSTNAME = re.compile(r"[A-Za-z0-9_.-]+")
 _HASH_KEY = re.compile(r"ip|(?:cookie|header|query):[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 
@@ -60,24 +61,6 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{shown}: invalid TOML: not UTF-8 text ({exc.reason})"]) from exc
     return parse_config(data, shown)
-
-
-def parse_address(text: str) -> Address:
-    """Parse ``HOST:PORT`` or ``[IPv6]:PORT`` (port 0..65535, 0 = any free port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isascii() or not port.isdigit():
-        raise ValueError(f"not HOST:PORT: {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"not an IPv6 address in brackets: {text!r}") from None
-    elif not _HOSTNAME.fullmatch(host):
-        raise ValueError(f"not HOST:PORT: {text!r}")
-    if int(port) > 65535:
-        raise ValueError(f"port must be 0..65535: {text!r}")
-    return Address(host, int(port))
 
 
 def parse_config(data: Mapping[str, Any], path: str) -> Config:

@@ -1,4 +1,7 @@
-"""Frozen configuration values (see SPEC section 2). Loading/validation lives in config.py."""
+"""Frozen configuration values (README "Configuration"; config/lbproxy.toml shows every key).
+
+Loading and validation live in config.py.
+"""
 
 from __future__ import annotations
 

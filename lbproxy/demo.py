@@ -43,6 +43,9 @@ interval = 1.0
 """
 
 
+_LBPROXY = (sys.executable, "-m", "lbproxy")  # how the demo runs its own subcommands
+
+
 def _port(preferred: int) -> int:
     """``preferred`` when it is free on 127.0.0.1, else any free port."""
     for candidate in (preferred, 0):
@@ -66,6 +69,99 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: flo
     raise RuntimeError(f"{what} did not listen on port {port} within {timeout}s")
 
 
+def _start_redis(exe: str, workdir: Path, procs: list[subprocess.Popen[bytes]]) -> int:
+    """A redis-server on a free port with its files in ``workdir``; its port."""
+    port = _port(0)
+    redis = subprocess.Popen(
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",  # chat history and epochs survive a Redis restart
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    procs.append(redis)
+    _wait_port(port, redis, "redis-server")
+    return port
+
+
+def _start_backends(redis_url: str, procs: list[subprocess.Popen[bytes]]) -> None:
+    """Three chat backends registering themselves in the ``chat`` pool."""
+    for i in range(1, 4):
+        port = _port(9000 + i)
+        backend = subprocess.Popen(
+            [
+                *_LBPROXY,
+                "backend",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--id",
+                f"chat-{i}",
+                "--redis",
+                redis_url,
+                "--prefix",
+                "lbproxy-demo",
+                "--pool",
+                "chat",
+                "--log-level",
+                "warning",
+            ]
+        )
+        procs.append(backend)
+        _wait_port(port, backend, f"backend chat-{i}")
+
+
+def _announce(public: int, admin: int, redis_url: str, config: Path) -> None:
+    print(
+        "\nlbproxy demo is running:\n"
+        f"  chat page (through lbproxy): http://127.0.0.1:{public}/\n"
+        f"  public websocket endpoint:   ws://127.0.0.1:{public}/chat?user=NAME\n"
+        f"  dashboard:                   http://127.0.0.1:{admin}/\n"
+        f"  metrics:                     http://127.0.0.1:{admin}/metrics\n"
+        f"  redis:                       {redis_url}\n"
+        f"  config:                      {config}\n"
+        f"Try: lbproxy status --admin http://127.0.0.1:{admin}\n"
+        f"     lbproxy drain chat chat-1 --admin http://127.0.0.1:{admin}\n"
+        "Ctrl-C stops everything.\n",
+        flush=True,
+    )
+
+
+def _wait_for_stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Until SIGINT/SIGTERM, or until one of the demo's processes exits."""
+    stop = {"now": False}
+
+    def on_signal(_sig: int, _frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    while not stop["now"]:
+        if any(p.poll() is not None for p in procs):
+            print("a demo process exited; stopping", file=sys.stderr)
+            break
+        time.sleep(0.2)
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in reversed(procs):
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def run_demo() -> int:
     redis_exe = shutil.which("redis-server")
     if redis_exe is None:
@@ -76,91 +172,22 @@ def run_demo() -> int:
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="lbproxy-demo-"))
     procs: list[subprocess.Popen[bytes]] = []
-    me = [sys.executable, "-m", "lbproxy"]
     try:
-        redis_port = _port(0)
-        redis = subprocess.Popen(
-            [
-                redis_exe,
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",  # chat history and epochs survive a Redis restart (SPEC section 15)
-                "--dir",
-                str(workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        procs.append(redis)
-        _wait_port(redis_port, redis, "redis-server")
+        redis_port = _start_redis(redis_exe, workdir, procs)
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        for i in range(1, 4):
-            port = _port(9000 + i)
-            backend = subprocess.Popen(
-                [
-                    *me,
-                    "backend",
-                    "--listen",
-                    f"127.0.0.1:{port}",
-                    "--id",
-                    f"chat-{i}",
-                    "--redis",
-                    redis_url,
-                    "--prefix",
-                    "lbproxy-demo",
-                    "--pool",
-                    "chat",
-                    "--log-level",
-                    "warning",
-                ]
-            )
-            procs.append(backend)
-            _wait_port(port, backend, f"backend chat-{i}")
+        _start_backends(redis_url, procs)
         public, admin = _port(8080), _port(9901)
         config = workdir / "lbproxy.toml"
         config.write_text(DEMO_CONFIG.format(admin=admin, redis=redis_port, public=public))
-        proxy = subprocess.Popen([*me, "serve", "--config", str(config), "--log-level", "warning"])
+        serve = [*_LBPROXY, "serve", "--config", str(config), "--log-level", "warning"]
+        proxy = subprocess.Popen(serve)
         procs.append(proxy)
         _wait_port(public, proxy, "lbproxy")
-        print(
-            "\nlbproxy demo is running:\n"
-            f"  chat page (through lbproxy): http://127.0.0.1:{public}/\n"
-            f"  public websocket endpoint:   ws://127.0.0.1:{public}/chat?user=NAME\n"
-            f"  dashboard:                   http://127.0.0.1:{admin}/\n"
-            f"  metrics:                     http://127.0.0.1:{admin}/metrics\n"
-            f"  redis:                       {redis_url}\n"
-            f"  config:                      {config}\n"
-            f"Try: lbproxy status --admin http://127.0.0.1:{admin}\n"
-            f"     lbproxy drain chat chat-1 --admin http://127.0.0.1:{admin}\n"
-            "Ctrl-C stops everything.\n",
-            flush=True,
-        )
-        stop = {"now": False}
-
-        def on_signal(_sig: int, _frame: object) -> None:
-            stop["now"] = True
-
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
-        while not stop["now"]:
-            if any(p.poll() is not None for p in procs):
-                print("a demo process exited; stopping", file=sys.stderr)
-                break
-            time.sleep(0.2)
+        _announce(public, admin, redis_url, config)
+        _wait_for_stop(procs)
         return 0
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in reversed(procs):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop_all(procs)
         shutil.rmtree(workdir, ignore_errors=True)
         if os.environ.get("LBPROXY_DEMO_DEBUG"):
             print(f"demo workdir was {workdir}", file=sys.stderr)

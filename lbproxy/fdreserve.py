@@ -1,4 +1,5 @@
-"""File descriptors kept in reserve for the admin API and the health checks (SPEC 15).
+"""File descriptors kept in reserve for the admin API and the health checks (README
+"Admin API security", "File descriptor reserve").
 
 Without a reserve, a full proxy takes every descriptor up to RLIMIT_NOFILE and the
 admin API's accept fails too: monitoring goes blind exactly when it matters. So each

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from lbproxy import addresses
 from lbproxy.config_types import MAX_WEIGHT, Address, IPNetwork
 from lbproxy.errors import RegistryError
 
@@ -139,22 +140,8 @@ class Snapshot:
 
 
 def parse_address(text: str) -> Address:
-    """Parse "host:port" or "[v6]:port"; raise ValueError when malformed."""
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise ValueError(f"bad address {text!r}: expected [IPv6]:PORT")
-        ipaddress.IPv6Address(host)
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not host or ":" in host:
-            raise ValueError(f"bad address {text!r}: expected HOST:PORT")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad address {text!r}: port must be 1-65535")
-    if any(c.isspace() or c in "/@?#" for c in host):
-        raise ValueError(f"bad address {text!r}: bad host")
-    return Address(host, int(port_text))
+    """A registered backend's "host:port" or "[v6]:port" (port 1-65535); ValueError if not."""
+    return addresses.parse_address(text, port_zero=False)
 
 
 def check_id(value: str, what: str = "id") -> str:

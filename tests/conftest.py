@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support import RedisServer
+from tests.support import ENGINES, RedisServer
 
 
 @pytest.fixture
@@ -15,3 +15,10 @@ def redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """The tunnel engine a test runs on, "native" (the C engine) then "python"; pass it
+    as ``Lbproxy(..., engine=engine)`` (support.engine_env gives the environment)."""
+    return str(request.param)

@@ -1,6 +1,6 @@
-"""Admin API security (SPEC 15): Host check against DNS rebinding (421), no proxies (403),
-max_connections, and the file descriptors kept in reserve so /metrics answers while the
-proxy is full. Against real lbproxy subprocesses, plus the pure parts in-process."""
+"""Admin API security (README "Admin API security"): Host check against DNS rebinding (421), no
+proxies (403), max_connections, and the file descriptors kept in reserve so /metrics answers while
+the proxy is full. Against real lbproxy subprocesses, plus the pure parts in-process."""
 
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ import pytest
 from lbproxy import admin_client
 from lbproxy.admin_guard import HostPolicy, allowed_host_entry, refusal, split_host
 from lbproxy.fdreserve import FdReserve, reserve_size
-from tests.proxyconf import proxy_config
-from tests.support import Lbproxy, Proc, free_port, lbproxy_cmd, port_open, wait_until
+from tests.support import Lbproxy, free_port, lbproxy_cmd, proxy_config, wait_until
 from tests.test_config import problems_of
 from tests.test_native_upgrade import SWITCH, UPGRADE, read_head
 from tests.test_tunnel import TcpServer
@@ -227,12 +226,10 @@ def test_metrics_answer_while_the_proxy_is_out_of_fds(tmp_path: Path, mode: str)
     server = TcpServer(hold)
     text, port, admin = proxy_config([("b1", f"127.0.0.1:{server.port}")], mode=mode)
     text = text.replace("[admin]\n", f"[admin]\nmax_connections = {MAX_CONNECTIONS}\n", 1)
-    path = tmp_path / "lb.toml"
-    path.write_text(text)
-    proc = Proc(["prlimit", "--nofile=64:64", *lbproxy_cmd("serve", "--config", str(path))])
+    prlimit = ("prlimit", "--nofile=64:64")
+    proc = Lbproxy(text, tmp_path, prefix=prlimit).start(wait_ports=(port, admin))
     held: list[socket.socket] = []
     try:
-        wait_until(lambda: port_open(port) and port_open(admin), timeout=15)
         refused = b"(never)"
         for _ in range(64):
             c, answer = _open_one(port, mode)

@@ -17,7 +17,7 @@ from websockets.exceptions import InvalidStatus
 from lbproxy.backend.server import BackendOptions
 from lbproxy.config_types import Address
 from tests.support import RedisServer
-from tests.test_backend_support import (
+from tests.support.backend import (
     ChatClient,
     CuttableProxy,
     backend_process,

@@ -18,7 +18,7 @@ from lbproxy.backend.server import BackendOptions
 from lbproxy.config_types import Address
 from lbproxy.registry_schema import backend_key, members_key
 from tests.support import RedisServer, await_until, port_open
-from tests.test_backend_support import (
+from tests.support.backend import (
     backend_process,
     get,
     healthz,

@@ -12,7 +12,7 @@ import pytest
 from lbproxy.backend.server import BackendOptions
 from lbproxy.config_types import Address
 from tests.support import RedisServer, free_port
-from tests.test_backend_support import ChatClient, backend_process, running_backend
+from tests.support.backend import ChatClient, backend_process, running_backend
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]

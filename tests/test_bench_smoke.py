@@ -1,4 +1,4 @@
-"""Smoke tests of the side-by-side benchmark (``python -m bench``, SPEC section 8)."""
+"""Smoke tests of the side-by-side benchmark (``python -m bench``, bench/README.md)."""
 
 from __future__ import annotations
 
@@ -368,7 +368,7 @@ def test_failover_config_needs_a_second_backend(tmp_path: Path) -> None:
 def test_limits_scenario_uses_the_limits_config_only_when_lbproxy_accepts_it(
     tmp_path: Path,
 ) -> None:
-    """ws_echo_small_limits: SPEC 11's [pools.be.websocket] keys when check-config takes them,
+    """ws_echo_small_limits: the planned [pools.be.websocket] keys when check-config takes them,
     else the plain ws_echo_small config (and the pair says limits are off)."""
     spec, limits = scenario_spec("lbproxy", "ws_echo_small_limits", tmp_path, FAILOVER_PORTS)
     assert spec.config_path is not None

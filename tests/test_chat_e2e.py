@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from lbproxy.config_types import Address
 from tests.support import Lbproxy, Proc, RedisServer, free_port, wait_until
-from tests.test_backend_support import ChatClient, healthz
+from tests.support.backend import ChatClient, healthz
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,9 +15,8 @@ import redis.asyncio as aioredis
 
 from lbproxy.backend.server import BackendOptions
 from lbproxy.config_types import Address
-from tests.proxyconf import proxy_config
-from tests.support import Lbproxy, Proc, RedisServer
-from tests.test_backend_support import ChatClient, backend_process, running_backend
+from tests.support import Lbproxy, Proc, RedisServer, proxy_config
+from tests.support.backend import ChatClient, backend_process, running_backend
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]

@@ -1,4 +1,5 @@
-"""Chat history across failures (SPEC section 15): time/count retention, epochs, gaps, soak.
+"""Chat history across failures (README "The reference chat backend"): time/count retention, epochs,
+gaps, soak.
 
 Real redis-server processes; backends in this process (``running_backend``) where the test is
 about the chat logic, ``lbproxy backend`` subprocesses where it is about the command line or
@@ -24,7 +25,7 @@ from lbproxy.backend.server import BackendOptions
 from lbproxy.backend.store import Entry, View
 from lbproxy.config_types import Address
 from tests.support import Backend, RedisServer
-from tests.test_backend_support import ChatClient, CuttableProxy, running_backend
+from tests.support.backend import ChatClient, CuttableProxy, running_backend
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -10,8 +10,7 @@ import httpx
 import pytest
 
 from lbproxy import __version__
-from tests.proxyconf import proxy_config
-from tests.support import REPO, Backend, Lbproxy, free_port, lbproxy_cmd, wait_until
+from tests.support import REPO, Backend, Lbproxy, free_port, lbproxy_cmd, proxy_config, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

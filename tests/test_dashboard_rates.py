@@ -1,4 +1,4 @@
-"""Live rates and per-backend history (SPEC 16 "Dashboard").
+"""Live rates and per-backend history (README "Admin API, dashboard and metrics").
 
 The pure History ring buffer in memory; then a real lbproxy and backend with a websocket
 streaming through it, and the dashboard in headless Chromium showing the bytes move
@@ -19,8 +19,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 
 from lbproxy.stats import History
-from tests.proxyconf import proxy_config
-from tests.support import Backend, Lbproxy
+from tests.support import Backend, Lbproxy, proxy_config
 from tests.test_dashboard import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.timeout(60)

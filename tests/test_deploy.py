@@ -18,9 +18,8 @@ import pytest
 import yaml
 
 from lbproxy.config import load_config
-from tests.deploy_support import exported_metrics, http_get, promql_metrics, resolve
-from tests.proxyconf import proxy_config
-from tests.support import REPO, Backend, Lbproxy, RedisServer
+from tests.support import REPO, Backend, Lbproxy, RedisServer, proxy_config
+from tests.support.deploy import exported_metrics, http_get, promql_metrics, resolve
 
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"

@@ -29,8 +29,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from lbproxy import __version__
-from tests.proxyconf import proxy_config
-from tests.support import REPO, Backend, port_open, wait_until
+from tests.support import REPO, Backend, port_open, proxy_config, wait_until
 
 BASE = "localhost/lbproxy-test-base:bookworm"
 IMAGE = "localhost/lbproxy-test:latest"
@@ -147,10 +146,10 @@ def test_image_proxies_a_websocket_and_drains_on_stop(image: str, tmp_path: Path
 
 
 def test_image_upgrade_keeps_websockets(image: str, tmp_path: Path) -> None:
-    """SPEC 13: `lbproxy upgrade` works inside the image (lbproxy is PID 1, exec form)."""
+    """`lbproxy upgrade` works inside the image (lbproxy is PID 1, exec form)."""
     has_upgrade = podman("run", "--rm", *ulimits(), image, "upgrade", "--help", check=False)
     if has_upgrade.returncode != 0:
-        pytest.skip("this lbproxy has no `upgrade` command yet (SPEC section 10)")
+        pytest.skip("this lbproxy has no `upgrade` command yet (a planned command)")
     backend = Backend("b1").start()
     text, port, admin = proxy_config([("b1", backend.address)])
     (tmp_path / "lbproxy.toml").write_text(text)

@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy_support import Prometheus
-from tests.proxyconf import proxy_config
-from tests.support import REPO, Backend, Lbproxy, wait_until
+from tests.support import REPO, Backend, Lbproxy, proxy_config, wait_until
+from tests.support.deploy import Prometheus
 
 pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None,

@@ -1,4 +1,4 @@
-"""Head hygiene (SPEC 15): chunk sizes of 2^63 or more, invalid Host values, absolute-form
+"""Head hygiene (README "Proxying"): chunk sizes of 2^63 or more, invalid Host values, absolute-form
 targets forwarded in origin form, Forwarded / X-Real-IP only from trusted peers. In-process on
 both parsers and the fast lanes, then once end to end through a real lbproxy."""
 
@@ -21,8 +21,7 @@ from lbproxy.http1 import (
 )
 from lbproxy.http1._common import valid_host
 from lbproxy.http1.lanes import quick_request, quick_websocket
-from tests.proxyconf import proxy_config
-from tests.support import Lbproxy, wait_until
+from tests.support import Lbproxy, proxy_config, wait_until
 from tests.test_native_upgrade import read_head
 from tests.test_tunnel import TcpServer
 

@@ -1,6 +1,6 @@
-"""Keep-alive (SPEC 16): an HTTP/1.0 client's kept connection says so; upstream connections
-are closed after upstream_keepalive_timeout (before the backend would); a reused upstream
-connection the backend closes without answering is retried on a fresh one (or answered 502)
+"""Keep-alive (README "Proxying"): an HTTP/1.0 client's kept connection says so; upstream
+connections are closed after upstream_keepalive_timeout (before the backend would); a reused
+upstream connection the backend closes without answering is retried on a fresh one (or answered 502)
 and is never held against the backend. Real lbproxy subprocesses, small socket backends."""
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from lbproxy.config_types import Address
 from lbproxy.http1 import parse_response_head
 from lbproxy.pool import Backend
 from lbproxy.proxy.context import IdleUpstreams
-from tests.proxyconf import proxy_config
-from tests.support import Lbproxy, await_until, free_port, wait_until
+from tests.support import Lbproxy, await_until, free_port, proxy_config, wait_until
 from tests.test_native_upgrade import read_head
 from tests.test_timeouts import OK, read_request
 from tests.test_tunnel import TcpServer

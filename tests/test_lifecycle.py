@@ -14,8 +14,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
-from tests.proxyconf import proxy_config
-from tests.support import Backend, Lbproxy, wait_until
+from tests.support import Backend, Lbproxy, proxy_config, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -61,13 +60,12 @@ def echoes(ws: ClientConnection) -> bool:
     return ws.recv(timeout=5) == "ping"
 
 
-@pytest.mark.parametrize("splice", ["1", "0"], ids=["native", "python"])
-def test_admin_drain_sends_1001_after_drain_timeout(backends, tmp_path: Path, splice: str) -> None:
+def test_admin_drain_sends_1001_after_drain_timeout(backends, tmp_path: Path, engine: str) -> None:
     text, port, admin = proxy_config(
         [(b.id, b.address) for b in backends],
         pool={"drain_timeout": 1.0, "close_spread": 0.5},
     )
-    lb = Lbproxy(text, tmp_path, env={"LBPROXY_SPLICE": splice}).start(wait_ports=(port, admin))
+    lb = Lbproxy(text, tmp_path, engine=engine).start(wait_ports=(port, admin))
     try:
         with contextlib.ExitStack() as stack:
             placed = open_on(port, backends, stack, 4)
@@ -96,12 +94,11 @@ def test_admin_drain_sends_1001_after_drain_timeout(backends, tmp_path: Path, sp
         lb.stop()
 
 
-@pytest.mark.parametrize("splice", ["1", "0"], ids=["native", "python"])
-def test_sigterm_drains_with_1001_and_exits_0(backends, tmp_path: Path, splice: str) -> None:
+def test_sigterm_drains_with_1001_and_exits_0(backends, tmp_path: Path, engine: str) -> None:
     text, port, _ = proxy_config(
         [(b.id, b.address) for b in backends], pool={"drain_timeout": 0.5, "close_spread": 0.5}
     )
-    lb = Lbproxy(text, tmp_path, env={"LBPROXY_SPLICE": splice}).start(wait_ports=(port,))
+    lb = Lbproxy(text, tmp_path, engine=engine).start(wait_ports=(port,))
     try:
         with contextlib.ExitStack() as stack:
             sockets = [

@@ -15,8 +15,7 @@ import httpx
 import pytest
 
 from lbproxy.proxy.wsframe import close_frame
-from tests.proxyconf import proxy_config
-from tests.support import Lbproxy, Proc, free_port, lbproxy_cmd, port_open, wait_until
+from tests.support import Lbproxy, free_port, proxy_config, wait_until
 from tests.test_tunnel import TcpServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -84,14 +83,13 @@ def echo_after(head_chunks: list[bytes], pause: float = 0.0):  # type: ignore[no
     return handler
 
 
-@pytest.fixture(params=["native", "python"])
-def lb(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[object]:
+@pytest.fixture
+def lb(tmp_path: Path, engine: str) -> Iterator[object]:
     running: list[Lbproxy] = []
-    env = {"LBPROXY_SPLICE": "0" if request.param == "python" else "1"}
 
     def start(backends: list[tuple[str, str]], **pool: object) -> int:
         text, port, _ = proxy_config(backends, pool={"balance": "round-robin", **pool})
-        proxy = Lbproxy(text, tmp_path, name=f"lb{len(running)}", env=env)
+        proxy = Lbproxy(text, tmp_path, name=f"lb{len(running)}", engine=engine)
         running.append(proxy)
         proxy.start(wait_ports=(port,))
         return port
@@ -218,8 +216,7 @@ def test_backend_by_host_name(lb) -> None:
 FD_LIMIT = 64
 
 
-@pytest.mark.parametrize("splice", ["1", "0"], ids=["native", "python"])
-def test_out_of_fds_is_503_and_not_held_against_the_backend(tmp_path: Path, splice: str) -> None:
+def test_out_of_fds_is_503_and_not_held_against_the_backend(tmp_path: Path, engine: str) -> None:
     """lbproxy under a 64-fd limit: upgrades until a backend socket cannot be made. That one
     is answered 503, the backend stays up (no passive failure), and once fds are free again
     the next upgrade works."""
@@ -232,17 +229,10 @@ def test_out_of_fds_is_503_and_not_held_against_the_backend(tmp_path: Path, spli
 
     server = TcpServer(hold)
     text, port, admin = proxy_config([("b1", f"127.0.0.1:{server.port}")])
-    path = tmp_path / "lb.toml"
-    path.write_text(text)
-    cmd = [
-        "prlimit",
-        f"--nofile={FD_LIMIT}:{FD_LIMIT}",
-        *lbproxy_cmd("serve", "--config", str(path)),
-    ]
-    proc = Proc(cmd, env={"LBPROXY_SPLICE": splice})
+    prlimit = ("prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}")
+    proc = Lbproxy(text, tmp_path, engine=engine, prefix=prlimit).start(wait_ports=(port, admin))
     held: list[socket.socket] = []
     try:
-        wait_until(lambda: port_open(port) and port_open(admin), timeout=15)
         fds = lambda: len(os.listdir(f"/proc/{proc.pid}/fd"))  # noqa: E731
         saw_503 = False
         for _ in range(80):

@@ -26,8 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
-from tests.proxyconf import proxy_config
-from tests.support import Backend, Lbproxy, free_port, wait_until
+from tests.support import Backend, Lbproxy, free_port, proxy_config, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 

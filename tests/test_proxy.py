@@ -14,8 +14,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from tests.proxyconf import proxy_config
-from tests.support import Backend, Lbproxy, free_port, wait_until
+from tests.support import Backend, Lbproxy, engine_env, free_port, proxy_config, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -54,13 +53,11 @@ def whoami(port: int, **kwargs: object) -> str:
     return str(response.json()["id"])
 
 
-@pytest.mark.parametrize(
-    ("loop", "splice"), [("uvloop", "1"), ("uvloop", "0"), ("asyncio", "1"), ("asyncio", "0")]
-)
-def test_websocket_echo_text_and_binary(backends, start_proxy, loop: str, splice: str) -> None:
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_websocket_echo_text_and_binary(backends, start_proxy, loop: str, engine: str) -> None:
     """Both event loops, with the native tunnel engine and with the Python tunnel."""
     text, port, _ = proxy_config(pairs(backends))
-    env = {"LBPROXY_LOOP": loop, "LBPROXY_SPLICE": splice}
+    env = {"LBPROXY_LOOP": loop, **engine_env(engine)}
     start_proxy(text, port, env=env)
     with ws_connect(f"ws://127.0.0.1:{port}/echo", max_size=None) as ws:
         for size in (1, 125, 126, 65535, 65536, 1 << 20):

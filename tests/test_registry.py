@@ -17,7 +17,7 @@ from lbproxy.pool import BackendState, Pool
 from lbproxy.registry import Registration, run_register
 from lbproxy.registry_schema import backend_key, events_channel, members_key
 from tests.support import RedisServer, await_until, free_port
-from tests.test_registry_helpers import (
+from tests.support.registry import (
     PREFIX,
     make_pool,
     raw_client,
@@ -128,7 +128,7 @@ async def test_missed_publish_is_healed_by_resync(redis: RedisServer) -> None:
         await raw_register(client, "chat", "quiet", "127.0.0.1:7200", event=None, ttl=1.5)
         await await_until(lambda: "quiet" in redis_ids(pool), timeout=2)
         assert watcher.last_sync > first_sync
-        # A leave without its event is a vanished key (SPEC 15): kept until its TTL passes.
+        # A leave without its event is a vanished key (docs/registry.md): kept until its TTL passes.
         await raw_leave(client, "chat", "quiet", publish=False)
         sync = watcher.last_sync
         await await_until(lambda: watcher.last_sync > sync, timeout=2)

@@ -1,6 +1,6 @@
 """Registry decisions in memory: a vanished registration waits out its TTL, explicit
 deregistration and expiry act at once, refused addresses, drained tunnels leave `active`,
-one weight range (SPEC 15 "Registry", "Registrations"; issue 10 items 1, 8, 11)."""
+one weight range (docs/registry.md)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Redis losing its data, lbproxy starting, and refused registrations, end to end.
 
 Real redis-server, real `lbproxy serve` and reference backends, registrations heartbeating
-with the real Registration code (SPEC 15 "Registry", "Start", "Registrations").
+with the real Registration code (docs/registry.md).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from websockets.exceptions import InvalidStatus
 from lbproxy.pool import BackendState
 from lbproxy.registry import Registration
 from tests.support import Backend, Lbproxy, RedisServer, await_until, free_port
-from tests.test_registry_helpers import (
+from tests.support.registry import (
     PREFIX,
     make_pool,
     raw_client,

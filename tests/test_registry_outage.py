@@ -16,7 +16,7 @@ from lbproxy.config_types import Address, BackendConfig
 from lbproxy.pool import BackendState
 from lbproxy.registry import Registration
 from tests.support import RedisServer, await_until, free_port
-from tests.test_registry_helpers import (
+from tests.support.registry import (
     PREFIX,
     BlackholeProxy,
     custom_redis,

@@ -4,7 +4,7 @@ Three real python-socketio nodes on uvicorn share state through ``AsyncRedisMana
 real redis-server (started once for the module). The python-socketio client starts with
 HTTP long-polling (the default transports) and upgrades to a websocket; it connects by
 host name (``localhost``), because aiohttp's cookie jar ignores cookies from IP hosts.
-lbproxy runs at the default ``hash_balance_factor`` (SPEC 16).
+lbproxy runs at the default ``hash_balance_factor`` (README "Balancing and affinity").
 """
 
 from __future__ import annotations
@@ -22,8 +22,16 @@ import pytest
 import socketio
 from websockets.asyncio.client import connect as ws_connect
 
-from tests.proxyconf import proxy_config
-from tests.support import Lbproxy, Proc, RedisServer, await_until, free_port, port_open, wait_until
+from tests.support import (
+    Lbproxy,
+    Proc,
+    RedisServer,
+    await_until,
+    free_port,
+    port_open,
+    proxy_config,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parent.parent
@@ -38,7 +46,7 @@ class Node:
     proc: Proc | None = None
 
     def spawn(self) -> Node:
-        args = [sys.executable, "-m", "tests.sio_node", "--port", str(self.port)]
+        args = [sys.executable, "-m", "tests.support.sio_node", "--port", str(self.port)]
         args += ["--id", self.id, "--redis", self.redis_url, "--ping", str(PING)]
         self.proc = Proc(args, cwd=str(REPO))
         return self

@@ -1,4 +1,5 @@
-"""Sticky sessions with bounded loads (SPEC 16): signed cookies, the affinity table, the pool.
+"""Sticky sessions with bounded loads (README "Balancing and affinity"): signed cookies, the
+affinity table, the pool.
 
 Pure parts in memory; one end-to-end test per hash key kind through a real lbproxy in
 front of three reference backends at the default ``hash_balance_factor``.
@@ -15,7 +16,7 @@ from websockets.sync.client import connect as ws_connect
 from lbproxy.balance import AffinityTable, CookieSigner, cookie_secret
 from lbproxy.config_types import Address, BackendConfig, PoolConfig
 from lbproxy.pool import Pool
-from tests.support import Backend, Lbproxy, free_port, wait_until
+from tests.support import ENGINES, Backend, Lbproxy, free_port, wait_until
 from tests.test_config import problems_of, with_value
 
 
@@ -259,13 +260,13 @@ def backends() -> Iterator[list[Backend]]:
             b.stop()
 
 
-KINDS = {  # name: (hash_key, request headers, query, LBPROXY_SPLICE)
-    "sticky-cookie": ("cookie:lbid", {}, "", "1"),
-    "client-cookie": ("cookie:lbid", {"Cookie": "lbid=user-42"}, "", "1"),
-    "ip": ("ip", {}, "", "1"),
-    "ip-python-tunnel": ("ip", {}, "", "0"),
-    "header": ("header:x-user", {"X-User": "user-42"}, "", "1"),
-    "query": ("query:room", {}, "?room=r42", "1"),
+KINDS = {  # name: (hash_key, request headers, query, tunnel engine)
+    "sticky-cookie": ("cookie:lbid", {}, "", "native"),
+    "client-cookie": ("cookie:lbid", {"Cookie": "lbid=user-42"}, "", "native"),
+    "ip": ("ip", {}, "", "native"),
+    "ip-python-tunnel": ("ip", {}, "", "python"),
+    "header": ("header:x-user", {"X-User": "user-42"}, "", "native"),
+    "query": ("query:room", {}, "?room=r42", "native"),
 }
 
 
@@ -290,12 +291,10 @@ def ports(
     found: dict[str, int] = {}
     running: list[Lbproxy] = []
     try:
-        for splice in ("1", "0"):
-            kinds = [kind for kind, spec in KINDS.items() if spec[3] == splice]
+        for engine in ENGINES:
+            kinds = [kind for kind, spec in KINDS.items() if spec[3] == engine]
             text, kind_ports = multi_config(backends, kinds)
-            proxy = Lbproxy(
-                text, tmp_path_factory.mktemp(f"splice{splice}"), env={"LBPROXY_SPLICE": splice}
-            )
+            proxy = Lbproxy(text, tmp_path_factory.mktemp(engine), engine=engine)
             running.append(proxy.start(wait_ports=tuple(kind_ports.values())))
             found.update(kind_ports)
         yield found

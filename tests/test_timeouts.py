@@ -1,7 +1,7 @@
-"""Timeouts (SPEC 15): response_timeout (504, passive failure, a bodiless request or upgrade
-retried on another backend), body_timeout (408), keepalive_timeout (an idle client connection
-is closed, a busy one is not). Real lbproxy subprocesses against small socket backends; the
-response timeout on the native engine's upgrade path and on the Python path (LBPROXY_SPLICE=0).
+"""Timeouts (README "Proxying"): response_timeout (504, passive failure, a bodiless request or
+upgrade retried on another backend), body_timeout (408), keepalive_timeout (an idle client
+connection is closed, a busy one is not). Real lbproxy subprocesses against small socket backends;
+the response timeout on the native engine's upgrade path and on the Python path (LBPROXY_SPLICE=0).
 Also the pure parts (deadlines.py) and the config validation of the four new keys."""
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from lbproxy.proxy.deadlines import (
     sweep_tick,
     untried,
 )
-from tests.proxyconf import proxy_config
-from tests.support import Lbproxy, free_port, lbproxy_cmd
+from tests.support import ENGINES, Lbproxy, free_port, lbproxy_cmd, proxy_config
 from tests.test_config import problems_of, with_value
 from tests.test_native_upgrade import SWITCH, UPGRADE, read_head
 from tests.test_tunnel import TcpServer
@@ -159,11 +158,10 @@ def rigs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Rig]]:
     procs: list[Lbproxy] = []
     made: dict[str, Rig] = {}
     try:
-        for engine in ("native", "python"):
+        for engine in ENGINES:
             text, rig = rig_config(*(s.port for s in servers))
             rig.engine = engine
-            env = {"LBPROXY_SPLICE": "0" if engine == "python" else "1"}
-            proc = Lbproxy(text, tmp_path_factory.mktemp(engine), name=engine, env=env)
+            proc = Lbproxy(text, tmp_path_factory.mktemp(engine), name=engine, engine=engine)
             procs.append(proc)
             proc.start(wait_ports=(rig.alone, rig.mixed, rig.plain, rig.admin))
             made[engine] = rig
@@ -175,9 +173,9 @@ def rigs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Rig]]:
             server.close()
 
 
-@pytest.fixture(params=["native", "python"])
-def rig(rigs: dict[str, Rig], request: pytest.FixtureRequest) -> Rig:
-    return rigs[request.param]
+@pytest.fixture
+def rig(rigs: dict[str, Rig], engine: str) -> Rig:
+    return rigs[engine]
 
 
 def ask(port: int, request: bytes) -> tuple[bytes, float]:

@@ -11,8 +11,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from tests.proxyconf import proxy_config
-from tests.support import Backend, Lbproxy
+from tests.support import Backend, Lbproxy, proxy_config
 
 pytestmark = [
     pytest.mark.timeout(60),

@@ -31,7 +31,7 @@ from redis.retry import Retry
 from lbproxy.backend import chat_protocol as proto
 from lbproxy.backend.admission import admit
 from lbproxy.backend.history import EPOCH, TRIMMED, gap_reason
-from lbproxy.backend.interfaces import WsConnectionPeer
+from lbproxy.backend.interfaces import RoomMember, WsConnectionPeer
 from lbproxy.backend.options import BackendOptions
 from lbproxy.backend.ratelimit import RateLimit
 from lbproxy.backend.routes import Response
@@ -54,7 +54,7 @@ class Room:
     def __init__(self, name: str, channel: str) -> None:
         self.name = name
         self.channel = channel
-        self.members: dict[ChatSession, None] = {}
+        self.members: dict[RoomMember, None] = {}
         self.users: collections.Counter[str] = collections.Counter()
         self.last_id: int | None = None  # newest id delivered here; None before the 1st sub
         self.epoch: str | None = None  # the room's epoch when last_id was read
@@ -73,7 +73,11 @@ def open_client(url: str) -> Redis:
 
 
 class ChatHub:
-    """Rooms, the pub/sub subscription and presence of one backend (an interfaces.ChatService)."""
+    """Rooms, the pub/sub subscription and presence of one backend.
+
+    An ``interfaces.ChatService`` for the connections and an ``interfaces.RoomDirectory``
+    for its sessions.
+    """
 
     def __init__(self, options: BackendOptions, backend_id: str) -> None:
         assert options.redis_url is not None
@@ -126,11 +130,11 @@ class ChatHub:
         return await admit(self.store, request, self.options.session_ttl)
 
     def attach(self, peer: WsConnectionPeer, user: str) -> ChatSession:
-        return ChatSession(self, peer, user)
+        return ChatSession(self, self.store, peer, user)
 
     # ---- rooms -------------------------------------------------------------------------------
 
-    def enter(self, name: str, session: ChatSession) -> Room:
+    def enter(self, name: str, session: RoomMember) -> Room:
         room = self.rooms.get(name)
         if room is None:
             room = Room(name, self.store.channel(name))
@@ -142,7 +146,7 @@ class ChatHub:
             room.users[session.user] += 1
         return room
 
-    def leave(self, name: str, session: ChatSession) -> bool:
+    def leave(self, name: str, session: RoomMember) -> bool:
         """Remove ``session`` from room ``name``; True when it was its user's last one here.
 
         The caller then removes the user's presence (``forget``), now or in the background.

@@ -1,4 +1,4 @@
-"""The chat's JSON messages (SPEC section 6), parsed and formatted without I/O.
+"""The chat's JSON messages (README "The reference chat backend"), parsed and formatted without I/O.
 
 Client to server (text frames, one JSON object each):
 

@@ -1,4 +1,6 @@
-"""Events of the backend's sans-IO connection (wire.py): frozen values, no I/O."""
+"""Values of the backend's sans-IO parts: the connection's events (wire.py) and the routes'
+answers (routes.py). Frozen values, no I/O; imports nothing else from the package, so the
+Protocols of interfaces.py can name these types without an import cycle."""
 
 from __future__ import annotations
 
@@ -72,6 +74,37 @@ class WsClosed:
 
 
 Event = HttpRequest | WebSocketRequest | WsMessage | WsMessageTooBig | WsClosed
+
+
+# ---- what the routes answer (routes.py) ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    headers: tuple[Header, ...]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamResponse:
+    """A body of ``total`` bytes of ``routes.slow_body``, sent in ``chunk`` byte pieces."""
+
+    status: int
+    headers: tuple[Header, ...]
+    total: int
+    chunk: int
+    delay: float  # seconds between chunks
+
+
+@dataclass(frozen=True, slots=True)
+class ServerView:
+    """What a route may know about the server at the time of the request."""
+
+    backend_id: str
+    connections: int
+    draining: bool
+    page: bytes
 
 
 class Phase(enum.Enum):

@@ -17,7 +17,7 @@ class BackendOptions:
     advertise: Address | None = None  # address registered in Redis (default: the bound address)
     drain_seconds: float = 10.0  # on SIGTERM: how long clients get before the 1001 close
     ttl: float = 6.0  # registration TTL
-    # chat (SPEC section 6); all shared through Redis
+    # chat (README "The reference chat backend"); all shared through Redis
     max_message: int = 64 * 1024  # longest chat message (bytes); longer ones get bad_request
     history: int = 100_000  # messages kept per room at most (--history-max)
     rate: float = 20.0  # sends per second per user, across all backends

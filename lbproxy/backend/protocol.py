@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
-from lbproxy.backend.interfaces import ChatService, WsHandler
+from lbproxy.backend.interfaces import ChatService, ConnectionHost, WsHandler
 from lbproxy.backend.routes import Response, StreamResponse, route_http, slow_body
 from lbproxy.backend.wire import (
     DEFAULT_MAX_MESSAGE,
@@ -20,9 +20,6 @@ from lbproxy.backend.wire import (
     WsMessageTooBig,
 )
 
-if TYPE_CHECKING:
-    from lbproxy.backend.server import BackendServer
-
 log = logging.getLogger(__name__)
 
 PAUSE_WRITE = 1  # the transport's write buffer is above its high-water mark
@@ -32,7 +29,11 @@ CLOSE_GRACE = 2.0  # seconds clients get to answer our close frame before the tr
 
 
 class Connection(asyncio.Protocol):
-    """One client connection: HTTP/1.1 keep-alive, then maybe a websocket (/echo or /chat)."""
+    """One client connection: HTTP/1.1 keep-alive, then maybe a websocket (/echo or /chat).
+
+    An ``interfaces.WsConnectionPeer`` for its chat session and an
+    ``interfaces.ServedConnection`` for its server.
+    """
 
     __slots__ = (
         "_paused",
@@ -45,7 +46,7 @@ class Connection(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, server: BackendServer) -> None:
+    def __init__(self, server: ConnectionHost) -> None:
         self.server = server
         self.conn = ServerConnection()
         self.transport: asyncio.Transport | None = None

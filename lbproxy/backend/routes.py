@@ -1,6 +1,6 @@
 """Pure HTTP routing of the reference backend: a request and the server's status in, a response out.
 
-Routes (SPEC section 6 plus test helpers):
+Routes (README "The reference chat backend", plus test helpers):
 
 - ``GET /healthz``: 200 ``ok`` (503 ``draining`` while draining)
 - ``GET /whoami``: ``{"id": ..., "connections": N}`` (N = open websockets)
@@ -14,9 +14,11 @@ Routes (SPEC section 6 plus test helpers):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
-from lbproxy.backend.wire import Header, HttpRequest
+from lbproxy.backend.events import Response, ServerView, StreamResponse
+from lbproxy.backend.wire import HttpRequest
+
+__all__ = ["Response", "ServerView", "StreamResponse", "route_http", "slow_body"]
 
 MAX_SLOW_BYTES = 1 << 30
 MAX_SLOW_DELAY_MS = 10_000
@@ -26,34 +28,6 @@ _PATTERN = bytes(range(PATTERN_PERIOD)) * 262  # about 64 KiB
 TEXT = ("content-type", "text/plain; charset=utf-8")
 JSON = ("content-type", "application/json")
 HTML = ("content-type", "text/html; charset=utf-8")
-
-
-@dataclass(frozen=True, slots=True)
-class Response:
-    status: int
-    headers: tuple[Header, ...]
-    body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class StreamResponse:
-    """A body of ``total`` bytes of :func:`slow_body`, sent in ``chunk`` byte pieces."""
-
-    status: int
-    headers: tuple[Header, ...]
-    total: int
-    chunk: int
-    delay: float  # seconds between chunks
-
-
-@dataclass(frozen=True, slots=True)
-class ServerView:
-    """What a route may know about the server at the time of the request."""
-
-    backend_id: str
-    connections: int
-    draining: bool
-    page: bytes
 
 
 def slow_body(offset: int, size: int) -> bytes:

@@ -10,7 +10,7 @@ import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from lbproxy.backend.interfaces import ChatService
+from lbproxy.backend.interfaces import ChatService, ServedConnection
 from lbproxy.backend.options import BackendOptions
 from lbproxy.backend.protocol import CLOSE_GRACE, Connection
 from lbproxy.backend.routes import ServerView
@@ -33,7 +33,7 @@ def load_page() -> bytes:
 
 
 class BackendServer:
-    """State shared by the connections of one backend process."""
+    """State shared by the connections of one backend process (an interfaces.ConnectionHost)."""
 
     def __init__(self, backend_id: str, page: bytes, chat: ChatService | None = None) -> None:
         self.backend_id = backend_id
@@ -41,8 +41,8 @@ class BackendServer:
         self.chat = chat
         self.draining = False
         self.hurried = False  # a second stop signal: skip the rest of the drain
-        self.connections: set[Connection] = set()
-        self.websockets: set[Connection] = set()
+        self.connections: set[ServedConnection] = set()
+        self.websockets: set[ServedConnection] = set()
         self.changed = asyncio.Event()  # set whenever a websocket or a connection goes away
 
     def view(self) -> ServerView:

@@ -18,17 +18,13 @@ import asyncio
 import collections
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
 from lbproxy.backend import chat_protocol as proto
 from lbproxy.backend.history import EPOCH, TRIMMED, gap_reason
-from lbproxy.backend.store import Duplicate, Limited, Stored
-
-if TYPE_CHECKING:
-    from lbproxy.backend.chat import ChatHub
-    from lbproxy.backend.interfaces import WsConnectionPeer
+from lbproxy.backend.interfaces import RoomDirectory, WsConnectionPeer
+from lbproxy.backend.store import ChatStore, Duplicate, Limited, Stored
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +54,13 @@ class Membership:
 
 
 class ChatSession:
-    """The chat side of one accepted /chat websocket (an interfaces.WsHandler)."""
+    """The chat side of one accepted /chat websocket (an interfaces.WsHandler and RoomMember)."""
 
-    def __init__(self, hub: ChatHub, peer: WsConnectionPeer, user: str) -> None:
+    def __init__(
+        self, hub: RoomDirectory, store: ChatStore, peer: WsConnectionPeer, user: str
+    ) -> None:
         self.hub = hub
+        self.store = store
         self.peer = peer
         self.user = user
         self.rooms: dict[str, Membership] = {}
@@ -166,7 +165,7 @@ class ChatSession:
         elif isinstance(command, proto.Join):
             await self._join(command)
         elif isinstance(command, proto.Presence):
-            users = await self.hub.store.presence_list(command.room)
+            users = await self.store.presence_list(command.room)
             self._send(proto.presence(command.room, users))
         elif isinstance(command, proto.Ping):
             self._send(proto.pong(command))
@@ -178,7 +177,7 @@ class ChatSession:
             self._send(proto.left(command.room))
 
     async def _send_message(self, command: proto.Send) -> None:
-        result = await self.hub.store.send(command.room, self.user, command)
+        result = await self.store.send(command.room, self.user, command)
         if isinstance(result, Stored):
             if command.room not in self.rooms:
                 self._send(result.payload)
@@ -198,7 +197,7 @@ class ChatSession:
         hub_room = self.hub.enter(room, self)
         try:
             await asyncio.wait_for(hub_room.subscribed.wait(), JOIN_TIMEOUT)
-            await self.hub.store.presence_touch({room: [self.hub.member(self.user)]})
+            await self.store.presence_touch({room: [self.hub.member(self.user)]})
             if self.rooms.get(room) is not member:
                 return
             await self._replay(room, member, command)
@@ -217,7 +216,7 @@ class ChatSession:
     async def _replay(self, room: str, member: Membership, command: proto.Join) -> None:
         """``joined`` (with the epoch), then any history_gap, then the stored messages."""
         since = command.since
-        view = await self.hub.store.view(room, since or 0, 0 if since is None else REPLAY_BATCH)
+        view = await self.store.view(room, since or 0, 0 if since is None else REPLAY_BATCH)
         if self.rooms.get(room) is not member:
             return
         self._send(proto.joined(room, self.hub.backend_id, self.user, view.epoch))
@@ -228,7 +227,7 @@ class ChatSession:
             oldest = view.entries[0].id if view.entries and reason == TRIMMED else None
             self._send(proto.history_gap(room, reason, view.epoch, oldest))
         if reason == EPOCH:  # ids of the old epoch mean nothing now: all of the new one
-            view = await self.hub.store.view(room, 0, REPLAY_BATCH)
+            view = await self.store.view(room, 0, REPLAY_BATCH)
         entries = view.entries
         while True:
             if self.rooms.get(room) is not member:
@@ -239,7 +238,7 @@ class ChatSession:
                     self._send(entry.payload)
             if len(entries) < REPLAY_BATCH:
                 return
-            entries = await self.hub.store.read_after(room, entries[-1].id, REPLAY_BATCH)
+            entries = await self.store.read_after(room, entries[-1].id, REPLAY_BATCH)
 
     def _leave(self, room: str) -> None:
         if self.rooms.pop(room, None) is not None and self.hub.leave(room, self):

@@ -1,4 +1,4 @@
-"""Sticky sessions: where a key went stays where it goes (SPEC 16).
+"""Sticky sessions: where a key went stays where it goes (README "Balancing and affinity").
 
 Bounded loads (bounded.py) decide where a key goes when it is first seen; after that
 the key stays, by one of two memories:

@@ -1,4 +1,4 @@
-"""A python-socketio node on uvicorn for the recipe tests: ``python -m tests.sio_node``.
+"""A python-socketio node on uvicorn for the recipe tests: ``python -m tests.support.sio_node``.
 
 Socket.IO at /socket.io/ (state shared by ``AsyncRedisManager``), plus plain routes:
 ``GET /whoami`` (the node id), a plain websocket at ``/ws`` (greets, then echoes) and

@@ -1,97 +1,18 @@
-"""Test helpers: free ports, polling with a deadline, real redis-server and lbproxy processes."""
+"""Real processes started by tests and stopped by PID: redis-server, backends, lbproxy."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-# Test ports come from a range below the kernel's ephemeral range (32768-60999 here), so an
-# outgoing connection's local port never takes a port a test is about to bind, and each
-# pytest-xdist worker has its own slice, so parallel workers never hand out the same port.
-# (The bench draws its ports from 10000-32000; the slices stay below that.)
-_PORT_FIRST = 2000
-_PORT_SLICE = 1600
-
-
-def _worker_index() -> int:
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    digits = worker.removeprefix("gw")
-    return int(digits) % 5 if digits.isdigit() else 0
-
-
-def _port_cycle() -> Iterator[int]:
-    first = _PORT_FIRST + _worker_index() * _PORT_SLICE
-    while True:
-        yield from range(first, first + _PORT_SLICE)
-
-
-_PORTS = _port_cycle()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now, from this test process's own slice, not handed out recently.
-
-    Ports are handed out in turn through the slice, so a port comes back only after the
-    other 1,599 were given.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(_PORT_SLICE):
-        port = next(_PORTS)
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError(f"no free port in this worker's slice for {host}")
-
-
-def wait_until(cond: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:
-    """Poll ``cond`` until it returns a truthy value; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = cond()
-            if value:
-                return value
-        except Exception as exc:  # keep polling until the deadline
-            last_exc = exc
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s (last error: {last_exc!r})")
-
-
-async def await_until(
-    cond: Callable[[], object], timeout: float = 10.0, interval: float = 0.02
-) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
+from tests.support.ports import free_port, port_open, wait_until
 
 
 class Proc:
@@ -257,8 +178,24 @@ class Backend:
             self.proc = None
 
 
+ENGINES = ("native", "python")  # the tunnel engines: the C engine and the Python tunnel
+
+
+def engine_env(engine: str) -> dict[str, str]:
+    """The environment that makes an lbproxy use ``engine`` ("native" or "python")."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown tunnel engine {engine!r}: one of {ENGINES}")
+    return {"LBPROXY_SPLICE": "1" if engine == "native" else "0"}
+
+
 class Lbproxy:
-    """An `lbproxy serve` subprocess with a config written from a TOML string."""
+    """An `lbproxy serve` subprocess with a config written from a TOML string.
+
+    The one way tests start an lbproxy: ``engine`` picks the tunnel engine (see the
+    ``engine`` fixture), ``env`` adds variables, ``prefix`` runs it under a wrapper such as
+    ``("prlimit", "--nofile=64:64")``; ``start(wait_ports=...)`` returns once those ports
+    accept (or fails with its log if it exited).
+    """
 
     def __init__(
         self,
@@ -267,16 +204,20 @@ class Lbproxy:
         *extra: str,
         name: str = "lbproxy",
         env: dict[str, str] | None = None,
+        engine: str | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.path = workdir / f"{name}.toml"
         self.path.write_text(config_text)
         self.extra = extra
-        self.env = env
+        self.env = {**(engine_env(engine) if engine else {}), **(env or {})} or None
+        self.prefix = tuple(prefix)
         self.proc: Proc | None = None
 
     def start(self, wait_ports: tuple[int, ...] = ()) -> Lbproxy:
         self.proc = Proc(
-            lbproxy_cmd("serve", "--config", str(self.path), *self.extra), env=self.env
+            [*self.prefix, *lbproxy_cmd("serve", "--config", str(self.path), *self.extra)],
+            env=self.env,
         )
         try:
             for port in wait_ports:

@@ -1,4 +1,4 @@
-"""Helpers for the registry tests (no tests here).
+"""Helpers for the registry tests.
 
 Pools, a watcher context, raw registry writes (the plain MULTI/EXEC protocol of
 docs/registry.md), run_register subprocesses, a custom redis-server, and a TCP proxy that
@@ -24,7 +24,8 @@ from lbproxy.config_types import BackendConfig, HealthConfig, PoolConfig, RedisC
 from lbproxy.pool import BackendState, Pool
 from lbproxy.registry import RegistryWatcher
 from lbproxy.registry_schema import backend_key, events_channel, members_key
-from tests.support import REPO, Proc, free_port, port_open, wait_until
+from tests.support.ports import REPO, free_port, port_open, wait_until
+from tests.support.processes import Proc
 
 PREFIX = "lbtest"
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the backend tests (no tests here): in-process backend, raw HTTP client."""
+"""Helpers shared by the backend tests: in-process backend, raw HTTP client, chat client."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import websockets
 
 from lbproxy.backend.server import BackendOptions, serve_backend
 from lbproxy.config_types import Address
-from tests.support import Proc, free_port, wait_until
+from tests.support.ports import free_port, wait_until
+from tests.support.processes import Proc
 
 
 @contextlib.asynccontextmanager
