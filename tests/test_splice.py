@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from lbproxy.proxy.splice import engine_class
+from lbproxy.proxy.splice import engine_class, make_engine
 from lbproxy.proxy.wsframe import close_frame
 
 Engine = engine_class()
@@ -120,7 +120,7 @@ def rig() -> Iterator[Callable[..., Rig]]:
 
     def make(ws: bool = True, partial: bytes = b"", skip: int = 0, saw_close: bool = False) -> Rig:
         finished: list[tuple[object, str, int, int]] = []
-        engine = Engine(lambda *args: finished.append(args))
+        engine = make_engine(Engine, lambda *args: finished.append(args))
         client_app, client_proxy = tcp_pair()
         backend_proxy, backend_app = tcp_pair()
         owner = object()
@@ -273,7 +273,9 @@ class Upstreams:
         assert Engine is not None
         self.reports: list[tuple[object, bytes | None, int]] = []
         self.finished: list[tuple[object, str, int, int]] = []
-        self.engine = Engine(lambda *a: self.finished.append(a), lambda *a: self.reports.append(a))
+        self.engine = make_engine(
+            Engine, lambda *a: self.finished.append(a), lambda *a: self.reports.append(a)
+        )
 
     def pump_until(self, cond: Callable[[], bool], timeout: float = 5.0) -> None:
         pump_until(self.engine, cond, timeout)

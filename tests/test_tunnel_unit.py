@@ -7,7 +7,7 @@ import asyncio
 from lbproxy.config_types import Address, BackendConfig, ListenerConfig, PoolConfig
 from lbproxy.pool import Pool
 from lbproxy.proxy.context import ListenerContext
-from lbproxy.proxy.tunnel import GOING_AWAY_FRAME, Discard, WsLink
+from lbproxy.proxy.tunnel import GOING_AWAY_FRAME, Parting, WsLink
 from lbproxy.stats import Stats
 from tests.test_wsframe import frame
 
@@ -87,7 +87,7 @@ async def test_going_away_waits_for_the_frame_boundary() -> None:
     # the rest of the frame, then the close frame; the next message is not forwarded
     assert client_t.written == big + GOING_AWAY_FRAME
     assert client_t.eof and backend_t.eof  # FIN both ways, no reset
-    assert isinstance(client_t.protocol, Discard) and isinstance(backend_t.protocol, Discard)
+    assert isinstance(client_t.protocol, Parting) and isinstance(backend_t.protocol, Parting)
 
 
 async def test_going_away_at_boundary_is_immediate() -> None:
