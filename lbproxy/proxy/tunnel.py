@@ -361,6 +361,11 @@ class WsLink(Link, FrameScan):
             self.nbytes += n
             self.out.write(data)
             return
+        if n == skip and not self.draining:  # a chunk that ends a frame exactly
+            self.nbytes += n
+            self.out.write(data)
+            self.skip = 0
+            return
         self._frames(data)
 
     def _frames(self, data: bytes) -> None:
