@@ -361,20 +361,18 @@ class WsLink(Link, FrameScan):
             self.nbytes += n
             self.out.write(data)
             return
-        if n == skip and not self.draining:  # a chunk that ends a frame exactly
+        if not self.draining:  # frame headers in this chunk
             self.nbytes += n
             self.out.write(data)
-            self.skip = 0
+            if n == skip:  # (it ends a frame exactly)
+                self.skip = 0
+            else:
+                self.feed(data)
             return
-        self._frames(data)
+        self._drain_to_boundary(data)
 
-    def _frames(self, data: bytes) -> None:
-        """The slow path: frame headers in ``data``, or the end of the frame a drain waits for."""
-        if not self.draining:
-            self.nbytes += len(data)
-            self.out.write(data)
-            self.feed(data)
-            return
+    def _drain_to_boundary(self, data: bytes) -> None:
+        """Draining: forward up to the end of the frame in flight, then apply the rule."""
         k = self.to_boundary(data)
         head = data if k < 0 else data[:k]
         if head:
