@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from lbproxy.proxy.accesslog import log_connection
 from lbproxy.proxy.connect import HIGH_WATER
+from lbproxy.proxy.parting import Linger, Parting
 from lbproxy.proxy.tunnel_rules import (
     AFTER,
     GOING_AWAY_FRAME,
@@ -232,6 +233,10 @@ class Link(asyncio.Protocol):
             stats.bytes[(pool, backend, "out")] += delta_out
             self.flushed_out = total_out
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.ctx.loop
+
     def activity(self) -> int:
         total_in, total_out = self.totals()
         return total_in + total_out
@@ -272,8 +277,8 @@ class Link(asyncio.Protocol):
         if action is GoAway.CLOSE_FRAME:
             self.out.write(GOING_AWAY_FRAME)
         client_mode, backend_mode = AFTER[action]
-        Parting.take_over(self.out, self, self.client.side, client_mode)
-        Parting.take_over(self.transport, self, self.side, backend_mode)
+        Parting.take_over(self.out, self, self.client.side, client_mode, GRACE)
+        Parting.take_over(self.transport, self, self.side, backend_mode, GRACE)
 
     def _wait_boundary(self) -> None:
         raise AssertionError("a plain tunnel has no frames to wait for")
@@ -394,89 +399,3 @@ class WsLink(Link, FrameScan):
 
     def _wait_boundary(self) -> None:
         self.draining = True
-
-
-class Parting(asyncio.Protocol):
-    """Takes over a tunnel side being closed gracefully: FIN sent, then its ``Side`` mode
-    says what its input does — DROP: read and dropped until the peer closes;
-    CLOSE_ON_DATA: anything (the client's close reply) closes it.
-
-    The transport is closed when the peer closes its side, or after GRACE seconds.
-    """
-
-    __slots__ = ("link", "side", "timer", "transport")
-
-    def __init__(self, transport: asyncio.Transport, link: Link, side: Side) -> None:
-        self.transport = transport
-        self.link = link
-        self.side = side
-        self.timer: asyncio.TimerHandle | None = None
-
-    @classmethod
-    def take_over(cls, transport: asyncio.Transport, link: Link, side: Side, mode: Mode) -> None:
-        if transport.is_closing():
-            return
-        side.move(mode)
-        parting = cls(transport, link, side)
-        transport.set_protocol(parting)
-        if not transport.can_write_eof():  # TLS has no half-close: flush, close_notify, close
-            transport.close()
-            return
-        transport.resume_reading()
-        transport.write_eof()
-        parting.timer = link.ctx.loop.call_later(GRACE, transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        if self.side.mode is Mode.CLOSE_ON_DATA:
-            self.transport.close()
-
-    def eof_received(self) -> bool:
-        return False  # the peer finished too: close
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.side.move(Mode.CLOSED)
-        self.link.lost += 1
-        if self.link.lost == 2:
-            self.link.finish()
-
-
-class Linger(asyncio.Protocol):
-    """Lingering close (as NGINX does after an error response): FIN, then drop input.
-
-    Closing a socket that still has unread input makes the kernel send a reset,
-    which can destroy the response before the client reads it; this reads and
-    drops what the client still sends until it closes, or for LINGER seconds.
-    """
-
-    __slots__ = ("timer", "transport")
-
-    LINGER = 2.0
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        self.timer: asyncio.TimerHandle | None = None
-
-    @classmethod
-    def close(cls, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        if transport.is_closing():
-            return
-        if not transport.can_write_eof():
-            transport.close()
-            return
-        linger = cls(transport)
-        transport.set_protocol(linger)
-        transport.write_eof()
-        transport.resume_reading()
-        linger.timer = loop.call_later(cls.LINGER, transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        pass
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
