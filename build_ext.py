@@ -35,10 +35,22 @@ def build(force: bool = False, strict: bool = True) -> Path | None:
     if cc is None:
         print("lbproxy: no C compiler: the native tunnel engine is not built", file=sys.stderr)
         return None
+    try:
+        subprocess.run(compile_command(cc, out), check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        if strict:
+            raise
+        print(f"lbproxy: the native tunnel engine did not compile: {exc}", file=sys.stderr)
+        return None
+    return out
+
+
+def compile_command(cc: str, out: Path, flags: tuple[str, ...] = ("-O2",)) -> list[str]:
+    """The compiler command line (warnings on; the tests add sanitizer ``flags``)."""
     include = sysconfig.get_paths()["include"]
-    cmd = [
+    return [
         *shlex.split(cc),
-        "-O2",
+        *flags,
         "-Wall",
         "-Wextra",
         "-Wno-unused-parameter",
@@ -50,14 +62,6 @@ def build(force: bool = False, strict: bool = True) -> Path | None:
         str(out),
         str(SOURCE),
     ]
-    try:
-        subprocess.run(cmd, check=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        if strict:
-            raise
-        print(f"lbproxy: the native tunnel engine did not compile: {exc}", file=sys.stderr)
-        return None
-    return out
 
 
 if __name__ == "__main__":

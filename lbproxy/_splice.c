@@ -10,9 +10,12 @@
  * same rules as tunnel.WsLink), an abort (idle timeout), byte counts (metrics,
  * sweeps), and is told once when a tunnel has finished (on_finish callback).
  *
- * Per side modes:  FWD  = forward what is read to the other side;
- *                  DROP = read and drop until EOF, then close (Discard);
- *                  CLOSEONDATA = close on anything read (ClosingHandshake).
+ * Per side modes (tunnel_rules.Mode, same codes):
+ *                  FWD  = forward what is read to the other side;
+ *                  DROP = read and drop until EOF, then close;
+ *                  CLOSEONDATA = close on anything read (the client after a 1001).
+ * The go-away rule and the 1001 frame are not written here: the engine receives them
+ * at start (tunnel_rules.engine_setup) and only looks them up when a drain happens.
  * A side closes once its pending output is flushed.  When both sides are
  * closed the tunnel is finished.  No Python object is touched per chunk.
  */
@@ -28,7 +31,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-enum { FWD = 0, DROP = 1, CLOSEONDATA = 2 };
+enum { FWD = 0, DROP = 1, CLOSEONDATA = 2 };             /* tunnel_rules.Mode */
+enum { WAIT_BOUNDARY = 0, PART = 1, CLOSE_FRAME = 2 };    /* tunnel_rules.GoAway */
+#define NRULES 14 /* tunnel_rules.engine_rules(): 8 go-away entries, 3 x (client, backend) */
+#define MAX_CLOSE_FRAME 127
 enum { CLIENT = 0, BACKEND = 1 };
 #define MAX_EVENTS 128
 
@@ -84,10 +90,10 @@ typedef struct {
     Finished *done;
     Py_ssize_t ndone, capdone;
     uint32_t gen;
+    uint8_t rules[NRULES];
+    uint8_t close_frame[MAX_CLOSE_FRAME];
+    size_t close_len;
 } Engine;
-
-static const uint8_t GOING_AWAY[] = {0x88, 20, 0x03, 0xE9, 'b', 'a', 'c', 'k', 'e', 'n', 'd', ' ',
-                                     'g', 'o', 'i', 'n', 'g', ' ', 'a', 'w', 'a', 'y'};
 
 /* ---- helpers ------------------------------------------------------------ */
 
@@ -191,28 +197,6 @@ static int send_to(Tun *t, int i, const char *p, size_t n) {
     return 0;
 }
 
-/* The 1001 close (RFC 6455 7.1.1: then wait for the client's close and let it end). */
-static void send_going_away(Engine *e, Tun *t) {
-    t->going_away = 0;
-    Side *c = &t->s[CLIENT];
-    if (send_to(t, CLIENT, (const char *)GOING_AWAY, sizeof GOING_AWAY) < 0) {
-        side_failed(e, t, CLIENT, errno);
-        return;
-    }
-    c->mode = CLOSEONDATA;
-    do_shutdown(t, CLIENT);
-    t->s[BACKEND].mode = DROP;
-    do_shutdown(t, BACKEND);
-}
-
-static void part_both(Tun *t) {
-    t->going_away = 0;
-    for (int i = 0; i < 2; i++) {
-        if (t->s[i].mode == FWD) t->s[i].mode = DROP;
-        do_shutdown(t, i);
-    }
-}
-
 static int at_boundary(Tun *t) { return t->skip == 0 && t->hn == 0; }
 
 /* Advance the backend->client frame cursor over p[0..n).  With stop, stop at the first
@@ -243,6 +227,26 @@ static size_t ws_scan(Tun *t, const uint8_t *p, size_t n, int stop) {
         t->hn = 0;
         t->skip = size;
         if (stop && size == 0) return pos;
+    }
+}
+
+/* Drain: look the action up in the rules (tunnel_rules.go_away) and apply it: the close
+ * frame first if the action says so, then each side's new mode (AFTER) and a FIN. */
+static void go_away_now(Engine *e, Tun *t) {
+    int act = e->rules[(t->ws << 2) | (t->saw_close << 1) | at_boundary(t)];
+    if (act == WAIT_BOUNDARY) { /* finish the frame in flight first */
+        t->going_away = 1;
+        return;
+    }
+    t->going_away = 0;
+    if (act == CLOSE_FRAME &&
+        send_to(t, CLIENT, (const char *)e->close_frame, e->close_len) < 0) {
+        side_failed(e, t, CLIENT, errno);
+        return;
+    }
+    for (int i = 0; i < 2; i++) {
+        t->s[i].mode = e->rules[8 + 2 * act + i];
+        do_shutdown(t, i);
     }
 }
 
@@ -297,10 +301,7 @@ static int read_once(Engine *e, Tun *t, int i) {
                 side_failed(e, t, CLIENT, errno);
                 return 0;
             }
-            if (at_boundary(t)) {
-                if (t->saw_close) part_both(t);
-                else send_going_away(e, t);
-            }
+            if (at_boundary(t)) go_away_now(e, t);
             return 1;
         }
         ws_scan(t, (const uint8_t *)e->buf, len, 0);
@@ -515,18 +516,37 @@ static Tun *lookup(Engine *e, Py_ssize_t slot, PyObject *owner) {
 /* ---- Python API ----------------------------------------------------------- */
 
 static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"on_finish", "on_data", "bufsize", NULL};
+    static char *kwlist[] = {"on_finish", "on_data", "bufsize", "rules", "close_frame", NULL};
     PyObject *cb, *cb_data = Py_None;
     Py_ssize_t bufsize = 256 * 1024;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|On", kwlist, &cb, &cb_data, &bufsize))
+    const char *rules = NULL, *frame = NULL;
+    Py_ssize_t nrules = 0, nframe = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|On$y#y#", kwlist, &cb, &cb_data, &bufsize,
+                                     &rules, &nrules, &frame, &nframe))
         return NULL;
     if (!PyCallable_Check(cb) || (cb_data != Py_None && !PyCallable_Check(cb_data)) ||
         bufsize < 1024) {
         PyErr_SetString(PyExc_ValueError, "callbacks must be callable and bufsize >= 1024");
         return NULL;
     }
+    if (!rules || nrules != NRULES || !frame || nframe < 2 || nframe > MAX_CLOSE_FRAME) {
+        PyErr_SetString(PyExc_ValueError, "rules (14 bytes) and close_frame (2-127 bytes) "
+                                          "are required: see tunnel_rules.engine_setup()");
+        return NULL;
+    }
+    for (int k = 0; k < NRULES; k++) {
+        /* a total table: codes in range, and a decision (not WAIT) at every boundary */
+        unsigned char r = (unsigned char)rules[k];
+        if (r > (k < 8 ? CLOSE_FRAME : CLOSEONDATA) || (k < 8 && (k & 1) && r == WAIT_BOUNDARY)) {
+            PyErr_SetString(PyExc_ValueError, "bad rules table");
+            return NULL;
+        }
+    }
     Engine *e = (Engine *)type->tp_alloc(type, 0);
     if (!e) return NULL;
+    memcpy(e->rules, rules, NRULES);
+    memcpy(e->close_frame, frame, (size_t)nframe);
+    e->close_len = (size_t)nframe;
     e->epfd = epoll_create1(EPOLL_CLOEXEC);
     e->buf = PyMem_Malloc((size_t)bufsize);
     if (e->epfd < 0 || !e->buf) {
@@ -681,11 +701,7 @@ static PyObject *Engine_go_away(Engine *e, PyObject *args) {
     if (!PyArg_ParseTuple(args, "nO", &slot, &owner)) return NULL;
     Tun *t = lookup(e, slot, owner);
     if (!t) return NULL;
-    if (t->s[CLIENT].mode == FWD && t->s[BACKEND].mode == FWD) {
-        if (!t->ws || t->saw_close) part_both(t);
-        else if (at_boundary(t)) send_going_away(e, t);
-        else t->going_away = 1; /* finish the frame in flight first */
-    }
+    if (t->s[CLIENT].mode == FWD && t->s[BACKEND].mode == FWD) go_away_now(e, t);
     read_side(e, t, CLIENT); /* (sides now dropping input read even if backed up) */
     read_side(e, t, BACKEND);
     settle(e, t, slot);

@@ -7,6 +7,9 @@ class Engine:
         on_finish: Callable[[Any, str, int, int], None],
         on_data: Callable[[Any, bytes | None, int], None] | None = ...,
         bufsize: int = ...,
+        *,
+        rules: bytes,
+        close_frame: bytes,
     ) -> None: ...
     def fileno(self) -> int: ...
     def add(

@@ -11,37 +11,22 @@ import errno
 import os
 import select
 import socket
-import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
 
-from lbproxy.proxy.splice import engine_class
-from lbproxy.proxy.wsframe import close_frame
+from lbproxy.proxy.splice import engine_class, make_engine
+from lbproxy.proxy.tunnel_rules import close_frame, engine_setup
 
 Engine = engine_class()
 pytestmark = pytest.mark.timeout(20)
-
-GOING_AWAY = close_frame(1001, b"backend going away")
 
 
 def test_engine_is_built() -> None:
     """`make deps` (and pip install) compile the engine; CI must run the native path."""
     assert Engine is not None, "lbproxy/_splice.c was not compiled (is gcc installed?)"
-
-
-def frame(payload: bytes, opcode: int = 0x2) -> bytes:
-    """An unmasked (server -> client) frame."""
-    n = len(payload)
-    if n < 126:
-        head = bytes((0x80 | opcode, n))
-    elif n < 65536:
-        head = bytes((0x80 | opcode, 126)) + struct.pack("!H", n)
-    else:
-        head = bytes((0x80 | opcode, 127)) + struct.pack("!Q", n)
-    return head + payload
 
 
 def pump_until(engine: object, cond: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -118,16 +103,19 @@ def rig() -> Iterator[Callable[..., Rig]]:
         pytest.skip("engine not built")
     made: list[Rig] = []
 
-    def make(ws: bool = True, partial: bytes = b"", skip: int = 0, saw_close: bool = False) -> Rig:
+    def make(ws: bool = True, close: bytes | None = None) -> Rig:
         finished: list[tuple[object, str, int, int]] = []
-        engine = Engine(lambda *args: finished.append(args))
+        rules, frame_ = engine_setup()
+        engine = Engine(
+            lambda *args: finished.append(args), rules=rules, close_frame=close or frame_
+        )
         client_app, client_proxy = tcp_pair()
         backend_proxy, backend_app = tcp_pair()
         owner = object()
         cfd, bfd = os.dup(client_proxy.fileno()), os.dup(backend_proxy.fileno())
         client_proxy.close()
         backend_proxy.close()
-        slot = engine.add(owner, cfd, bfd, ws, partial, skip, saw_close)
+        slot = engine.add(owner, cfd, bfd, ws, b"", 0, False)
         r = Rig(engine, client_app, backend_app, owner, slot, finished)
         made.append(r)
         return r
@@ -138,114 +126,38 @@ def rig() -> Iterator[Callable[..., Rig]]:
         r.backend.close()
 
 
-def test_forwards_both_ways_and_counts(rig) -> None:
-    r = rig()
-    r.client.sendall(b"hello backend")
-    assert r.read(r.backend, 13) == b"hello backend"
-    msg = frame(b"hi client")
-    r.backend.sendall(msg)
-    assert r.read(r.client, len(msg)) == msg
-    assert r.engine.counts(r.slot, r.owner) == (13, len(msg))
-    assert len(r.engine) == 1
+# (forwarding, half-close, resets, flow control and the drain rules are the tunnel
+# contract: tests/contract/test_tunnel_contract.py runs them on this engine and on the
+# Python tunnel. What follows is the engine's own API.)
 
 
-def test_half_close_is_passed_on_then_finishes(rig) -> None:
-    r = rig(ws=False)
-    r.client.sendall(b"last words")
-    r.client.shutdown(socket.SHUT_WR)
-    assert r.read_to_eof(r.backend) == b"last words"  # the EOF reached the backend
-    r.backend.sendall(b"reply after EOF")
-    assert r.read(r.client, 15) == b"reply after EOF"
-    r.backend.close()
-    assert r.read_to_eof(r.client) == b""
-    r.pump_until(lambda: bool(r.finished))
-    owner, reason, nin, nout = r.finished[0]
-    assert owner is r.owner and reason == "client closed" and (nin, nout) == (10, 15)
-    assert len(r.engine) == 0
-
-
-def test_reset_by_backend_closes_the_client(rig) -> None:
-    r = rig(ws=False)
-    r.backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    r.client.sendall(b"x")
-    assert r.read(r.backend, 1) == b"x"
-    r.backend.sendall(b"unread")  # RST: the engine reads "unread" first, then the reset
-    r.backend.close()
-    r.pump_until(lambda: bool(r.finished))
-    assert r.finished[0][1].startswith("backend error: [Errno 104]")
-    assert r.read_to_eof(r.client) == b"unread"
-
-
-def test_flow_control_stops_reading_a_client_whose_backend_does_not_read(rig) -> None:
-    r = rig(ws=False)
-    r.client.setblocking(False)
-    sent = 0
-    chunk = b"x" * 65536
-    deadline = time.monotonic() + 5
-    stalled = 0
-    while time.monotonic() < deadline and stalled < 20:
-        try:
-            sent += r.client.send(chunk)
-            stalled = 0
-        except BlockingIOError:
-            stalled += 1
-        r.engine.pump()
-    nin, _ = r.engine.counts(r.slot, r.owner)
-    # what the engine took is bounded: socket buffers + one read held for the backend
-    assert 0 < nin < 16 * 1024 * 1024
-    assert stalled >= 20  # the client was pushed back
-    # the backend starts reading: everything arrives, in order
-    got = r.read(r.backend, sent)
-    assert len(got) == sent
-
-
-def test_go_away_at_a_boundary_sends_1001_then_closes_after_the_reply(rig) -> None:
-    r = rig()
-    msg = frame(b"a" * 300)
-    r.backend.sendall(msg)
-    assert r.read(r.client, len(msg)) == msg
+def test_the_close_frame_and_the_rules_come_from_python(rig) -> None:
+    """The engine sends the close frame it was given at start, not one of its own."""
+    r = rig(close=close_frame(1001, b"another frame"))
     r.engine.go_away(r.slot, r.owner)
-    assert r.read(r.client, len(GOING_AWAY)) == GOING_AWAY
-    assert r.read_to_eof(r.backend) == b""  # the backend side got a FIN
-    r.client.sendall(close_frame(1001, mask=b"abcd"))  # the client answers the close
-    r.backend.close()
-    r.pump_until(lambda: bool(r.finished))
-    assert r.read_to_eof(r.client) == b""
+    other = close_frame(1001, b"another frame")
+    assert r.read(r.client, len(other)) == other
 
 
-def test_go_away_mid_frame_finishes_the_frame_first(rig) -> None:
-    r = rig()
-    big = frame(os.urandom(70000))  # 64-bit length header
-    second = frame(b"never forwarded")
-    r.backend.sendall(big[:1000])
-    assert r.read(r.client, 1000) == big[:1000]
-    r.engine.go_away(r.slot, r.owner)
-    r.backend.sendall(big[1000:] + second)
-    expected = big[1000:] + GOING_AWAY
-    assert r.read(r.client, len(expected)) == expected
-
-
-def test_go_away_after_the_backend_closing_frame_sends_no_1001(rig) -> None:
-    r = rig()
-    closing = frame(struct.pack("!H", 1000), opcode=0x8)
-    r.backend.sendall(closing)
-    assert r.read(r.client, len(closing)) == closing
-    r.engine.go_away(r.slot, r.owner)
-    r.client.close()
-    assert r.read_to_eof(r.backend) == b""
-    r.backend.close()
-    r.pump_until(lambda: bool(r.finished))
-
-
-def test_header_split_across_the_handover_is_followed(rig) -> None:
-    """The Python tunnel saw the first 2 bytes of a 126-length header; the engine goes on."""
-    payload = b"p" * 200
-    whole = frame(payload)
-    r = rig(partial=whole[:2])
-    r.engine.go_away(r.slot, r.owner)  # mid-header: must wait for the frame's end
-    r.backend.sendall(whole[2:])
-    expected = whole[2:] + GOING_AWAY
-    assert r.read(r.client, len(expected)) == expected
+def test_the_engine_wants_a_total_rules_table() -> None:
+    if Engine is None:
+        pytest.skip("engine not built")
+    rules, frame_ = engine_setup()
+    with pytest.raises(ValueError, match="engine_setup"):
+        Engine(print)  # type: ignore[call-arg]  # (no rules of its own to fall back on)
+    bad = [
+        rules[:-1],  # too short
+        bytes([0]) * 8 + rules[8:],  # waits for a boundary even at a boundary
+        rules[:8] + bytes([7]) * 6,  # a mode that does not exist
+        rules[:1] + bytes([9]) + rules[2:],  # an action that does not exist
+    ]
+    for table in bad:
+        with pytest.raises(ValueError):
+            Engine(print, rules=table, close_frame=frame_)
+    for size in (1, 128):
+        with pytest.raises(ValueError):
+            Engine(print, rules=rules, close_frame=b"\x88" * size)
+    assert len(Engine(print, rules=rules, close_frame=frame_)) == 0
 
 
 def test_close_returns_counts_and_checks_the_owner(rig) -> None:
@@ -273,7 +185,9 @@ class Upstreams:
         assert Engine is not None
         self.reports: list[tuple[object, bytes | None, int]] = []
         self.finished: list[tuple[object, str, int, int]] = []
-        self.engine = Engine(lambda *a: self.finished.append(a), lambda *a: self.reports.append(a))
+        self.engine = make_engine(
+            Engine, lambda *a: self.finished.append(a), lambda *a: self.reports.append(a)
+        )
 
     def pump_until(self, cond: Callable[[], bool], timeout: float = 5.0) -> None:
         pump_until(self.engine, cond, timeout)

@@ -24,7 +24,7 @@ from lbproxy.pool import BackendState
 from lbproxy.proxy.connect import LOCAL_ERRORS
 from lbproxy.proxy.deadlines import untried
 from lbproxy.proxy.http_upstream import Upstream
-from lbproxy.proxy.tunnel import NativeWsLink, WsLink
+from lbproxy.proxy.tunnel import WsLink
 
 if TYPE_CHECKING:
     from lbproxy.pool import Backend
@@ -208,7 +208,7 @@ def got(client: HttpClient, splicer: Splicer, backend: Backend, data: bytes) -> 
     client.nslot = -1
     client.tunnel_started()
     link.slot = slot
-    link.__class__ = NativeWsLink  # (before splice(): the engine may report its end at once)
+    link.native_started(slot)  # (before splice(): the engine may report its end at once)
     ctx.connections.add(link)
     ctx.pool.attach(backend, link, client.key)
     try:

@@ -4,10 +4,12 @@ A tunnel starts as two asyncio transports (tunnel.Link / WsLink). Once the
 handshake is over and nothing is buffered, ``Splicer.offload`` duplicates both
 sockets into the engine's epoll set and closes the transports; from then on the
 engine forwards bytes in C (see _splice.c) and the Link object stays what the
-pool, the listener sweep and the drainer talk to: ``NativeLink`` turns their
-calls (byte counts, go_away, abort) into engine calls, and the engine reports
-the end of the tunnel once. TLS listeners keep the Python tunnel (the bytes
-must pass through the SSL object). ``LBPROXY_SPLICE=0`` turns the engine off.
+pool, the listener sweep and the drainer talk to: with ``where`` NATIVE it turns
+their calls (byte counts, go_away, abort) into engine calls, and the engine
+reports the end of the tunnel once. The engine is given the tunnel rules and the
+1001 frame once, when it is made (tunnel_rules.engine_setup). TLS listeners keep
+the Python tunnel (the bytes must pass through the SSL object).
+``LBPROXY_SPLICE=0`` turns the engine off.
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from lbproxy.proxy import native_upgrade
-from lbproxy.proxy.tunnel import Link, NativeLink, NativeWsLink, WsLink
+from lbproxy.proxy.tunnel import Link, WsLink
+from lbproxy.proxy.tunnel_rules import Mode, Where, engine_setup
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from lbproxy._splice import Engine
+    from lbproxy.pool import Backend
+    from lbproxy.proxy.context import ListenerContext
 
 
 class Gone(asyncio.Transport):
@@ -69,6 +76,16 @@ def native_available() -> bool:
     return engine_class() is not None
 
 
+def make_engine(
+    engine_type: type[Engine],
+    on_finish: Callable[[Any, str, int, int], None],
+    on_data: Callable[[Any, bytes | None, int], None] | None = None,
+) -> Engine:
+    """An engine that follows the tunnel rules (given to it here, once)."""
+    rules, frame = engine_setup()
+    return engine_type(on_finish, on_data, rules=rules, close_frame=frame)
+
+
 class Splicer:
     """One listener's engine: its epoll fd watched by the event loop, its tunnels."""
 
@@ -76,7 +93,7 @@ class Splicer:
 
     def __init__(self, engine_type: type[Engine], loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.engine = engine_type(self._finished, native_upgrade.on_data)
+        self.engine = make_engine(engine_type, self._finished, native_upgrade.on_data)
         self.fd = self.engine.fileno()
         self.detached = Detached()
         self.gone = Gone()
@@ -102,7 +119,10 @@ class Splicer:
         """Move ``link``'s two sockets into the engine; False when it has to stay in Python."""
         backend, client = link.transport, link.out
         if (
-            link.eof
+            link.where is not Where.PYTHON
+            or link.side.mode is not Mode.FORWARD
+            or link.client.side.mode is not Mode.FORWARD
+            or link.eof
             or link.client.eof
             or link.lost
             or backend.is_closing()
@@ -140,6 +160,21 @@ class Splicer:
         client.set_protocol(self.detached)
         backend.abort()
         client.abort()
-        link.slot = slot
-        link.__class__ = NativeWsLink if ws else NativeLink
+        link.native_started(slot)
         return True
+
+    def native_ws_link(
+        self,
+        ctx: ListenerContext,
+        backend: Backend,
+        client_transport: asyncio.Transport,
+        client_addr: str,
+        started: float,
+        slot: int,
+    ) -> WsLink:
+        """The Link for a websocket whose backend socket the engine already holds (``slot``,
+        from ``engine.connect``): call before ``engine.splice``, which may report its end
+        at once. Its frame cursor starts at a boundary (``feed`` it the first frames)."""
+        link = WsLink(ctx, backend, self.gone, client_transport, client_addr, started)
+        link.native_started(slot)
+        return link

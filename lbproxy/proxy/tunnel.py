@@ -8,6 +8,10 @@ slow reader never makes lbproxy buffer without bound. Half-close (EOF) is
 passed on with write_eof(). Per chunk: one write and one integer add; the
 websocket variant also follows frame boundaries (see wsframe.FrameCursor) so a
 1001 close can be injected cleanly when the backend drains.
+
+The rules (side modes, the go-away rule, the 1001 frame) are tunnel_rules'; the
+same Link object stays in charge when the native engine forwards the sockets
+(``where`` is NATIVE, see splice.py): states are data, never a class change.
 """
 
 from __future__ import annotations
@@ -18,20 +22,32 @@ from typing import TYPE_CHECKING
 
 from lbproxy.proxy.accesslog import log_connection
 from lbproxy.proxy.connect import HIGH_WATER
-from lbproxy.proxy.wsframe import FrameScan, close_frame
+from lbproxy.proxy.parting import Linger, Parting
+from lbproxy.proxy.tunnel_rules import (
+    AFTER,
+    GOING_AWAY_FRAME,
+    WHERE_TRANSITIONS,
+    GoAway,
+    Mode,
+    Side,
+    Where,
+    check,
+    go_away,
+)
+from lbproxy.proxy.wsframe import FrameScan
 
 if TYPE_CHECKING:
     from lbproxy.pool import Backend
     from lbproxy.proxy.context import ListenerContext
 
 GRACE = 5.0  # seconds a going-away peer gets to close its side before we close it
-GOING_AWAY_FRAME = close_frame(1001, b"backend going away")
+__all__ = ["GOING_AWAY_FRAME", "GRACE", "ClientHalf", "Linger", "Link", "Parting", "WsLink"]
 
 
 class ClientHalf(asyncio.Protocol):
     """Client side of a tunnel: bytes from the client go to the backend."""
 
-    __slots__ = ("eof", "link", "nbytes", "out", "transport")
+    __slots__ = ("eof", "link", "nbytes", "out", "side", "transport")
 
     def __init__(self, link: Link, transport: asyncio.Transport) -> None:
         self.link = link
@@ -39,6 +55,7 @@ class ClientHalf(asyncio.Protocol):
         self.out: asyncio.Transport = link.transport
         self.nbytes = 0
         self.eof = False
+        self.side = Side()
 
     def data_received(self, data: bytes) -> None:
         self.nbytes += len(data)
@@ -54,6 +71,7 @@ class ClientHalf(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.side.move(Mode.CLOSED)
         self.link.side_lost(self, "client closed" if exc is None else f"client error: {exc}")
 
     def pause_writing(self) -> None:
@@ -81,10 +99,14 @@ class Link(asyncio.Protocol):
         "nbytes",
         "out",
         "reason",
+        "side",
         "slot",
         "started",
         "transport",
+        "where",
     )
+
+    ws = False  # (WsLink: True) what the go-away rule is told
 
     def __init__(
         self,
@@ -107,7 +129,9 @@ class Link(asyncio.Protocol):
         self.flushed_in = 0
         self.flushed_out = 0
         self.reason = ""
-        self.slot = -1  # the native engine's slot once offloaded (NativeLink)
+        self.slot = -1  # the native engine's slot once offloaded
+        self.where = Where.PYTHON
+        self.side = Side()  # the backend side (the client side is self.client.side)
         self.client = ClientHalf(self, client_transport)
 
     # -- wiring ------------------------------------------------------------
@@ -152,6 +176,7 @@ class Link(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.side.move(Mode.CLOSED)
         self.side_lost(self, "backend closed" if exc is None else f"backend error: {exc}")
 
     def pause_writing(self) -> None:
@@ -188,7 +213,11 @@ class Link(asyncio.Protocol):
 
     def totals(self) -> tuple[int, int]:
         """Bytes (client -> backend, backend -> client) so far."""
-        return self.client.nbytes, self.nbytes
+        splicer = self.ctx.splicer
+        if self.where is not Where.NATIVE or splicer is None:
+            return self.client.nbytes, self.nbytes
+        nin, nout = splicer.engine.counts(self.slot, self)
+        return self.client.nbytes + nin, self.nbytes + nout
 
     def flush_bytes(self) -> None:
         """Move byte counts into the shared counters (at close and from the periodic sweep)."""
@@ -204,112 +233,67 @@ class Link(asyncio.Protocol):
             stats.bytes[(pool, backend, "out")] += delta_out
             self.flushed_out = total_out
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.ctx.loop
+
     def activity(self) -> int:
         total_in, total_out = self.totals()
         return total_in + total_out
 
     def abort(self, reason: str) -> None:
-        self.reason = reason
-        self.transport.close()
-        self.out.close()
-
-    def go_away(self) -> None:
-        """Plain TCP: half-close both sides (FIN) and let the peers finish."""
-        self.reason = self.reason or "drained"
-        self._part_both()
-
-    def _part_both(self) -> None:
-        for transport in (self.out, self.transport):
-            Discard.take_over(transport, self)
-
-
-class WsLink(Link, FrameScan):
-    """A websocket tunnel: follows backend frame boundaries to inject a 1001 close."""
-
-    __slots__ = ("partial", "saw_close", "skip")
-
-    def start(
-        self, to_client: bytes, to_backend: bytes, head_len: int = 0, key: bytes | None = None
-    ) -> None:
-        """``to_client`` is the 101 response head (``head_len`` bytes) plus any first frames."""
-        self.skip = 0
-        self.partial = b""
-        self.saw_close = False
-        if len(to_client) > head_len:
-            self.feed(to_client[head_len:])
-        super().start(to_client, to_backend, key=key)
-
-    def data_received(self, data: bytes) -> None:
-        n = len(data)
-        self.nbytes += n
-        self.out.write(data)
-        skip = self.skip
-        if n <= skip:  # inside a frame (a split header has skip == 0)
-            self.skip = skip - n
+        if self.where is Where.PYTHON:
+            self.reason = reason
+            self.transport.close()
+            self.out.close()
             return
-        # The common case: exactly one small unmasked non-close frame.
-        if (
-            skip == 0
-            and 1 < n < 127
-            and data[1] == n - 2
-            and data[0] & 0x0F != 0x8
-            and not self.partial
-        ):
-            return
-        self.feed(data)
-
-    def go_away(self) -> None:
-        if self.reason.startswith("drained"):
-            return
-        self.reason = "drained (1001 going away)"
-        if self.saw_close:  # the backend is already closing this websocket
-            self._part_both()
-        elif self.at_boundary:
-            self._send_going_away()
-        else:  # finish the frame in flight first
-            self.__class__ = GoingAwayWsLink
-
-    def _send_going_away(self) -> None:
-        self.out.write(GOING_AWAY_FRAME)
-        # RFC 6455 7.1.1: once the client answered our close, the server closes TCP first.
-        ClosingHandshake.take_over(self.out, self)
-        Discard.take_over(self.transport, self)
-
-
-class GoingAwayWsLink(WsLink):
-    """A WsLink that forwards only up to the end of the current frame, then sends 1001."""
-
-    __slots__ = ()
-
-    def data_received(self, data: bytes) -> None:
-        k = self.to_boundary(data)
-        head = data if k < 0 else data[:k]
-        if head:
-            self.nbytes += len(head)
-            self.out.write(head)
-            self.feed(head)
-        if k < 0:
-            return
-        if self.saw_close:
-            self._part_both()
-        else:
-            self._send_going_away()
-
-
-class NativeLink(Link):
-    """A Link whose sockets the native engine forwards (see splice.py): same contract."""
-
-    __slots__ = ()
-
-    def totals(self) -> tuple[int, int]:
         splicer = self.ctx.splicer
-        if self.slot < 0 or splicer is None:
-            return self.client.nbytes, self.nbytes
-        nin, nout = splicer.engine.counts(self.slot, self)
-        return self.client.nbytes + nin, self.nbytes + nout
+        if self.where is Where.NATIVE_DONE or splicer is None:
+            return
+        self.reason = reason
+        nin, nout = splicer.engine.close(self.slot, self)
+        self.native_finished(reason, nin, nout)
+
+    def go_away(self) -> None:
+        """Drain: plain TCP half-closes both sides (FIN) and lets the peers finish."""
+        self.reason = self.reason or "drained"
+        self._go_away()
+
+    def _go_away(self) -> None:
+        if self.where is not Where.PYTHON:
+            self._native_go_away()
+        elif self.side.mode is Mode.FORWARD and self.client.side.mode is Mode.FORWARD:
+            self._go_away_now()
+
+    def _go_away_action(self) -> GoAway:
+        return go_away(False, False, True)
+
+    def _go_away_now(self) -> None:
+        """Apply the go-away rule now (WAIT_BOUNDARY: WsLink decides again at the boundary)."""
+        action = self._go_away_action()
+        if action is GoAway.WAIT_BOUNDARY:
+            self._wait_boundary()
+            return
+        if action is GoAway.CLOSE_FRAME:
+            self.out.write(GOING_AWAY_FRAME)
+        client_mode, backend_mode = AFTER[action]
+        Parting.take_over(self.out, self, self.client.side, client_mode, GRACE)
+        Parting.take_over(self.transport, self, self.side, backend_mode, GRACE)
+
+    def _wait_boundary(self) -> None:
+        raise AssertionError("a plain tunnel has no frames to wait for")
+
+    # -- the native engine holds the sockets (splice.py) ----------------------
+    def native_started(self, slot: int) -> None:
+        """The engine now forwards this tunnel's sockets under ``slot``."""
+        check(WHERE_TRANSITIONS, self.where, Where.NATIVE)
+        self.where = Where.NATIVE
+        self.slot = slot
 
     def native_finished(self, reason: str, nin: int, nout: int) -> None:
-        """Called by the engine once both sockets are closed."""
+        """Called by the engine once both sockets are closed (and by abort)."""
+        check(WHERE_TRANSITIONS, self.where, Where.NATIVE_DONE)
+        self.where = Where.NATIVE_DONE
         self.slot = -1
         self.client.nbytes += nin
         self.nbytes += nout
@@ -318,128 +302,100 @@ class NativeLink(Link):
         self.lost = 2
         self.finish()
 
-    def abort(self, reason: str) -> None:
-        splicer = self.ctx.splicer
-        if self.slot < 0 or splicer is None:
-            return
-        self.reason = reason
-        nin, nout = splicer.engine.close(self.slot, self)
-        self.native_finished(reason, nin, nout)
-
-    def go_away(self) -> None:
-        self.reason = self.reason or "drained"
-        self._native_go_away()
-
     def _native_go_away(self) -> None:
         splicer = self.ctx.splicer
-        if self.slot < 0 or splicer is None:
+        if self.where is not Where.NATIVE or splicer is None:
             return
         slot = self.slot
         splicer.engine.go_away(slot, self)
-        # the peers get GRACE seconds to close their sides, as with Discard
+        # the peers get GRACE seconds to close their sides, as with Parting
         self.ctx.loop.call_later(GRACE, self._grace_over, slot)
 
     def _grace_over(self, slot: int) -> None:
-        if self.slot == slot:
+        if self.where is Where.NATIVE and self.slot == slot:
             self.abort(self.reason)
 
 
-class NativeWsLink(NativeLink, WsLink):
-    """A WsLink forwarded by the native engine, which also does the 1001 at a boundary."""
+class WsLink(Link, FrameScan):
+    """A websocket tunnel: follows backend frame boundaries to inject a 1001 close."""
 
-    __slots__ = ()
+    __slots__ = ("draining", "partial", "saw_close", "skip")
+
+    ws = True
+
+    def __init__(
+        self,
+        ctx: ListenerContext,
+        backend: Backend,
+        transport: asyncio.Transport,
+        client_transport: asyncio.Transport,
+        client_addr: str,
+        started: float,
+    ) -> None:
+        super().__init__(ctx, backend, transport, client_transport, client_addr, started)
+        self.skip = 0
+        self.partial = b""
+        self.saw_close = False
+        self.draining = False  # go-away waits for the frame in flight to end
+
+    def start(
+        self, to_client: bytes, to_backend: bytes, head_len: int = 0, key: bytes | None = None
+    ) -> None:
+        """``to_client`` is the 101 response head (``head_len`` bytes) plus any first frames."""
+        if len(to_client) > head_len:
+            self.feed(to_client[head_len:])
+        super().start(to_client, to_backend, key=key)
+
+    def data_received(self, data: bytes) -> None:
+        n = len(data)
+        skip = self.skip
+        if n < skip:  # inside a frame (a split header has skip == 0)
+            self.nbytes += n
+            self.out.write(data)
+            self.skip = skip - n
+            return
+        # The common case: exactly one small unmasked non-close frame, at a boundary before
+        # and after (so never while draining, which is only ever between boundaries).
+        if (
+            skip == 0
+            and 1 < n < 127
+            and data[1] == n - 2
+            and data[0] & 0x0F != 0x8
+            and not self.partial
+        ):
+            self.nbytes += n
+            self.out.write(data)
+            return
+        if not self.draining:  # frame headers in this chunk
+            self.nbytes += n
+            self.out.write(data)
+            if n == skip:  # (it ends a frame exactly)
+                self.skip = 0
+            else:
+                self.feed(data)
+            return
+        self._drain_to_boundary(data)
+
+    def _drain_to_boundary(self, data: bytes) -> None:
+        """Draining: forward up to the end of the frame in flight, then apply the rule."""
+        k = self.to_boundary(data)
+        head = data if k < 0 else data[:k]
+        if head:
+            self.nbytes += len(head)
+            self.out.write(head)
+            self.feed(head)
+        if k >= 0:  # the boundary: decide again (what comes after it is not forwarded)
+            self.draining = False
+            self._go_away_now()
 
     def go_away(self) -> None:
         if self.reason.startswith("drained"):
             return
         self.reason = "drained (1001 going away)"
-        self._native_go_away()
+        self._go_away()
 
+    def _go_away_action(self) -> GoAway:
+        return go_away(True, self.saw_close, self.at_boundary)
 
-class Discard(asyncio.Protocol):
-    """Takes over a transport being closed gracefully: FIN sent, input read and dropped.
-
-    The transport is closed when the peer closes its side, or after GRACE seconds.
-    """
-
-    __slots__ = ("link", "timer", "transport")
-
-    def __init__(self, transport: asyncio.Transport, link: Link) -> None:
-        self.transport = transport
-        self.link = link
-        self.timer: asyncio.TimerHandle | None = None
-
-    @classmethod
-    def take_over(cls, transport: asyncio.Transport, link: Link) -> None:
-        if transport.is_closing():
-            return
-        discard = cls(transport, link)
-        transport.set_protocol(discard)
-        if not transport.can_write_eof():  # TLS has no half-close: flush, close_notify, close
-            transport.close()
-            return
-        transport.resume_reading()
-        transport.write_eof()
-        discard.timer = link.ctx.loop.call_later(GRACE, transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        pass
-
-    def eof_received(self) -> bool:
-        return False  # the peer finished too: close
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.link.lost += 1
-        if self.link.lost == 2:
-            self.link.finish()
-
-
-class Linger(asyncio.Protocol):
-    """Lingering close (as NGINX does after an error response): FIN, then drop input.
-
-    Closing a socket that still has unread input makes the kernel send a reset,
-    which can destroy the response before the client reads it; this reads and
-    drops what the client still sends until it closes, or for LINGER seconds.
-    """
-
-    __slots__ = ("timer", "transport")
-
-    LINGER = 2.0
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        self.timer: asyncio.TimerHandle | None = None
-
-    @classmethod
-    def close(cls, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        if transport.is_closing():
-            return
-        if not transport.can_write_eof():
-            transport.close()
-            return
-        linger = cls(transport)
-        transport.set_protocol(linger)
-        transport.write_eof()
-        transport.resume_reading()
-        linger.timer = loop.call_later(cls.LINGER, transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        pass
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-
-
-class ClosingHandshake(Discard):
-    """The client side after lbproxy sent a websocket close: its reply ends the connection."""
-
-    __slots__ = ()
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.close()  # the client's close frame (or anything after ours): done
+    def _wait_boundary(self) -> None:
+        self.draining = True

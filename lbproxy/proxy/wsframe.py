@@ -1,4 +1,6 @@
-"""Sans-IO websocket frame boundaries (server -> client direction) and close frames.
+"""Sans-IO websocket frame boundaries (server -> client direction).
+
+(The close frames are built in tunnel_rules; ``close_frame`` is re-exported here.)
 
 The tunnel forwards bytes untouched; to inject a close frame (1001 Going Away)
 at drain time without cutting a frame in half, it must know where frames end in
@@ -8,20 +10,11 @@ chunk inside a large frame and a few index operations per frame header.
 
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING
 
-OPCODE_CLOSE = 0x8
-GOING_AWAY = 1001
-
-
-def close_frame(code: int = GOING_AWAY, reason: bytes = b"", mask: bytes | None = None) -> bytes:
-    """An RFC 6455 close frame; unmasked (server -> client) unless ``mask`` is given."""
-    payload = struct.pack("!H", code) + reason[:123]
-    if mask is None:
-        return bytes((0x80 | OPCODE_CLOSE, len(payload))) + payload
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return bytes((0x80 | OPCODE_CLOSE, 0x80 | len(payload))) + mask + masked
+from lbproxy.proxy.tunnel_rules import GOING_AWAY as GOING_AWAY
+from lbproxy.proxy.tunnel_rules import OPCODE_CLOSE
+from lbproxy.proxy.tunnel_rules import close_frame as close_frame
 
 
 class FrameScan:
