@@ -1,0 +1,115 @@
+"""Balancer-wide connection counts shared by the workers of `serve --workers N`.
+
+A ``multiprocessing.shared_memory`` table of int32: one row per worker slot, one column
+per backend slot (like NGINX's upstream ``zone``). A worker writes only its own row (its
+own open connections per backend), so no lock or atomic is needed; readers sum a column
+over the rows. The supervisor creates the table, assigns columns to backends (pushed to the
+workers with the pool snapshot) and zeroes the row of a worker that died.
+
+Column 0 is reserved: ``NO_COLUMN`` means "not assigned yet" (the worker then counts the
+connection in its own process only until the next snapshot assigns one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from multiprocessing import resource_tracker, shared_memory
+
+MAX_BACKENDS = 4096  # backend slots of the table (a fixed size: documented in the README)
+NO_COLUMN = 0
+ITEM = 4  # int32
+
+
+class SharedCounts:
+    """The table; ``row`` is this process's own row (-1: a reader, e.g. the supervisor)."""
+
+    def __init__(
+        self, shm: shared_memory.SharedMemory, rows: int, columns: int, row: int, owner: bool
+    ) -> None:
+        self._shm = shm
+        self.rows = rows
+        self.columns = columns
+        self.row = row
+        self._owner = owner
+        buf = shm.buf
+        assert buf is not None
+        self._buf = buf
+        self._cells = buf[: rows * columns * ITEM].cast("i")
+
+    @property
+    def name(self) -> str:
+        return self._shm.name
+
+    @classmethod
+    def create(cls, rows: int, columns: int = MAX_BACKENDS) -> SharedCounts:
+        shm = shared_memory.SharedMemory(create=True, size=rows * columns * ITEM)
+        return cls(shm, rows, columns, -1, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, rows: int, row: int, columns: int = MAX_BACKENDS) -> SharedCounts:
+        shm = shared_memory.SharedMemory(name=name, create=False)
+        # Python < 3.13 registers an attached segment with this process's resource tracker,
+        # which would unlink it when the worker exits: the supervisor owns it, so unregister.
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        return cls(shm, rows, columns, row, owner=False)
+
+    def set(self, column: int, value: int) -> None:
+        """This process's count for ``column`` (its own row only)."""
+        if self.row >= 0 and 0 < column < self.columns:
+            self._cells[self.row * self.columns + column] = value
+
+    def total(self, column: int) -> int:
+        """The balancer-wide count of ``column``: the sum over every worker's row."""
+        if not 0 < column < self.columns:
+            return 0
+        return sum(self._cells[column :: self.columns])
+
+    def row_total(self, row: int) -> int:
+        """Every connection worker ``row`` holds."""
+        start = row * self.columns
+        return sum(self._cells[start : start + self.columns])
+
+    def zero_row(self, row: int) -> None:
+        """A worker died: what it held stops counting at once."""
+        start = row * self.columns * ITEM
+        self._buf[start : start + self.columns * ITEM] = bytes(self.columns * ITEM)
+
+    def close(self) -> None:
+        self._cells.release()
+        self._buf.release()
+        self._shm.close()
+        if self._owner:
+            with contextlib.suppress(FileNotFoundError):
+                self._shm.unlink()
+
+
+class Columns:
+    """The supervisor's column map: (pool, backend id, address) -> column, reusing the
+    columns of backends that are gone and no longer counted by any worker."""
+
+    def __init__(self, columns: int = MAX_BACKENDS) -> None:
+        self._columns = columns
+        self._by_key: dict[tuple[str, str, str], int] = {}
+        self._free: list[int] = []
+        self._next = 1
+
+    def column(self, key: tuple[str, str, str]) -> int:
+        found = self._by_key.get(key)
+        if found is not None:
+            return found
+        if self._free:
+            found = self._free.pop()
+        elif self._next < self._columns:
+            found = self._next
+            self._next += 1
+        else:
+            return NO_COLUMN  # table full: counted per worker only (logged by the caller)
+        self._by_key[key] = found
+        return found
+
+    def release_unused(self, live: set[tuple[str, str, str]], counts: SharedCounts) -> None:
+        """Free the columns of backends not in ``live`` whose count dropped to zero."""
+        for key, col in list(self._by_key.items()):
+            if key not in live and counts.total(col) == 0:
+                del self._by_key[key]
+                self._free.append(col)
