@@ -96,6 +96,7 @@ class WorkerCount(click.ParamType):  # type: ignore[type-arg]
 @click.option("--worker-index", default=-1, hidden=True, type=int)
 @click.option("--control-fd", default=-1, hidden=True, type=int)
 @click.option("--counts", "counts_spec", default="", hidden=True)
+@click.option("--rows", default=0, hidden=True, type=int)
 def serve(
     config_path: str,
     workers: int,
@@ -104,6 +105,7 @@ def serve(
     worker_index: int,
     control_fd: int,
     counts_spec: str,
+    rows: int,
 ) -> None:
     """Run the load balancer until SIGTERM/SIGINT (then drain and exit 0)."""
     from lbproxy.logsetup import setup_logging
@@ -123,13 +125,13 @@ def serve(
     from lbproxy.shared_counts import SharedCounts
     from lbproxy.workers import WorkerLink
 
-    name, rows = counts_spec.rsplit(":", 1)
+    counts_fd, row = (int(part) for part in counts_spec.split(":", 1))
     app = App(
         config,
         reuse_port=True,
         log_json=log_format == "json",
         role="worker",
-        counts=SharedCounts.attach(name, int(rows), worker_index),
+        counts=SharedCounts.attach(counts_fd, rows, row),
         link=WorkerLink(control_fd),
     )
     sys.exit(run_async(app.run(config_path)))

@@ -1,6 +1,6 @@
 """Balancer-wide connection counts shared by the workers of `serve --workers N`.
 
-A ``multiprocessing.shared_memory`` table of int32: one row per worker slot, one column
+A shared-memory table of int32: one row per worker slot, one column
 per backend slot (like NGINX's upstream ``zone``). A worker writes only its own row (its
 own open connections per backend), so no lock or atomic is needed; readers sum a column
 over the rows. The supervisor creates the table, assigns columns to backends (pushed to the
@@ -12,8 +12,8 @@ connection in its own process only until the next snapshot assigns one).
 
 from __future__ import annotations
 
-import contextlib
-from multiprocessing import resource_tracker, shared_memory
+import mmap
+import os
 
 MAX_BACKENDS = 4096  # backend slots of the table (a fixed size: documented in the README)
 NO_COLUMN = 0
@@ -21,37 +21,28 @@ ITEM = 4  # int32
 
 
 class SharedCounts:
-    """The table; ``row`` is this process's own row (-1: a reader, e.g. the supervisor)."""
+    """The table; ``row`` is this process's own row (-1: a reader, e.g. the supervisor).
 
-    def __init__(
-        self, shm: shared_memory.SharedMemory, rows: int, columns: int, row: int, owner: bool
-    ) -> None:
-        self._shm = shm
+    The memory is an anonymous ``memfd`` (no name in /dev/shm, nothing to unlink, no
+    resource-tracker process): the supervisor passes its descriptor to each worker."""
+
+    def __init__(self, fd: int, rows: int, columns: int, row: int) -> None:
+        self.fd = fd
         self.rows = rows
         self.columns = columns
         self.row = row
-        self._owner = owner
-        buf = shm.buf
-        assert buf is not None
-        self._buf = buf
-        self._cells = buf[: rows * columns * ITEM].cast("i")
-
-    @property
-    def name(self) -> str:
-        return self._shm.name
+        self._map = mmap.mmap(fd, rows * columns * ITEM)
+        self._cells = memoryview(self._map).cast("i")
 
     @classmethod
     def create(cls, rows: int, columns: int = MAX_BACKENDS) -> SharedCounts:
-        shm = shared_memory.SharedMemory(create=True, size=rows * columns * ITEM)
-        return cls(shm, rows, columns, -1, owner=True)
+        fd = os.memfd_create("lbproxy-counts", 0)  # close-on-exec: passed on explicitly
+        os.ftruncate(fd, rows * columns * ITEM)  # zero-filled
+        return cls(fd, rows, columns, -1)
 
     @classmethod
-    def attach(cls, name: str, rows: int, row: int, columns: int = MAX_BACKENDS) -> SharedCounts:
-        shm = shared_memory.SharedMemory(name=name, create=False)
-        # Python < 3.13 registers an attached segment with this process's resource tracker,
-        # which would unlink it when the worker exits: the supervisor owns it, so unregister.
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-        return cls(shm, rows, columns, row, owner=False)
+    def attach(cls, fd: int, rows: int, row: int, columns: int = MAX_BACKENDS) -> SharedCounts:
+        return cls(fd, rows, columns, row)
 
     def set(self, column: int, value: int) -> None:
         """This process's count for ``column`` (its own row only)."""
@@ -72,15 +63,12 @@ class SharedCounts:
     def zero_row(self, row: int) -> None:
         """A worker died: what it held stops counting at once."""
         start = row * self.columns * ITEM
-        self._buf[start : start + self.columns * ITEM] = bytes(self.columns * ITEM)
+        self._map[start : start + self.columns * ITEM] = bytes(self.columns * ITEM)
 
     def close(self) -> None:
         self._cells.release()
-        self._buf.release()
-        self._shm.close()
-        if self._owner:
-            with contextlib.suppress(FileNotFoundError):
-                self._shm.unlink()
+        self._map.close()
+        os.close(self.fd)
 
 
 class Columns:

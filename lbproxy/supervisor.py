@@ -42,11 +42,12 @@ MAX_RESTARTS = 10  # per worker per minute: beyond that the supervisor gives up
 class WorkerProc:
     """One worker process and the supervisor's end of its control socket."""
 
-    def __init__(self, index: int, argv: list[str]) -> None:
+    def __init__(self, index: int, argv: list[str], counts_fd: int) -> None:
         self.index = index
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fd = child.fileno()
-        self.proc = subprocess.Popen([*argv, "--control-fd", str(fd)], pass_fds=(fd,))
+        argv = [*argv, "--control-fd", str(fd), "--counts", f"{counts_fd}:{index}"]
+        self.proc = subprocess.Popen(argv, pass_fds=(fd, counts_fd))
         child.close()
         self.sock = parent
         self.writer: asyncio.StreamWriter | None = None
@@ -151,9 +152,8 @@ class Supervisor:
 
     # -- workers ----------------------------------------------------------------
     async def _spawn(self, index: int) -> WorkerProc:
-        argv = [*self._argv, "--worker-index", str(index)]
-        argv += ["--counts", f"{self.counts.name}:{self.count}"]
-        worker = WorkerProc(index, argv)
+        argv = [*self._argv, "--worker-index", str(index), "--rows", str(self.count)]
+        worker = WorkerProc(index, argv, self.counts.fd)
         reader, worker.writer = await asyncio.open_unix_connection(sock=worker.sock, limit=MAX_LINE)
         worker.reader_task = asyncio.get_running_loop().create_task(self._read(worker, reader))
         self.push()  # its first snapshot (sent_version 0)

@@ -1,0 +1,204 @@
+"""`serve --workers 2` is one balancer: one admin API, shared counts, drain everywhere,
+health checks once, a killed worker replaced (real lbproxy subprocesses, real backends)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+
+from lbproxy import __version__
+from tests.proxyconf import proxy_config
+from tests.support import Backend, Lbproxy, await_until, free_port, lbproxy_cmd, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _get(port: int, path: str) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5)
+
+
+def _active(admin: int) -> dict[str, int]:
+    backends = _get(admin, "/api/pools").json()["pools"]["main"]["backends"]
+    return {b["id"]: b["active"] for b in backends}
+
+
+def _own_counts(*backends: Backend) -> dict[str, int]:
+    """What each backend itself counts (its /whoami, asked directly, not through lbproxy)."""
+    return {b.id: int(_get(b.port, "/whoami").json()["connections"]) for b in backends}
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return sorted(int(p) for p in out.stdout.split())
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(lbproxy_cmd(*args), capture_output=True, text=True, timeout=30)
+
+
+async def _open(port: int, count: int) -> list[ClientConnection]:
+    conns = [await ws_connect(f"ws://127.0.0.1:{port}/echo") for _ in range(count)]
+    for conn in conns:  # each one through to its backend
+        await conn.send("hi")
+        assert await asyncio.wait_for(conn.recv(), 5) == "hi"
+    return conns
+
+
+async def _closed_with(conn: ClientConnection) -> int | None:
+    try:
+        await asyncio.wait_for(conn.recv(), 3)
+    except ConnectionClosed as exc:
+        return None if exc.rcvd is None else exc.rcvd.code
+    except TimeoutError:
+        return -1  # still open
+    return -2  # a message: not expected
+
+
+@pytest.fixture
+def balancer(tmp_path: Path) -> Iterator[tuple[Lbproxy, int, int, Backend, Backend]]:
+    one, two = Backend("w1").start(), Backend("w2").start()
+    try:
+        text, port, admin = proxy_config(
+            [(one.id, one.address), (two.id, two.address)],
+            pool={"drain_timeout": 0.0, "close_spread": 0.3},
+        )
+        lb = Lbproxy(text, tmp_path, "--workers", "2").start(wait_ports=(port,))
+        try:
+            wait_until(lambda: len(_get(admin, "/api/info").json()["workers"]) == 2, timeout=20)
+            yield lb, port, admin, one, two
+        finally:
+            lb.stop()
+    finally:
+        one.stop()
+        two.stop()
+
+
+async def test_one_admin_view_drain_everywhere_and_a_killed_worker(
+    balancer: tuple[Lbproxy, int, int, Backend, Backend],
+) -> None:
+    lb, port, admin, one, two = balancer
+    info = _get(admin, "/api/info").json()
+    assert info["version"] == __version__ and info["pid"] == lb.pid
+    assert info["generation"] == 1 and info["started"] <= time.time()
+    pids = [w["pid"] for w in info["workers"]]
+    assert sorted(pids) == _children(lb.pid)  # the supervisor's own children
+
+    conns = await _open(port, 40)
+    # the one admin port counts every worker's connections, as the backends do
+    await await_until(lambda: _active(admin) == _own_counts(one, two), timeout=10)
+    assert sum(_active(admin).values()) == 40
+    # least-connections on the shared counts: even across the backends whichever worker picks
+    assert abs(_active(admin)["w1"] - _active(admin)["w2"]) <= 4
+    held = [w["connections"] for w in _get(admin, "/api/info").json()["workers"]]
+    assert sum(held) == 40 and min(held) > 0  # both workers hold some
+
+    on_one = _active(admin)["w1"]
+    drained = _cli("drain", "main", "w1", "--admin", f"http://127.0.0.1:{admin}")
+    assert drained.returncode == 0, drained.stderr
+    codes = await asyncio.gather(*(_closed_with(c) for c in conns))
+    assert codes.count(1001) == on_one and codes.count(-1) == 40 - on_one, codes
+    for _ in range(20):  # new connections, spread by the kernel over both workers
+        assert _get(port, "/whoami").json()["id"] == "w2"
+    status = _cli("status", "--admin", f"http://127.0.0.1:{admin}")
+    assert status.returncode == 0 and "draining" in status.stdout, status.stdout
+    assert _cli("enable", "main", "w1", "--admin", f"http://127.0.0.1:{admin}").returncode == 0
+    await await_until(lambda: _get(port, "/whoami").json()["id"] == "w1", timeout=10)
+
+    # SIGKILL one worker: replaced within 2 s; what it held stops counting at once
+    victim = _get(admin, "/api/info").json()["workers"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+
+    def replaced() -> bool:
+        now = [w["pid"] for w in _get(admin, "/api/info").json()["workers"]]
+        return victim not in now and len(now) == 2
+
+    await await_until(replaced, timeout=5, interval=0.02)
+    assert time.monotonic() - killed < 2.0
+    alive = [c for c, code in zip(conns, codes, strict=True) if code == -1]
+    results = await asyncio.gather(*(_echo_alive(c) for c in alive))
+    survivors = sum(results)
+    assert 0 < survivors < len(alive)  # the other worker's clients are unaffected
+    await await_until(lambda: _active(admin) == _own_counts(one, two), timeout=10)
+    assert sum(_active(admin).values()) == survivors
+    for conn in conns:
+        await conn.close()
+
+
+async def _echo_alive(conn: ClientConnection) -> bool:
+    try:
+        await conn.send("still")
+        return bool(await asyncio.wait_for(conn.recv(), 5) == "still")
+    except (ConnectionClosed, TimeoutError):
+        return False
+
+
+class _Checked(BaseHTTPRequestHandler):
+    hits: list[float]
+
+    def do_GET(self) -> None:
+        if self.path == "/healthz":
+            self.hits.append(time.monotonic())
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_health_checks_once_per_interval_for_the_balancer(tmp_path: Path) -> None:
+    hits: list[float] = []
+    handler = type("Handler", (_Checked,), {"hits": hits})
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        interval = 0.2
+        health = {"check": "http", "path": "/healthz", "interval": interval, "timeout": 1.0}
+        text, port, admin = proxy_config([("c1", address)], health=health)
+        lb = Lbproxy(text, tmp_path, "--workers", "2").start(wait_ports=(port,))
+        try:
+            wait_until(lambda: len(_get(admin, "/api/info").json()["workers"]) == 2, timeout=20)
+            start = time.monotonic()
+            wait_until(lambda: time.monotonic() - start >= 2.5, timeout=5, interval=0.1)
+            window = [t for t in hits if start <= t < start + 2.5]
+            rate = len(window) / 2.5
+            assert rate == pytest.approx(1 / interval, rel=0.3), (rate, len(hits))
+        finally:
+            lb.stop()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_one_worker_is_one_process_as_before(tmp_path: Path) -> None:
+    backend = Backend("o1").start()
+    try:
+        text, port, admin = proxy_config([(backend.id, backend.address)])
+        lb = Lbproxy(text, tmp_path, "--workers", "1").start(wait_ports=(port,))
+        try:
+            wait_until(lambda: _get(admin, "/healthz").status_code == 200)
+            info = _get(admin, "/api/info").json()
+            assert info["pid"] == lb.pid and [w["pid"] for w in info["workers"]] == [lb.pid]
+            assert _children(lb.pid) == []  # no supervisor, no worker: one process
+            assert _get(port, "/whoami").json()["id"] == "o1"
+        finally:
+            lb.stop()
+    finally:
+        backend.stop()
