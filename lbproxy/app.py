@@ -138,7 +138,8 @@ class App:
             workers = self.view.workers()
         else:
             held = sum(len(lst.connections) for lst in self.all_listeners())
-            workers = [{"pid": os.getpid(), "connections": held}]
+            accepted = sum(self.stats.connections_total.values())
+            workers = [{"pid": os.getpid(), "connections": held, "accepted": accepted}]
         return {
             "version": __version__,
             "pid": os.getpid(),

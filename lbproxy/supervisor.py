@@ -111,7 +111,12 @@ class Supervisor:
 
     def workers(self) -> list[dict[str, int]]:
         return [
-            {"pid": w.proc.pid, "connections": self.counts.row_total(w.index)} for w in self.procs
+            {
+                "pid": w.proc.pid,
+                "connections": self.counts.row_total(w.index),
+                "accepted": sum(n for _, n in w.stats.get("connections_total", ())),
+            }
+            for w in self.procs
         ]
 
     # -- snapshots --------------------------------------------------------------
