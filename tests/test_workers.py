@@ -118,16 +118,20 @@ async def test_one_admin_view_drain_everywhere_and_a_killed_worker(
     await await_until(lambda: _get(port, "/whoami").json()["id"] == "w1", timeout=10)
 
     # SIGKILL one worker: replaced within 2 s; what it held stops counting at once
-    victim = _get(admin, "/api/info").json()["workers"][0]["pid"]
-    os.kill(victim, signal.SIGKILL)
+    victim = _get(admin, "/api/info").json()["workers"][0]
+    assert victim["connections"] > 0
+    os.kill(victim["pid"], signal.SIGKILL)
     killed = time.monotonic()
 
-    def replaced() -> bool:
-        now = [w["pid"] for w in _get(admin, "/api/info").json()["workers"]]
-        return victim not in now and len(now) == 2
+    def replacement() -> dict[str, int] | None:
+        now = _get(admin, "/api/info").json()["workers"]
+        fresh = [w for w in now if w["pid"] != victim["pid"] and w["pid"] not in pids]
+        return fresh[0] if fresh and len(now) == 2 else None
 
-    await await_until(replaced, timeout=5, interval=0.02)
+    fresh = await await_until(replacement, timeout=5, interval=0.02)
     assert time.monotonic() - killed < 2.0
+    # the dead worker's row was released before its replacement even started
+    assert fresh["connections"] == 0  # type: ignore[index]
     alive = [c for c, code in zip(conns, codes, strict=True) if code == -1]
     results = await asyncio.gather(*(_echo_alive(c) for c in alive))
     survivors = sum(results)
