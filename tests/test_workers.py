@@ -21,7 +21,15 @@ from websockets.exceptions import ConnectionClosed
 
 from lbproxy import __version__
 from tests.proxyconf import proxy_config
-from tests.support import Backend, Lbproxy, await_until, free_port, lbproxy_cmd, wait_until
+from tests.support import (
+    Backend,
+    Lbproxy,
+    await_until,
+    free_port,
+    lbproxy_cmd,
+    port_open,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,6 +51,14 @@ def _own_counts(*backends: Backend) -> dict[str, int]:
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
     return sorted(int(p) for p in out.stdout.split())
+
+
+def _exists(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie (not reaped by the test's subprocess) has exited
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -184,6 +200,12 @@ def test_health_checks_once_per_interval_for_the_balancer(tmp_path: Path) -> Non
             window = [t for t in hits if start <= t < start + 2.5]
             rate = len(window) / 2.5
             assert rate == pytest.approx(1 / interval, rel=0.3), (rate, len(hits))
+            # the supervisor killed: its workers exit rather than run unsupervised
+            children = _children(lb.pid)
+            assert len(children) == 2
+            os.kill(lb.pid, signal.SIGKILL)
+            wait_until(lambda: not any(_exists(p) for p in children), timeout=10)
+            wait_until(lambda: not port_open(port), timeout=5)  # no orphan keeps the port
         finally:
             lb.stop()
     finally:
