@@ -24,6 +24,7 @@ from tests.proxyconf import proxy_config
 from tests.support import (
     Backend,
     Lbproxy,
+    RedisServer,
     await_until,
     free_port,
     lbproxy_cmd,
@@ -228,3 +229,52 @@ def test_one_worker_is_one_process_as_before(tmp_path: Path) -> None:
             lb.stop()
     finally:
         backend.stop()
+
+
+def test_one_registry_watcher_for_the_balancer(redis: RedisServer, tmp_path: Path) -> None:
+    import redis as redis_py
+
+    from lbproxy.registry_schema import events_channel
+    from tests.test_discovery_e2e import config, members, register
+
+    backends = [Backend(f"q{i}").start() for i in (1, 2)]
+    regs = [register(redis, b) for b in backends]
+    try:
+        text, port, admin = config(redis.url)
+        lb = Lbproxy(text, tmp_path, "--workers", "2").start(wait_ports=(port,))
+        try:
+            wait_until(lambda: len(members(admin)) == 2, timeout=15)
+            client = redis_py.Redis.from_url(redis.url)
+            subscribers = dict(client.pubsub_numsub(events_channel("e2e")))
+            assert subscribers[events_channel("e2e").encode()] == 1  # the supervisor's only
+            client.close()
+            seen = {_get(port, "/whoami").json()["id"] for _ in range(20)}
+            assert seen <= {"q1", "q2"} and seen
+            redis.kill()  # Redis away: the last pool is kept in every worker, said once
+            assert lb.proc is not None
+            wait_until(lambda: "unreachable" in lb.proc.output(), timeout=10)  # type: ignore[union-attr]
+            for _ in range(20):
+                assert _get(port, "/whoami").status_code == 200
+            assert lb.proc.output().count("unreachable") == 1, lb.proc.output()
+        finally:
+            lb.stop()
+    finally:
+        for proc in regs:
+            proc.stop()
+        for b in backends:
+            b.stop()
+
+
+def test_workers_auto_is_the_cpu_count() -> None:
+    import click
+
+    from lbproxy.cli import WorkerCount
+
+    count = WorkerCount()
+    assert count.convert("auto", None, None) == min(64, len(os.sched_getaffinity(0)))
+    assert count.convert("3", None, None) == 3
+    for bad in ("0", "65", "many"):
+        with pytest.raises(click.BadParameter):
+            count.convert(bad, None, None)
+    out = _cli("serve", "--config", "/nonexistent.toml", "--workers", "0")
+    assert out.returncode == 2 and "--workers" in out.stderr
