@@ -276,3 +276,33 @@ def test_workers_auto_is_the_cpu_count() -> None:
             count.convert(bad, None, None)
     out = _cli("serve", "--config", "/nonexistent.toml", "--workers", "0")
     assert out.returncode == 2 and "--workers" in out.stderr
+
+
+def test_a_passive_failure_in_a_worker_marks_the_backend_down_everywhere(
+    tmp_path: Path,
+) -> None:
+    backend = Backend("p1").start()
+    try:
+        dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+        health = {"check": "none", "interval": 60.0, "passive_failures": 1}
+        text, port, admin = proxy_config(
+            [(backend.id, backend.address), ("dead", dead)],
+            pool={"balance": "round-robin"},
+            health=health,
+        )
+        lb = Lbproxy(text, tmp_path, "--workers", "2").start(wait_ports=(port,))
+        try:
+            wait_until(lambda: len(_get(admin, "/api/info").json()["workers"]) == 2, timeout=20)
+            for _ in range(6):  # a connect to "dead" fails, the retry goes to p1
+                assert _get(port, "/whoami").json()["id"] == "p1"
+
+            def state() -> str:
+                pools = _get(admin, "/api/pools").json()["pools"]
+                return str({b["id"]: b["state"] for b in pools["main"]["backends"]}["dead"])
+
+            wait_until(lambda: state() == "down", timeout=5)  # the supervisor's view
+            assert lb.proc is not None and "(worker " in lb.proc.output()  # a worker saw it
+        finally:
+            lb.stop()
+    finally:
+        backend.stop()
