@@ -205,13 +205,17 @@ class Pool:
         backend.removed = True
         if backend.state is not BackendState.DRAINING:
             self._set_state(backend, BackendState.DRAINING, reason)
-        if self.backends.get(backend.id) is backend and not backend.connections:
+        if self.backends.get(backend.id) is backend and not self._holds(backend):
             del self.backends[backend.id]
             self._notify(backend, backend.state, None, reason)
 
     def forget_if_done(self, backend: Backend) -> None:
         """Drop a removed backend once its last connection closed."""
-        if backend.removed and not backend.connections and self.backends.get(backend.id) is backend:
+        if (
+            backend.removed
+            and not self._holds(backend)
+            and self.backends.get(backend.id) is backend
+        ):
             del self.backends[backend.id]
             self._notify(backend, backend.state, None, "drained and removed")
 
@@ -280,6 +284,14 @@ class Pool:
                 self.counts.set(backend.column, 0)
             backend.column = column
         self._publish(backend)
+
+    def _holds(self, backend: Backend) -> bool:
+        """Connections still open on ``backend``: this process's, or (the supervisor of
+        ``--workers N``, which holds none itself) any worker's."""
+        if backend.connections:
+            return True
+        counts = self.counts
+        return counts is not None and counts.row < 0 and self.active(backend) > 0
 
     def _publish(self, backend: Backend) -> None:
         if self.counts is not None:

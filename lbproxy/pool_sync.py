@@ -15,6 +15,7 @@ from typing import Any
 
 from lbproxy.config import parse_address
 from lbproxy.pool import BackendState, Pool
+from lbproxy.shared_counts import NO_COLUMN
 from lbproxy.stats import Histogram, Stats
 
 Entry = tuple[str, str, int, str, str, int]  # id, address, weight, source, state, column
@@ -23,17 +24,16 @@ COUNTERS = ("connections_total", "rejected", "bytes", "upstream_errors", "reques
 HISTOGRAMS = ("handshake_seconds", "health_check_seconds")
 
 
-def snapshot_pools(
-    pools: Mapping[str, Pool], column: Callable[[str, str, str], int]
-) -> dict[str, list[Entry]]:
-    """Every backend of every pool; ``column(pool, id, address)`` assigns its column."""
+def snapshot_pools(pools: Mapping[str, Pool], take: Callable[[], int]) -> dict[str, list[Entry]]:
+    """Every backend of every pool; a backend without a column gets one from ``take``."""
     out: dict[str, list[Entry]] = {}
     for name, pool in sorted(pools.items()):
         entries: list[Entry] = []
         for backend_id, b in sorted(pool.backends.items()):
             if b.removed:
-                continue
-            b.column = column(name, backend_id, str(b.address))
+                continue  # the workers drain it; the supervisor keeps it while they hold it
+            if b.column == NO_COLUMN:
+                b.column = take()
             entries.append(
                 (backend_id, str(b.address), b.weight, b.source, b.state.value, b.column)
             )

@@ -72,19 +72,18 @@ class SharedCounts:
 
 
 class Columns:
-    """The supervisor's column map: (pool, backend id, address) -> column, reusing the
-    columns of backends that are gone and no longer counted by any worker."""
+    """The supervisor's free list of columns. A backend instance keeps the column it was
+    given (Backend.column) for its life; a column is reused only once no backend of the
+    supervisor has it and no worker counts anything there any more."""
 
     def __init__(self, columns: int = MAX_BACKENDS) -> None:
         self._columns = columns
-        self._by_key: dict[tuple[str, str, str], int] = {}
+        self._used: set[int] = set()
         self._free: list[int] = []
         self._next = 1
 
-    def column(self, key: tuple[str, str, str]) -> int:
-        found = self._by_key.get(key)
-        if found is not None:
-            return found
+    def take(self) -> int:
+        """A column nobody uses (NO_COLUMN when the table is full)."""
         if self._free:
             found = self._free.pop()
         elif self._next < self._columns:
@@ -92,12 +91,13 @@ class Columns:
             self._next += 1
         else:
             return NO_COLUMN  # table full: counted per worker only (logged by the caller)
-        self._by_key[key] = found
+        self._used.add(found)
         return found
 
-    def release_unused(self, live: set[tuple[str, str, str]], counts: SharedCounts) -> None:
-        """Free the columns of backends not in ``live`` whose count dropped to zero."""
-        for key, col in list(self._by_key.items()):
-            if key not in live and counts.total(col) == 0:
-                del self._by_key[key]
+    def release_unused(self, live: set[int], counts: SharedCounts) -> None:
+        """Free the columns not in ``live`` (those of the supervisor's backends) whose
+        count dropped to zero."""
+        for col in list(self._used):
+            if col not in live and counts.total(col) == 0:
+                self._used.discard(col)
                 self._free.append(col)

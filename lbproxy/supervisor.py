@@ -120,16 +120,19 @@ class Supervisor:
         ]
 
     # -- snapshots --------------------------------------------------------------
-    def _column(self, pool: str, backend_id: str, address: str) -> int:
-        column = self.columns.column((pool, backend_id, address))
+    def _take_column(self) -> int:
+        column = self.columns.take()
         if column == NO_COLUMN and not self._full_warned:
             self._full_warned = True
-            log.error("shared count table full (%d backends): counting per worker", column)
+            log.error(
+                "shared count table full (%d backends): further backends counted per worker",
+                self.counts.columns - 1,
+            )
         return column
 
     def push(self) -> None:
         """Send the pools to every worker that has not seen this state yet."""
-        pools = snapshot_pools(self.app.pools, self._column)
+        pools = snapshot_pools(self.app.pools, self._take_column)
         if pools != self._last:
             self._last = pools
             self.version += 1
@@ -185,13 +188,11 @@ class Supervisor:
         watched: set[int] = set()
         while True:
             self._watch_pools(watched)
-            live = {
-                (name, b.id, str(b.address))
-                for name, pool in self.app.pools.items()
-                for b in pool.backends.values()
-                if not b.removed
-            }
+            live = {b.column for pool in self.app.pools.values() for b in pool.backends.values()}
             self.columns.release_unused(live, self.counts)
+            for pool in self.app.pools.values():  # removed ones the workers no longer hold
+                for backend in [b for b in pool.backends.values() if b.removed]:
+                    pool.forget_if_done(backend)
             self.push()
             await self._reap()
             await asyncio.sleep(PUSH_INTERVAL)

@@ -48,7 +48,7 @@ def workers(table: SharedCounts, config: PoolConfig) -> tuple[Pool, Pool, Pool]:
     supervisor = Pool(config)
     supervisor.share(table)
     columns = Columns(table.columns)
-    snap = snapshot_pools({"main": supervisor}, lambda p, i, a: columns.column((p, i, a)))
+    snap = snapshot_pools({"main": supervisor}, columns.take)
     pools = []
     for row in (0, 1):
         pool = Pool(config)
@@ -88,16 +88,33 @@ def test_bounded_load_hashing_reads_the_shared_counts(table: SharedCounts) -> No
 
 def test_columns_are_reused_only_once_nothing_counts_there(table: SharedCounts) -> None:
     columns = Columns(4)  # slots 1..3 (0 = none)
-    a, b, c = (columns.column(("p", k, "x")) for k in "abc")
-    assert sorted((a, b, c)) == [1, 2, 3] and columns.column(("p", "a", "x")) == a
-    assert columns.column(("p", "d", "x")) == NO_COLUMN  # full
+    a, b, c = columns.take(), columns.take(), columns.take()
+    assert sorted((a, b, c)) == [1, 2, 3]
+    assert columns.take() == NO_COLUMN  # full
     writer = SharedCounts(table.fd, table.rows, table.columns, 0)
     writer.set(a, 2)
-    columns.release_unused({("p", "b", "x"), ("p", "c", "x")}, table)
-    assert columns.column(("p", "d", "x")) == NO_COLUMN  # a is gone but still counted
+    columns.release_unused({b, c}, table)
+    assert columns.take() == NO_COLUMN  # a's backend is gone but a worker still counts there
     writer.set(a, 0)
-    columns.release_unused({("p", "b", "x"), ("p", "c", "x")}, table)
-    assert columns.column(("p", "d", "x")) == a
+    columns.release_unused({b, c}, table)
+    assert columns.take() == a
+
+
+def test_a_removed_backend_stays_in_the_supervisors_view_while_workers_hold_it(
+    table: SharedCounts,
+) -> None:
+    supervisor, first, _ = workers(table, pool_config())
+    b1 = first.get("b1")
+    assert b1 is not None
+    conn = Conn()
+    first.attach(b1, conn)
+    supervisor.remove("b1", "gone from the registry")
+    s1 = supervisor.get("b1")
+    assert s1 is not None and s1.removed and s1.state is BackendState.DRAINING
+    assert supervisor.active(s1) == 1
+    first.detach(b1, conn)
+    supervisor.forget_if_done(s1)
+    assert supervisor.get("b1") is None
 
 
 def test_a_worker_follows_the_snapshot_and_forwards_nothing_back(table: SharedCounts) -> None:
@@ -108,7 +125,9 @@ def test_a_worker_follows_the_snapshot_and_forwards_nothing_back(table: SharedCo
     supervisor.upsert("b3", parse_address("127.0.0.1:9003"), 2, source="redis")
     supervisor.remove("b2", "gone")
     columns = Columns(table.columns)
-    snap = snapshot_pools({"main": supervisor}, lambda p, i, a: columns.column((p, i, a)))
+    columns.take()
+    columns.take()  # b1 and b2 have theirs: b3 gets a new one
+    snap = snapshot_pools({"main": supervisor}, columns.take)
     apply_snapshot({"main": first}, decode(encode({"pools": snap}))["pools"])  # type: ignore[index]
     states = {b.id: (b.state, b.removed, b.weight) for b in first.backends.values()}
     assert states["b1"][0] is BackendState.DRAINING
