@@ -158,9 +158,16 @@ class App:
             log.warning("no pool snapshot from the supervisor yet: starting from the config")
 
     def _reload_soon(self, path: str) -> None:
-        task = asyncio.get_running_loop().create_task(self.reload(path))
+        task = asyncio.get_running_loop().create_task(self._reload_then_resync(path))
         self._reloads.add(task)
         task.add_done_callback(self._reloads.discard)
+
+    async def _reload_then_resync(self, path: str) -> bool:
+        """A worker's reload: then the whole snapshot again (a new pool's states, columns)."""
+        done = await self.reload(path)
+        if self.link is not None:
+            self.link.send({"t": "resync"})
+        return done
 
     def _forward_down(
         self, pool: Pool, backend: Backend, old: object, new: object, reason: str

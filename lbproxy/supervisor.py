@@ -92,6 +92,7 @@ class Supervisor:
         self._restarts: list[list[float]] = [[] for _ in range(count)]
         self._stopping = False
         self._full_warned = False
+        self._push_scheduled = False
 
     # -- BalancerView ---------------------------------------------------------------
     def stats(self) -> Stats:
@@ -150,7 +151,17 @@ class Supervisor:
         new: BackendState | None,
         reason: str,
     ) -> None:
-        asyncio.get_running_loop().call_soon(self.push)
+        self._push_soon()
+
+    def _push_soon(self) -> None:
+        """Push once the current changes are done (many changes at once: one push)."""
+        if not self._push_scheduled:
+            self._push_scheduled = True
+            asyncio.get_running_loop().call_soon(self._scheduled_push)
+
+    def _scheduled_push(self) -> None:
+        self._push_scheduled = False
+        self.push()
 
     def _watch_pools(self, watched: set[int]) -> None:
         for pool in self.app.pools.values():
@@ -164,7 +175,7 @@ class Supervisor:
         worker = WorkerProc(index, argv, self.counts.fd)
         reader, worker.writer = await asyncio.open_unix_connection(sock=worker.sock, limit=MAX_LINE)
         worker.reader_task = asyncio.get_running_loop().create_task(self._read(worker, reader))
-        self.push()  # its first snapshot (sent_version 0)
+        self._push_soon()  # its first snapshot (sent_version 0), once it is in self.procs
         return worker
 
     async def _read(self, worker: WorkerProc, reader: asyncio.StreamReader) -> None:
@@ -178,6 +189,9 @@ class Supervisor:
                     worker.stats = message.get("stats", {})
                     worker.listeners = message.get("listeners", {})
                     worker.native = message.get("native", {})
+                elif kind == "resync":  # e.g. after its reload: send it the snapshot again
+                    worker.sent_version = 0
+                    self._push_soon()
                 elif kind == "down":
                     pool = self.app.pools.get(str(message.get("pool")))
                     if pool is not None:

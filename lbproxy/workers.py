@@ -77,7 +77,7 @@ class WorkerLink:
             log.error("malformed message from the supervisor ignored")
         elif kind == "snapshot":
             version = int(message.get("version", 0))
-            if version > self.version:
+            if version >= self.version:  # the same one again: asked for (resync)
                 self.on_snapshot(message.get("pools", {}))
                 self.version = version
                 self._loaded.set()

@@ -306,3 +306,40 @@ def test_a_passive_failure_in_a_worker_marks_the_backend_down_everywhere(
             lb.stop()
     finally:
         backend.stop()
+
+
+async def test_sighup_adds_a_pool_and_listener_in_every_worker(tmp_path: Path) -> None:
+    one, two = Backend("h1").start(), Backend("h2").start()
+    try:
+        text, port, admin = proxy_config([(one.id, one.address)])
+        lb = Lbproxy(text, tmp_path, "--workers", "2").start(wait_ports=(port,))
+        try:
+            wait_until(lambda: len(_get(admin, "/api/info").json()["workers"]) == 2, timeout=20)
+            extra_port = free_port()
+            extra = (
+                f'\n[listeners.more]\nbind = "127.0.0.1:{extra_port}"\nmode = "http"\n'
+                f'pool = "more"\n\n[pools.more]\nbackends = [{{ id = "h2", '
+                f'address = "{two.address}" }}]\n[pools.more.health]\ncheck = "none"\n'
+            )
+            lb.path.write_text(text + extra)
+            assert lb.proc is not None
+            lb.proc.signal(signal.SIGHUP)
+            wait_until(lambda: port_open(extra_port), timeout=10)
+            await await_until(lambda: _get(extra_port, "/whoami").json()["id"] == "h2", timeout=10)
+            conns = await _open(extra_port, 8)  # spread over both workers by the kernel
+
+            def counted() -> int:
+                pools = _get(admin, "/api/pools").json()["pools"]
+                return int(pools["more"]["backends"][0]["active"])
+
+            # the new pool's backend got its shared column in every worker
+            await await_until(lambda: counted() == 8 == _own_counts(two)["h2"], timeout=10)
+            held = [w["connections"] for w in _get(admin, "/api/info").json()["workers"]]
+            assert sum(held) == 8
+            for conn in conns:
+                await conn.close()
+        finally:
+            lb.stop()
+    finally:
+        one.stop()
+        two.stop()
