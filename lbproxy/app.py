@@ -400,9 +400,16 @@ class App:
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_stop)
-        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        if self.role == "worker":
+            # Ctrl-C or a hangup reach the whole process group: the supervisor turns them into
+            # one SIGTERM (drain) or one reload order per worker
+            loop.add_signal_handler(signal.SIGTERM, on_stop)
+            for sig in (signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
+        else:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, on_stop)
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
         if not native_available() and os.environ.get("LBPROXY_SPLICE") != "0":
             log.warning(
                 "the native tunnel engine (lbproxy/_splice.c) is not built: "

@@ -343,3 +343,28 @@ async def test_sighup_adds_a_pool_and_listener_in_every_worker(tmp_path: Path) -
     finally:
         one.stop()
         two.stop()
+
+
+async def test_ctrl_c_to_the_process_group_drains_every_worker_once(tmp_path: Path) -> None:
+    backend = Backend("g1").start()
+    try:
+        text, port, admin = proxy_config(
+            [(backend.id, backend.address)], pool={"drain_timeout": 0.2, "close_spread": 0.1}
+        )
+        lb = Lbproxy(text, tmp_path, "--workers", "2").start(wait_ports=(port,))
+        try:
+            wait_until(lambda: len(_get(admin, "/api/info").json()["workers"]) == 2, timeout=20)
+            conns = await _open(port, 8)
+            await await_until(lambda: min(w["connections"] for w in _workers(admin)) > 0)
+            os.killpg(lb.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+            await await_until(lambda: all(c.state is State.CLOSED for c in conns), timeout=10)
+            assert {c.close_code for c in conns} == {1001}  # drained, not cut by a 2nd signal
+            assert lb.proc is not None and lb.proc.wait(timeout=10) == 0
+        finally:
+            lb.stop()
+    finally:
+        backend.stop()
+
+
+def _workers(admin: int) -> list[dict[str, int]]:
+    return list(_get(admin, "/api/info").json()["workers"])
