@@ -83,11 +83,13 @@ METHOD = """\
   the last client had its echo; p50/p99 = per-client time from the storm start.
 - `workers_scaling` (**lbproxy only**): the `ws_connect_rate` load against `lbproxy serve
   --workers 1`, then against a fresh `--workers 2` ({duration:g} s each; the workers share
-  the listen port with SO_REUSEPORT, worker k has its admin API on the admin port + k).
+  the listen port with SO_REUSEPORT; one admin API, the supervisor's, for the balancer).
   Nothing is pinned here: lbproxy, the backend and the generator may all run on CPUs 0-1
   (pinning the proxy to one CPU would defeat the purpose). `scaling` = conn/s with 2 workers
-  ÷ conn/s with 1; `proxy_cpu_us` = CPU of the whole lbproxy process tree (the parent and
-  every worker) per connection; `cpu0/cpu1_busy_pct` = both cores. On 2 cores the generator
+  ÷ conn/s with 1; `proxy_cpu_us` = CPU of the whole lbproxy process tree (the supervisor and
+  every worker) per connection; `supervisor_cpu_pct_2w` / `supervisor_cpu_us_2w` = the
+  supervisor's own CPU over the run (in % of a core / µs per connection: it is never on the
+  data path, so near zero); `cpu0/cpu1_busy_pct` = both cores. On 2 cores the generator
   and backend compete with the two workers for the same CPUs, so `scaling` is a **lower
   bound** of what 2 cores dedicated to the proxy would give. `worker_share_min` = the least
   busy worker's share of the connections accepted (0.5 = an even SO_REUSEPORT spread).
@@ -241,6 +243,7 @@ SUMMARY_METRICS = {
         "conn_per_s_2w",
         "proxy_cpu_us_1w",
         "proxy_cpu_us_2w",
+        "supervisor_cpu_pct_2w",
     ),
     "failover": (
         "recover_s",

@@ -82,8 +82,8 @@ def workers_launcher(
         assert spec.config_path is not None
         outcome.configs[spec.config_path.name] = spec.config_path
         proxy = start_proxy(children, f"lbproxy-{workers}w", spec.command, ports.listen, BOTH_CPUS)
-        admin_ports = tuple(ports.admin + k for k in range(workers))
-        want = workers + 1 if workers > 1 else 1  # the parent only supervises its workers
+        admin_ports = (ports.admin,)  # one admin API for the whole balancer (the supervisor's)
+        want = workers + 1 if workers > 1 else 1  # the supervisor never proxies
         if not poll_until(
             lambda: (
                 all(http_get_ok(p, "/healthz") for p in admin_ports)

@@ -8,8 +8,11 @@ cores dedicated to the proxy would give."""
 
 from __future__ import annotations
 
-import re
+import json
+import os
+import time
 from dataclasses import replace
+from pathlib import Path
 
 from bench.procs import http_get, tree_pids
 from bench.stage import (
@@ -24,27 +27,43 @@ from bench.stage import (
 )
 
 WORKER_COUNTS = (1, 2)
-CONNECTIONS_TOTAL = re.compile(rb"^lbproxy_connections_total\{[^}]*\} ([0-9.eE+]+)$", re.M)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def accepted_connections(admin_port: int) -> float:
-    """Client connections one lbproxy process accepted (``lbproxy_connections_total``)."""
-    body = http_get(admin_port, "/metrics")
+def accepted_per_worker(admin_port: int) -> list[float]:
+    """Client connections each worker accepted, from the balancer's ``GET /api/info``."""
+    body = http_get(admin_port, "/api/info")
     if not body.startswith(b"HTTP/1.1 200"):
-        raise RuntimeError(f"admin port {admin_port}: /metrics failed: {body[:200]!r}")
-    return sum(float(v) for v in CONNECTIONS_TOTAL.findall(body))
+        raise RuntimeError(f"admin port {admin_port}: /api/info failed: {body[:200]!r}")
+    info = json.loads(body.split(b"\r\n\r\n", 1)[1])
+    return [float(w.get("accepted", 0)) for w in info["workers"]]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process (not its children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def measure(stage: Stage, run: Launched) -> tuple[Metrics, list[float]]:
-    """One connect-rate window against ``run``; its metrics and each worker's accepted count."""
+    """One connect-rate window against ``run``; its metrics and each worker's accepted count.
+    With workers, also the supervisor's own CPU over the run (it must stay near zero)."""
     sub = replace(stage, port=run.port, proxy=run.child)
+    before, started = cpu_seconds(run.child.pid), time.monotonic()
     res, cpu = timed(sub, "connect", *connect_args(stage.settings))
+    spent, wall = cpu_seconds(run.child.pid) - before, time.monotonic() - started
     if not run.child.alive() or tuple(sorted(tree_pids(run.child.pid))) != run.pids:
         raise RuntimeError(
             f"lbproxy workers changed during the window (a worker died?):\n{run.child.log_tail()}"
         )
-    accepted = [accepted_connections(port) for port in run.admin_ports]
-    return {"conn_per_s": num(res, "ops_per_s"), **latency(res), **cpu}, accepted
+    accepted = accepted_per_worker(run.admin_ports[0])
+    metrics: Metrics = {"conn_per_s": num(res, "ops_per_s"), **latency(res), **cpu}
+    if len(run.pids) > 1:  # a supervisor and its workers
+        metrics["supervisor_cpu_pct"] = round(100.0 * spent / max(wall, 1e-9), 2)
+        ops = num(res, "ops")
+        if ops > 0:
+            metrics["supervisor_cpu_us"] = round(spent * 1e6 / ops, 3)
+    return metrics, accepted
 
 
 def workers_scaling(stage: Stage) -> ScenarioResult:
@@ -83,5 +102,9 @@ def workers_scaling(stage: Stage) -> ScenarioResult:
         "`projected_scaling` = (proxy CPU-us per connection with 1 worker / with 2 workers) "
         "/ the busier worker's share: the rate 2 dedicated cores would carry at the measured "
         "per-connection cost, an estimate, not a measurement",
+        "`proxy_cpu_us` = CPU-us per connection of the whole lbproxy process tree (with 2 "
+        "workers: the supervisor and both workers); `supervisor_cpu_pct_2w` / "
+        "`supervisor_cpu_us_2w` = the supervisor's own CPU over the run (admin, health "
+        "checks, snapshots; never on the data path, so it stays near zero)",
     ]
     return ScenarioResult(metrics, None, notes)

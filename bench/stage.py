@@ -68,7 +68,7 @@ class Launched:
 
     child: Child
     port: int  # the shared listen port
-    admin_ports: tuple[int, ...]  # worker k's admin API (admin port + k)
+    admin_ports: tuple[int, ...]  # the balancer's one admin API (the supervisor's)
     pids: tuple[int, ...]  # the whole process tree once every worker served
 
 

@@ -67,7 +67,7 @@ def pools_document(pools: Mapping[str, Pool]) -> dict[str, object]:
                         "id": b.id,
                         "address": str(b.address),
                         "state": b.state.value,
-                        "active": b.active,
+                        "active": pool.active(b),
                         "weight": b.weight,
                         "source": b.source,
                     }
@@ -88,8 +88,10 @@ class AdminServer:
         pools: Callable[[], Mapping[str, Pool]],
         registry: CollectorRegistry,
         history: History | None = None,
+        info: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         self.history = history
+        self._info = info
         self._config = config
         self._pools = pools
         self.registry = registry
@@ -204,6 +206,7 @@ class AdminServer:
             ("metrics",): self._metrics,
             ("api", "pools"): lambda: json_response(200, pools_document(self._pools())),
             ("api", "history"): lambda: self._history(request.target),
+            ("api", "info"): self._info_document,
         }
         getter = getters.get(tuple(parts))
         if getter is None:
@@ -262,6 +265,12 @@ class AdminServer:
         except ValueError:
             return error(400, "since: must be an integer")
         return json_response(200, self.history.document(since))
+
+    def _info_document(self) -> Response:
+        """GET /api/info: version, supervisor pid, workers, generation, start time."""
+        if self._info is None:
+            return error(404, "no balancer information on this server")
+        return json_response(200, self._info())
 
     def _metrics(self) -> Response:
         body, content_type = render(self.registry)

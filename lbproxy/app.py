@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
 import time
+from collections.abc import Mapping
+from typing import Literal, Protocol
 
 from lbproxy import __version__
 from lbproxy.admin import AdminServer
@@ -20,19 +21,38 @@ from lbproxy.fdreserve import FdReserve, reserve_size
 from lbproxy.fdreserve import create as create_fd_reserve
 from lbproxy.health import HealthChecker
 from lbproxy.metrics import backend_totals, build_registry
-from lbproxy.pool import Pool
+from lbproxy.pool import Backend, BackendState, Pool
+from lbproxy.pool_sync import SNAPSHOT_REASON, apply_snapshot, dump_stats
 from lbproxy.proxy.http_client import HttpClient
 from lbproxy.proxy.listener import Listener
 from lbproxy.proxy.splice import native_available
 from lbproxy.proxy.tunnel import GRACE
 from lbproxy.registry_watcher import RegistryWatcher
+from lbproxy.shared_counts import SharedCounts
 from lbproxy.stats import SAMPLE_INTERVAL, History, Stats
+from lbproxy.workers import WorkerLink
+
+Role = Literal["single", "supervisor", "worker"]
+FIRST_SNAPSHOT_TIMEOUT = 10.0  # a worker waits this long for its supervisor's first snapshot
+
+
+class BalancerView(Protocol):
+    """What the supervisor knows of its workers (the admin API and /metrics read it)."""
+
+    def stats(self) -> Stats: ...
+    def listeners(self) -> Mapping[str, int]: ...
+    def native(self) -> Mapping[str, int]: ...
+    def workers(self) -> list[dict[str, int]]: ...
+
 
 log = logging.getLogger("lbproxy")
 
 
 class App:
-    """One lbproxy process (or one worker): listeners, pools, health, registry, admin."""
+    """One lbproxy process: listeners, pools, health, registry, admin (role "single");
+    with ``serve --workers N`` the supervisor's part (pools, health, registry, admin: no
+    listener) or a worker's part (listeners and pools following the supervisor's
+    snapshots, counting in the shared table ``counts``)."""
 
     def __init__(
         self,
@@ -40,12 +60,19 @@ class App:
         *,
         reuse_port: bool = False,
         log_json: bool = False,
-        admin_port_offset: int = 0,
+        role: Role = "single",
+        counts: SharedCounts | None = None,
+        link: WorkerLink | None = None,
+        view: BalancerView | None = None,
     ) -> None:
+        self.role: Role = role
+        self.counts = counts
+        self.link = link
+        self.view = view
+        self.started = time.time()
         self.config = config
         self.reuse_port = reuse_port
         self.log_json = log_json
-        self.admin_port_offset = admin_port_offset
         self.stats = Stats()
         self.pools: dict[str, Pool] = {}
         self.listeners: dict[str, Listener] = {}
@@ -59,40 +86,96 @@ class App:
         self.fds: FdReserve | None = None  # descriptors kept for the admin API and health checks
         self.history = History()
         self._sampler: asyncio.Task[None] | None = None
+        self._reloads: set[asyncio.Task[bool]] = set()
 
     # -- building ------------------------------------------------------------
     def _admin_config(self, config: Config) -> AdminConfig:
-        listen = config.admin.listen
-        if self.admin_port_offset and listen.port:
-            listen = Address(listen.host, listen.port + self.admin_port_offset)
-        return dataclasses.replace(config.admin, listen=listen)
+        return config.admin
 
     async def start(self) -> None:
         config = self.config
         for name, pool_config in config.pools.items():
             self._add_pool(name, Pool(pool_config))
-        await self._sync_watcher(config)
-        await self._await_first_snapshot(config)  # no listener accepts before this
+        if self.link is not None:
+            await self._await_supervisor()
+        else:
+            await self._sync_watcher(config)
+            await self._await_first_snapshot(config)  # no listener accepts before this
         self.fds = create_fd_reserve(self._fd_reserve)
-        for name, listener_config in config.listeners.items():
-            await self._add_listener(name, listener_config)
+        if self.role != "supervisor":
+            for name, listener_config in config.listeners.items():
+                await self._add_listener(name, listener_config)
+        self._sampler = asyncio.get_running_loop().create_task(self._sample())
+        if self.role == "worker":
+            return
         for pool in self.pools.values():
             await self._start_health(pool)
+        view = self.view
         registry = build_registry(
             lambda: self.pools,
-            self.stats,
-            lambda: {n: len(lst.connections) for n, lst in self.listeners.items()},
+            self.stats if view is None else view.stats,
+            self._listener_counts if view is None else view.listeners,
             self.watcher,
-            lambda: {n: lst.native_tunnels() for n, lst in self.listeners.items()},
+            self._native_counts if view is None else view.native,
         )
         self.admin = AdminServer(
-            self._admin_config(config), lambda: self.pools, registry, self.history
+            self._admin_config(config), lambda: self.pools, registry, self.history, self.info
         )
-        self._sampler = asyncio.get_running_loop().create_task(self._sample())
         self.admin_address = await self.admin.start()
         log.info("admin API on http://%s", self.admin_address)
         if self.watcher is not None:
             self.watcher.set_own_addresses(self._own_addresses(config))
+
+    def _listener_counts(self) -> dict[str, int]:
+        return {n: len(lst.connections) for n, lst in self.listeners.items()}
+
+    def _native_counts(self) -> dict[str, int]:
+        return {n: lst.native_tunnels() for n, lst in self.listeners.items()}
+
+    def info(self) -> dict[str, object]:
+        """GET /api/info: this balancer and its workers."""
+        if self.view is not None:
+            workers = self.view.workers()
+        else:
+            held = sum(len(lst.connections) for lst in self.all_listeners())
+            accepted = sum(self.stats.connections_total.values())
+            workers = [{"pid": os.getpid(), "connections": held, "accepted": accepted}]
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "workers": workers,
+            "generation": 1,
+            "started": self.started,
+        }
+
+    async def _await_supervisor(self) -> None:
+        assert self.link is not None
+        self.link.on_snapshot = lambda pools: apply_snapshot(self.pools, pools)
+        self.link.on_lost = self.stopping.set
+        self.link.on_reload = self._reload_soon
+        await self.link.start()
+        if not await self.link.wait_snapshot(FIRST_SNAPSHOT_TIMEOUT):
+            log.warning("no pool snapshot from the supervisor yet: starting from the config")
+
+    def _reload_soon(self, path: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload_then_resync(path))
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload_then_resync(self, path: str) -> bool:
+        """A worker's reload: then the whole snapshot again (a new pool's states, columns)."""
+        done = await self.reload(path)
+        if self.link is not None:
+            self.link.send({"t": "resync"})
+        return done
+
+    def _forward_down(
+        self, pool: Pool, backend: Backend, old: object, new: object, reason: str
+    ) -> None:
+        """A worker's passive failure: the supervisor decides for the whole balancer."""
+        link = self.link
+        if link is not None and new is BackendState.DOWN and not reason.endswith(SNAPSHOT_REASON):
+            link.send({"t": "down", "pool": pool.name, "id": backend.id, "why": reason})
 
     def _fd_reserve(self) -> int:
         checked = sum(
@@ -102,7 +185,10 @@ class App:
 
     def _add_pool(self, name: str, pool: Pool) -> None:
         self.pools[name] = pool
+        pool.share(self.counts)
         self.drainer.watch(pool)
+        if self.link is not None:
+            pool.subscribe(self._forward_down)
 
     async def _add_listener(self, name: str, config: ListenerConfig) -> None:
         listener = Listener(
@@ -179,10 +265,12 @@ class App:
             if pool is None:
                 pool = Pool(pool_config)
                 self._add_pool(name, pool)
-                await self._start_health(pool)
+                if self.role != "worker":
+                    await self._start_health(pool)
             else:
                 pool.apply_config(pool_config)
-                self.health[name].reconfigure(pool)
+                if name in self.health:
+                    self.health[name].reconfigure(pool)
         for name in set(old_pools) - set(new.pools):
             pool = self.pools.pop(name)
             for backend_id in list(pool.backends):
@@ -190,12 +278,18 @@ class App:
             checker = self.health.pop(name, None)
             if checker is not None:
                 await checker.stop()
-        await self._apply_listeners(new)
-        await self._sync_watcher(new)
+        if self.role != "supervisor":
+            await self._apply_listeners(new)
+        if self.role != "worker":
+            await self._sync_watcher(new)
         if self.admin is not None and self._admin_config(new) != self._admin_config(self.config):
             await self.admin.stop()
             self.admin = AdminServer(
-                self._admin_config(new), lambda: self.pools, self.admin.registry, self.history
+                self._admin_config(new),
+                lambda: self.pools,
+                self.admin.registry,
+                self.history,
+                self.info,
             )
             self.admin_address = await self.admin.start()
         if self.watcher is not None:
@@ -258,7 +352,13 @@ class App:
         while True:
             for listener in self.all_listeners():
                 listener.flush_bytes()
-            self.history.record(loop.time(), time.time(), backend_totals(self.pools, self.stats))
+            if self.link is not None:
+                report = {"t": "stats", "stats": dump_stats(self.stats)}
+                report.update(listeners=self._listener_counts(), native=self._native_counts())
+                self.link.send(report)
+            else:
+                stats = self.stats if self.view is None else self.view.stats()
+                self.history.record(loop.time(), time.time(), backend_totals(self.pools, stats))
             await asyncio.sleep(SAMPLE_INTERVAL)
 
     async def stop(self) -> None:
@@ -268,6 +368,8 @@ class App:
                 await self._sampler
             self._sampler = None
         await self.drainer.stop()
+        if self.link is not None:
+            self.link.close()
         for checker in self.health.values():
             await checker.stop()
         if self.watcher is not None:
@@ -298,9 +400,16 @@ class App:
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_stop)
-        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        if self.role == "worker":
+            # Ctrl-C or a hangup reach the whole process group: the supervisor turns them into
+            # one SIGTERM (drain) or one reload order per worker
+            loop.add_signal_handler(signal.SIGTERM, on_stop)
+            for sig in (signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
+        else:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, on_stop)
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
         if not native_available() and os.environ.get("LBPROXY_SPLICE") != "0":
             log.warning(
                 "the native tunnel engine (lbproxy/_splice.c) is not built: "

@@ -53,9 +53,37 @@ def main() -> None:
     """lbproxy: a websocket-aware L4/L7 load balancer."""
 
 
+class WorkerCount(click.ParamType):  # type: ignore[type-arg]
+    """``--workers``: a number from 1 to 64, or ``auto`` (the CPUs this process may use)."""
+
+    name = "N|auto"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return max(1, min(64, len(os.sched_getaffinity(0))))
+        try:
+            count = int(text)
+        except ValueError:
+            self.fail(f"{value!r}: a number from 1 to 64, or auto", param, ctx)
+        if not 1 <= count <= 64:
+            self.fail(f"{value!r}: a number from 1 to 64, or auto", param, ctx)
+        return count
+
+
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option(
+    "--workers",
+    default="1",
+    show_default=True,
+    type=WorkerCount(),
+    help="worker processes of the one balancer (auto: one per CPU)",
+)
 @click.option(
     "--log-level",
     default="info",
@@ -66,8 +94,18 @@ def main() -> None:
     "--log-format", default="text", show_default=True, type=click.Choice(["text", "json"])
 )
 @click.option("--worker-index", default=-1, hidden=True, type=int)
+@click.option("--control-fd", default=-1, hidden=True, type=int)
+@click.option("--counts", "counts_spec", default="", hidden=True)
+@click.option("--rows", default=0, hidden=True, type=int)
 def serve(
-    config_path: str, workers: int, log_level: str, log_format: str, worker_index: int
+    config_path: str,
+    workers: int,
+    log_level: str,
+    log_format: str,
+    worker_index: int,
+    control_fd: int,
+    counts_spec: str,
+    rows: int,
 ) -> None:
     """Run the load balancer until SIGTERM/SIGINT (then drain and exit 0)."""
     from lbproxy.logsetup import setup_logging
@@ -75,17 +113,26 @@ def serve(
     config = _load_or_exit(config_path)
     setup_logging(log_level, log_format)
     if workers > 1 and worker_index < 0:
-        from lbproxy.workers import run_workers
+        from lbproxy.supervisor import Supervisor
 
-        sys.exit(run_workers(config_path, workers, log_level, log_format))
+        supervisor = Supervisor(config, config_path, workers, log_level, log_format)
+        sys.exit(run_async(supervisor.run()))
     from lbproxy.app import App
 
-    in_worker = worker_index >= 0
+    if worker_index < 0 or control_fd < 0 or ":" not in counts_spec:
+        app = App(config, log_json=log_format == "json")  # --workers 1: one process as ever
+        sys.exit(run_async(app.run(config_path)))
+    from lbproxy.shared_counts import SharedCounts
+    from lbproxy.workers import WorkerLink
+
+    counts_fd, row = (int(part) for part in counts_spec.split(":", 1))
     app = App(
         config,
-        reuse_port=in_worker,
+        reuse_port=True,
         log_json=log_format == "json",
-        admin_port_offset=max(worker_index, 0),
+        role="worker",
+        counts=SharedCounts.attach(counts_fd, rows, row),
+        link=WorkerLink(control_fd),
     )
     sys.exit(run_async(app.run(config_path)))
 

@@ -38,18 +38,21 @@ class LbproxyCollector:
     def __init__(
         self,
         pools: Callable[[], Mapping[str, Pool]],
-        stats: Stats,
+        stats: Stats | Callable[[], Stats],
         listeners: Callable[[], Mapping[str, int]],
         registry_status: RegistryStatus | None = None,
         native: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self._pools = pools
-        self._stats = stats
+        self._stats_of = stats  # --workers N: the sum over the workers, read per scrape
+        self._stats = stats if isinstance(stats, Stats) else Stats()
         self._listeners = listeners
         self._registry_status = registry_status
         self._native = native
 
     def collect(self) -> Iterator[Metric]:
+        if not isinstance(self._stats_of, Stats):
+            self._stats = self._stats_of()
         yield from self._backend_metrics()
         yield from self._counter_metrics()
         yield _histogram(
@@ -98,7 +101,7 @@ class LbproxyCollector:
         for pool_name, pool in sorted(self._pools().items()):
             for backend_id, backend in sorted(pool.backends.items()):
                 labels = [pool_name, backend_id]
-                active.add_metric(labels, backend.active)
+                active.add_metric(labels, pool.active(backend))
                 up.add_metric(labels, 1 if backend.state is BackendState.UP else 0)
                 for each in BackendState:
                     state.add_metric([*labels, each.value], 1 if backend.state is each else 0)
@@ -183,7 +186,7 @@ def backend_totals(pools: Mapping[str, Pool], stats: Stats) -> dict[BackendKey, 
     for pool_name, pool in pools.items():
         for backend_id, backend in pool.backends.items():
             totals[(pool_name, backend_id)] = (
-                backend.active,
+                pool.active(backend),
                 counted.get((pool_name, backend_id, "in"), 0),
                 counted.get((pool_name, backend_id, "out"), 0),
                 requests.get((pool_name, backend_id), 0),
@@ -193,7 +196,7 @@ def backend_totals(pools: Mapping[str, Pool], stats: Stats) -> dict[BackendKey, 
 
 def build_registry(
     pools: Callable[[], Mapping[str, Pool]],
-    stats: Stats,
+    stats: Stats | Callable[[], Stats],
     listeners: Callable[[], Mapping[str, int]],
     registry_status: RegistryStatus | None = None,
     native: Callable[[], Mapping[str, int]] | None = None,

@@ -27,6 +27,7 @@ from lbproxy.balance import (
     new_sticky_value,
 )
 from lbproxy.config_types import Address, PoolConfig
+from lbproxy.shared_counts import NO_COLUMN, SharedCounts
 
 log = logging.getLogger("lbproxy.pool")
 
@@ -50,6 +51,7 @@ class Backend:
     __slots__ = (
         "active",
         "address",
+        "column",
         "connections",
         "failures",
         "id",
@@ -67,7 +69,8 @@ class Backend:
         self.weight = weight
         self.source = source  # "static" | "redis"
         self.state = BackendState.UP
-        self.active = 0
+        self.active = 0  # this process's open connections (Pool.active: the balancer's)
+        self.column = NO_COLUMN  # its column of the shared count table (--workers N)
         self.connections: set[Closable] = set()
         self.leaving: set[Closable] = set()  # told to go away: still open, no longer active
         self.failures = 0  # consecutive failed proxied connects (passive health)
@@ -90,6 +93,7 @@ class Pool:
         self.config = config
         self.backends: dict[str, Backend] = {}
         self._clock = clock
+        self.counts: SharedCounts | None = None  # --workers N: the balancer-wide counts
         self._observers: list[StateObserver] = []
         self._round_robin = SmoothRoundRobin()
         self._up: list[Backend] = []
@@ -201,13 +205,17 @@ class Pool:
         backend.removed = True
         if backend.state is not BackendState.DRAINING:
             self._set_state(backend, BackendState.DRAINING, reason)
-        if self.backends.get(backend.id) is backend and not backend.connections:
+        if self.backends.get(backend.id) is backend and not self._holds(backend):
             del self.backends[backend.id]
             self._notify(backend, backend.state, None, reason)
 
     def forget_if_done(self, backend: Backend) -> None:
         """Drop a removed backend once its last connection closed."""
-        if backend.removed and not backend.connections and self.backends.get(backend.id) is backend:
+        if (
+            backend.removed
+            and not self._holds(backend)
+            and self.backends.get(backend.id) is backend
+        ):
             del self.backends[backend.id]
             self._notify(backend, backend.state, None, "drained and removed")
 
@@ -239,6 +247,12 @@ class Pool:
             return False
         return self._set_state(backend, BackendState.UP, reason)
 
+    def assume(self, backend: Backend, state: BackendState, reason: str) -> bool:
+        """Take a state decided elsewhere (a worker following its supervisor's snapshot)."""
+        if self.backends.get(backend.id) is not backend:
+            return False
+        return self._set_state(backend, state, reason)
+
     # -- passive health ----------------------------------------------------
     def connect_failed(self, backend: Backend, reason: str) -> None:
         backend.failures += 1
@@ -252,10 +266,43 @@ class Pool:
         backend.failures = 0
 
     # -- connections -------------------------------------------------------
+    def share(self, counts: SharedCounts | None) -> None:
+        """Count in (and pick from) the balancer-wide table of ``serve --workers N``."""
+        self.counts = counts
+
+    def active(self, backend: Backend) -> int:
+        """Open connections of ``backend`` in the whole balancer (every worker)."""
+        counts = self.counts
+        if counts is None or backend.column == NO_COLUMN:
+            return backend.active
+        return counts.total(backend.column)
+
+    def set_column(self, backend: Backend, column: int) -> None:
+        """The supervisor assigned ``backend`` a column: publish this worker's count there."""
+        if backend.column != column:
+            if self.counts is not None and backend.column != NO_COLUMN:
+                self.counts.set(backend.column, 0)
+            backend.column = column
+        self._publish(backend)
+
+    def _holds(self, backend: Backend) -> bool:
+        """Connections still open on ``backend``: this process's, or (the supervisor of
+        ``--workers N``, which holds none itself) any worker's."""
+        if backend.connections:
+            return True
+        counts = self.counts
+        return counts is not None and counts.row < 0 and self.active(backend) > 0
+
+    def _publish(self, backend: Backend) -> None:
+        if self.counts is not None:
+            self.counts.set(backend.column, backend.active)
+
     def attach(self, backend: Backend, conn: Closable, key: bytes | None = None) -> None:
         """``conn`` opened on ``backend``; with its affinity ``key``, the key stays there."""
         backend.active += 1
         backend.connections.add(conn)
+        if self.counts is not None:
+            self.counts.set(backend.column, backend.active)
         if key is None or self.config.balance != "hash":
             return
         signed = self._signer.read(key)
@@ -272,6 +319,7 @@ class Pool:
         if conn in backend.connections and conn not in backend.leaving:
             backend.leaving.add(conn)
             backend.active -= 1
+            self._publish(backend)
 
     def detach(self, backend: Backend, conn: Closable) -> None:
         if conn in backend.connections:
@@ -280,6 +328,7 @@ class Pool:
                 backend.leaving.discard(conn)
             else:
                 backend.active -= 1
+                self._publish(backend)
             stuck = self._sticks.pop(conn, None)
             if stuck is not None:
                 self._affinity.closed(stuck[0], stuck[1], self._clock())
@@ -318,7 +367,7 @@ class Pool:
         now = self._clock()
         self._lc_start += 1
         index = least_connections(
-            [b.active for b in up],
+            [self.active(b) for b in up],
             [self.effective_weight(b, now) for b in up],
             self._lc_start,
         )
@@ -363,5 +412,5 @@ class Pool:
         factor = self.config.hash_balance_factor
         if factor <= 0:
             return by_id[next(preference)]
-        active = {b.id: b.active for b in self._up}
+        active = {b.id: self.active(b) for b in self._up}
         return by_id[bounded_choice(preference, active, factor)]

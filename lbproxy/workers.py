@@ -1,89 +1,85 @@
-"""`serve --workers N`: N worker processes sharing each listen port with SO_REUSEPORT.
+"""A worker's end of `serve --workers N`: the control socket to its supervisor.
 
-The parent does no proxying. It starts the workers, forwards SIGTERM/SIGINT
-(graceful drain) and SIGHUP (reload; the config is validated first so a bad file
-is reported once and never reaches the workers), and replaces a worker that
-dies unexpectedly. Each worker is a complete lbproxy with its own pools, health
-checks and counters; worker k serves its admin API on admin.listen's port + k.
+The supervisor (lbproxy/supervisor.py) starts each worker with one end of a Unix socket
+pair (``--control-fd``). Down it come the pool snapshots (membership, states, columns of
+the shared count table; see pool_sync.py) and reload orders; up go the worker's counters
+once a second and its passive failures. When the socket reaches EOF the supervisor is
+gone, and the worker drains and exits rather than run unsupervised.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-import signal
-import subprocess
-import sys
-import time
-from types import FrameType
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from lbproxy.config import load_config
-from lbproxy.errors import ConfigError
+from lbproxy.pool_sync import Entry, decode, encode
 
 log = logging.getLogger("lbproxy.workers")
 
-
-def _spawn(path: str, index: int, log_level: str, log_format: str) -> subprocess.Popen[bytes]:
-    args = [
-        sys.executable,
-        "-m",
-        "lbproxy",
-        "serve",
-        "--config",
-        path,
-        "--worker-index",
-        str(index),
-        "--log-level",
-        log_level,
-        "--log-format",
-        log_format,
-    ]
-    return subprocess.Popen(args)
+MAX_LINE = 64 * 1024 * 1024  # a snapshot of MAX_BACKENDS backends fits easily
 
 
-def run_workers(path: str, count: int, log_level: str, log_format: str) -> int:
-    procs = [_spawn(path, i, log_level, log_format) for i in range(count)]
-    stopping = False
+def _ignore(*_args: object) -> None:
+    return None
 
-    def forward(sig: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        if sig == signal.SIGHUP:
-            try:
-                load_config(path)
-            except ConfigError as exc:
-                for line in exc.problems:
-                    log.error("reload rejected: %s", line)
-                return
-        else:
-            stopping = True
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(sig)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    log.warning("started %d workers: %s", count, ", ".join(str(p.pid) for p in procs))
-    restarts: list[float] = []
-    while True:
-        alive = False
-        for i, proc in enumerate(procs):
-            code = proc.poll()
-            if code is None:
-                alive = True
-                continue
-            if stopping:
-                continue
-            now = time.monotonic()
-            restarts = [t for t in restarts if now - t < 60] + [now]
-            if len(restarts) > 10 * count:
-                log.error("workers keep dying; giving up")
-                stopping = True
-                for other in procs:
-                    if other.poll() is None:
-                        other.terminate()
-                continue
-            log.error("worker %d (pid %d) exited with %s; replacing it", i, proc.pid, code)
-            procs[i] = _spawn(path, i, log_level, log_format)
-            alive = True
-        if not alive and stopping:
-            return 0
-        time.sleep(0.1)
+class WorkerLink:
+    """Reads the supervisor's messages and sends this worker's reports."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self.version = 0
+        self.on_snapshot: Callable[[Mapping[str, list[Entry]]], None] = _ignore
+        self.on_reload: Callable[[str], None] = _ignore
+        self.on_lost: Callable[[], None] = _ignore
+        self._loaded = asyncio.Event()
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        sock = socket.socket(fileno=self._fd)
+        reader, self._writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_LINE)
+        self._task = asyncio.get_running_loop().create_task(self._read(reader))
+
+    async def wait_snapshot(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._loaded.wait()
+        return self._loaded.is_set()
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            writer.write(encode(message))
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._writer is not None:
+            self._writer.close()
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while line := await reader.readline():
+                self._handle(decode(line))
+        except (OSError, ValueError) as exc:
+            log.error("control socket to the supervisor failed: %s", exc)
+        log.warning("the supervisor is gone: draining and exiting")
+        self.on_lost()
+
+    def _handle(self, message: dict[str, Any] | None) -> None:
+        kind = None if message is None else message.get("t")
+        if message is None:
+            log.error("malformed message from the supervisor ignored")
+        elif kind == "snapshot":
+            version = int(message.get("version", 0))
+            if version >= self.version:  # the same one again: asked for (resync)
+                self.on_snapshot(message.get("pools", {}))
+                self.version = version
+                self._loaded.set()
+        elif kind == "reload":
+            self.on_reload(str(message.get("path", "")))

@@ -103,7 +103,10 @@ def check_scaling_metrics(m: dict[str, object]) -> None:
             assert isinstance(value, int | float) and value > 0, (key + suffix, m)
     for suffix in ("_1w", "_2w"):
         assert m["p99_ms" + suffix] >= m["p50_ms" + suffix] > 0, m  # type: ignore[operator]
-    assert m["processes_1w"] == 1 and m["processes_2w"] == 3, m  # 2 workers + their parent
+    assert m["processes_1w"] == 1 and m["processes_2w"] == 3, m  # 2 workers + the supervisor
+    # the supervisor is never on the data path: a few % of a core at most, also when loaded
+    assert 0 <= m["supervisor_cpu_pct_2w"] < 15, m  # type: ignore[operator]
+    assert "supervisor_cpu_pct_1w" not in m, m
     assert m["scaling"] == pytest.approx(m["conn_per_s_2w"] / m["conn_per_s_1w"], rel=1e-2)  # type: ignore[operator]
     assert m["worker_share_min_2w"] > 0.25, m  # type: ignore[operator]  # both workers served
     busiest = 1 - m["worker_share_min_2w"]  # type: ignore[operator]
