@@ -9,8 +9,9 @@ transports to a WsLink (tunnel.py) once the backend answered 101.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from lbproxy.balance import extract_key
 from lbproxy.errors import HttpError
@@ -26,22 +27,20 @@ from lbproxy.http1 import (
 )
 from lbproxy.http1.lanes import quick_request, quick_websocket
 from lbproxy.pool import Backend, BackendState
-from lbproxy.proxy import native_upgrade
 from lbproxy.proxy.accesslog import log_connection
-from lbproxy.proxy.connect import connect_with_retries
+from lbproxy.proxy.connect import Connected, account, connect_with_retries
 from lbproxy.proxy.context import ListenerContext
-from lbproxy.proxy.deadlines import (
-    AfterTimeout,
-    Wait,
-    after_response_timeout,
-    body_stalled,
-    next_body_check,
-    untried,
-)
+from lbproxy.proxy.deadlines import Wait, body_stalled, next_body_check, untried
 from lbproxy.proxy.http_upstream import Upstream
+from lbproxy.proxy.native_upgrade import NativeUpgrade
+from lbproxy.proxy.retry import Answer, Facts, Failure, Retry, decide
+from lbproxy.proxy.states import CLIENT_TRANSITIONS, ClientState, check
 from lbproxy.proxy.tunnel import Linger, WsLink
 
-HEAD, CONNECTING, FORWARD, DONE = range(4)
+if TYPE_CHECKING:
+    from lbproxy.proxy.types import SplicerLike
+
+HEAD, CONNECTING, FORWARD, DONE = ClientState
 
 # What a request taken by the fast lane amounts to (see http1.lanes.quick_request).
 QUICK_LIMIT = 8192  # larger heads take the full path (and its limits)
@@ -67,11 +66,9 @@ class HttpClient(asyncio.Protocol):
         "logged",
         "mark_in",
         "mark_out",
-        "nbackend",
+        "native",
         "nbytes_in",
         "nbytes_out",
-        "nresp",
-        "nslot",
         "port",
         "quick",
         "replaying",
@@ -97,7 +94,7 @@ class HttpClient(asyncio.Protocol):
         self.ctx = ctx
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.buf = bytearray()
-        self.state = HEAD
+        self.state: ClientState = HEAD
         self.ip = ""
         self.port = 0
         self.timer: asyncio.TimerHandle | None = None
@@ -120,15 +117,19 @@ class HttpClient(asyncio.Protocol):
         self.suffix = b""
         self.nbytes_in = self.nbytes_out = self.mark_in = self.mark_out = 0
         # a websocket upgrade connected by the native engine (native_upgrade.py)
-        self.nslot = -1
-        self.nbackend: Backend | None = None
-        self.nresp = bytearray()
+        self.native: NativeUpgrade | None = None
         # the deadline this connection waits on (in ctx.deadlines; the listener's sweep checks)
         self.wait: Wait | None = None
         self.wait_mark = 0  # (a streaming body: nbytes_in when last looked at, and since when)
         self.wait_since = 0.0
         self.held: bytearray | None = None  # the request body so far, while it can be resent
         self.replaying = False
+
+    def _to(self, new: ClientState) -> None:
+        """The one place the connection changes state (states.CLIENT_TRANSITIONS)."""
+        if new not in CLIENT_TRANSITIONS[self.state]:
+            check(CLIENT_TRANSITIONS, self.state, new)  # (raises IllegalTransition)
+        self.state = new
 
     # -- asyncio callbacks ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -141,7 +142,7 @@ class HttpClient(asyncio.Protocol):
         if peer:
             self.ip, self.port = peer[0], peer[1]
         if len(ctx.connections) >= ctx.config.max_connections:
-            self._reject(503, "too many connections")
+            self.reject(503, "too many connections")
             return
         ctx.connections.add(self)
         self.timer = ctx.loop.call_later(ctx.config.handshake_timeout, self._head_timeout)
@@ -149,7 +150,7 @@ class HttpClient(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.nbytes_in += len(data)
         state = self.state
-        if state == HEAD:
+        if state is HEAD:
             if not self.buf and len(data) <= QUICK_LIMIT:
                 if quick_request(data):
                     if self._quick(data):
@@ -158,17 +159,17 @@ class HttpClient(asyncio.Protocol):
                     return
             self.buf += data
             self._try_head()
-        elif state == FORWARD and self.tracker is not None:
+        elif state is FORWARD and self.tracker is not None:
             self._request_body(data)
-        elif state != DONE:
+        elif state is not DONE:
             self.buf += data  # pipelined request or websocket bytes before the 101
             if len(self.buf) > MAX_HEAD:
                 self.transport.pause_reading()
 
     def eof_received(self) -> bool:
-        if self.state == HEAD:
+        if self.state is HEAD:
             if self.buf:  # half a request head, and the client will send no more
-                self._reject(400, "connection closed in the middle of the request head")
+                self.reject(400, "connection closed in the middle of the request head")
             return False  # (an idle keep-alive connection closed by the client: just close)
         self.closing = True  # answer what is in flight, then close
         return True
@@ -176,7 +177,7 @@ class HttpClient(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         ctx = self.ctx
         prev = self.state
-        self.state = DONE
+        self._to(DONE)
         ctx.connections.discard(self)
         self._disarm()
         if self.timer is not None:
@@ -186,7 +187,7 @@ class HttpClient(asyncio.Protocol):
             self.task.cancel()
         self._drop_native()
         upstream = self.upstream
-        if upstream is not None and prev != DONE:
+        if upstream is not None and prev is not DONE:
             upstream.client = None
             upstream.transport.close()
             self._end_request()
@@ -204,14 +205,14 @@ class HttpClient(asyncio.Protocol):
     # -- request head --------------------------------------------------------
     def _head_timeout(self) -> None:
         self.timer = None
-        if self.state == HEAD:
-            self._reject(408, "request head not received in time")
+        if self.state is HEAD:
+            self.reject(408, "request head not received in time")
 
     def _try_head(self) -> None:
         try:
             parsed = parse_request_head(self.buf)
         except HttpError as exc:
-            self._reject(exc.status, exc.reason)
+            self.reject(exc.status, exc.reason)
             return
         if parsed is None:
             self._disarm()  # (a keep-alive wait ends: the handshake timeout applies)
@@ -251,15 +252,8 @@ class HttpClient(asyncio.Protocol):
         upstream = cast(Upstream, transport.get_protocol())
         self._begin(QUICK_GET, data, key)
         self.reused = True
-        self.backend = self.last_backend = backend
-        self.upstream = upstream
-        self.state = FORWARD
         self.tracker = None
-        pool.attach(backend, self, key)
-        ctx.stats.requests[(pool.name, backend.id)] += 1
-        self.mark_in = self.nbytes_in - len(data)
-        self.mark_out = self.nbytes_out
-        upstream.expect(self, b"GET", False, None)
+        self._attach(backend, upstream, QUICK_GET, len(data))
         upstream.transport.write(data[:-2] + self._suffix())
         self._arm(Wait.RESPONSE, now + pool.config.response_timeout)
         return True
@@ -307,10 +301,10 @@ class HttpClient(asyncio.Protocol):
             return False
         self._begin(QUICK_WEBSOCKET, data, key)
         self.reused = False
-        self.state = CONNECTING
+        self._to(CONNECTING)
         self.transport.pause_reading()
         splicer = ctx.splicer
-        if splicer is None or not native_upgrade.start(self, splicer, None):
+        if splicer is None or not self._start_native(splicer, None):
             self.task = ctx.loop.create_task(self._connect(None))
         return True
 
@@ -318,14 +312,14 @@ class HttpClient(asyncio.Protocol):
         ctx = self.ctx
         pool = ctx.pool
         self._begin(head, None, None)
-        self.state = CONNECTING
+        self._to(CONNECTING)
         self.key = self._affinity_key(head)
         self.transport.pause_reading()
         first = None
         if not head.websocket:
             first = picked or pool.pick(self.key)
             if first is None:
-                self._reject(503, "no healthy backend")
+                self.reject(503, "no healthy backend")
                 return
             idle = ctx.idle.take(first, time.monotonic(), pool.config.upstream_keepalive_timeout)
             if idle is not None:
@@ -336,7 +330,7 @@ class HttpClient(asyncio.Protocol):
                 return
         self.reused = False
         splicer = ctx.splicer
-        if head.websocket and splicer is not None and native_upgrade.start(self, splicer, first):
+        if head.websocket and splicer is not None and self._start_native(splicer, first):
             return
         self.task = ctx.loop.create_task(self._connect(first))
 
@@ -362,31 +356,21 @@ class HttpClient(asyncio.Protocol):
         ctx = self.ctx
         result = await connect_with_retries(ctx, self.key, lambda b: Upstream(ctx, b), first, avoid)
         self.task = None
-        if self.state != CONNECTING:  # client went away meanwhile
-            if not isinstance(result, int):
-                result[1].close()
+        if self.state is not CONNECTING:  # client went away meanwhile
+            if isinstance(result, Connected):
+                result.transport.close()
             return
-        if isinstance(result, int):
-            self._reject(result, "no healthy backend" if result == 503 else "backend unreachable")
+        if isinstance(result, Answer):
+            self.reject(result.status, result.detail)
             return
-        backend, _transport, upstream = result
-        self._send(backend, upstream)
+        self._send(result.backend, result.protocol)
 
     # -- forwarding ----------------------------------------------------------
     def _send(self, backend: Backend, upstream: Upstream) -> None:
-        ctx = self.ctx
         head = self.head
         assert head is not None
-        self.backend = self.last_backend = backend
-        self.upstream = upstream
-        self.state = FORWARD
-        if not head.websocket:  # a websocket is attached as its tunnel, after the 101
-            ctx.pool.attach(backend, self, self.key)
-        ctx.stats.requests[(ctx.pool.name, backend.id)] += 1
-        self.mark_in = self.nbytes_in - len(self.buf)
-        self.mark_out = self.nbytes_out
+        self._attach(backend, upstream, head, len(self.buf))
         out = self.request_bytes()
-        upstream.expect(self, head.method, head.websocket, self.set_cookie)
         if self.replaying:  # a resend on a fresh connection, the whole body held
             self._replay(upstream, out)
             return
@@ -405,10 +389,23 @@ class HttpClient(asyncio.Protocol):
             self._request_body(pending)
         else:
             upstream.transport.write(out)
-        if self.state == FORWARD and self.wait is None:
+        if self.state is FORWARD and self.wait is None:
             self._arm_wait()
-        if not head.websocket and self.state == FORWARD:
+        if not head.websocket and self.state is FORWARD:
             self.transport.resume_reading()
+
+    def _attach(self, backend: Backend, upstream: Upstream, head: RequestHead, unsent: int) -> None:
+        """The request's book-keeping once it has a backend connection (every path)."""
+        ctx = self.ctx
+        self.backend = self.last_backend = backend
+        self.upstream = upstream
+        self._to(FORWARD)
+        if not head.websocket:  # a websocket is attached as its tunnel, after the 101
+            ctx.pool.attach(backend, self, self.key)
+        ctx.stats.requests[(ctx.pool.name, backend.id)] += 1
+        self.mark_in = self.nbytes_in - unsent
+        self.mark_out = self.nbytes_out
+        upstream.expect(self, head.method, head.websocket, self.set_cookie)
 
     def _replay(self, upstream: Upstream, out: bytes) -> None:
         held = self.held
@@ -451,12 +448,12 @@ class HttpClient(asyncio.Protocol):
         wait = self.wait
         self._disarm()  # (wait None: an entry left behind, nothing to do)
         if wait is Wait.KEEPALIVE:
-            if self.state == HEAD and not self.buf:
-                self.state = DONE
+            if self.state is HEAD and not self.buf:
+                self._to(DONE)
                 self._log(f"idle for {self.ctx.config.keepalive_timeout:g}s between requests")
                 self.transport.close()
         elif wait is Wait.BODY:
-            if self.state != FORWARD or self.tracker is None:
+            if self.state is not FORWARD or self.tracker is None:
                 return
             timeout = self.ctx.config.body_timeout
             if self.nbytes_in != self.wait_mark:
@@ -466,13 +463,14 @@ class HttpClient(asyncio.Protocol):
                     self._drop_upstream()
                     self.close_now()
                 else:
-                    self._reject(408, "request body not received in time")
+                    self.reject(408, "request body not received in time")
                 return
             self._arm(Wait.BODY, next_body_check(now, self.wait_since, timeout))
         elif wait is Wait.RESPONSE:
-            if self.nslot >= 0:
-                native_upgrade.response_timeout(self)
-            elif self.state == FORWARD:
+            native = self.native
+            if native is not None and native.pending:
+                native.response_timeout()
+            elif self.state is FORWARD:
                 self._response_timeout()
 
     def _drop_upstream(self) -> None:
@@ -484,28 +482,10 @@ class HttpClient(asyncio.Protocol):
         self._end_request()
 
     def _response_timeout(self) -> None:
-        ctx = self.ctx
-        pool = ctx.pool
-        backend, upstream, head = self.backend, self.upstream, self.head
-        if backend is None or upstream is None or head is None:
+        backend, head = self.backend, self.head
+        if backend is None or self.upstream is None or head is None:
             return
-        ctx.stats.upstream_errors[(pool.name, backend.id, "response_timeout")] += 1
-        pool.connect_failed(backend, "no response in time")
-        self.tried = self.tried | {backend.id}
-        action = after_response_timeout(
-            answered=self.nbytes_out > self.mark_out,
-            has_body=head.body.kind != "none",
-            tried=len(self.tried),
-            retries=pool.config.retries,
-            others=untried(((b.id, b.state is UP) for b in pool.backends.values()), self.tried),
-        )
-        self._drop_upstream()
-        if action is AfterTimeout.RETRY:
-            self._retry(None, self.tried)
-        elif action is AfterTimeout.ANSWER:
-            self._reject(504, "backend sent no response in time")
-        else:
-            self.close_now()
+        self._upstream_failure(backend, Failure.RESPONSE_TIMEOUT, self.nbytes_out > self.mark_out)
 
     def request_bytes(self) -> bytes:
         """The current request's head as the backend gets it (X-Forwarded-* added)."""
@@ -530,13 +510,57 @@ class HttpClient(asyncio.Protocol):
             out = out.replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
         return out
 
-    # -- the native upgrade path (native_upgrade.py) calls these ---------------
+    # -- the native upgrade path (native_upgrade.py, types.UpgradeClient) ---------
+    def _native(self, splicer: SplicerLike) -> NativeUpgrade:
+        native = self.native
+        if native is None:
+            native = self.native = NativeUpgrade(self, self.ctx, splicer)
+        return native
+
+    def _start_native(self, splicer: SplicerLike, first: Backend | None) -> bool:
+        """Route and connect the websocket upgrade natively; False: use the Python path."""
+        head = self.head
+        if head is None or head.body.kind != "none":
+            return False
+        return self._native(splicer).attempt(first)
+
     def state_is_connecting(self) -> bool:
-        return self.state == CONNECTING
+        return self.state is CONNECTING
 
     def begin_python_connect(self, backend: Backend) -> None:
         """Continue the attempts on the Python path, starting with ``backend``."""
         self.task = self.ctx.loop.create_task(self._connect(backend, self.tried))
+
+    def adopt(self, backend: Backend, sock: socket.socket, data: bytes) -> None:
+        """Carry on with a backend connection the engine made, ``data`` read from it."""
+        self.task = self.ctx.loop.create_task(self._adopt(backend, sock, data))
+
+    async def _adopt(self, backend: Backend, sock: socket.socket, data: bytes) -> None:
+        ctx = self.ctx
+        try:
+            transport, upstream = await ctx.loop.create_connection(
+                lambda: Upstream(ctx, backend), sock=sock
+            )
+        except OSError:
+            self.task = None
+            sock.close()
+            self.reject(502, "backend connection lost")
+            return
+        self.task = None
+        if self.state is CONNECTING:
+            self.adopted(backend, upstream)
+            upstream.data_received(data)
+        else:
+            transport.close()
+
+    def buffered(self) -> bytes:
+        """What the client sent beyond the current request head (for the tunnel)."""
+        return bytes(self.buf)
+
+    def count_failure(self, backend: Backend, failure: Failure, answered: bool) -> None:
+        """Count a failed attempt (stats, passive health); a blamed backend is not retried."""
+        if account(self.ctx, backend, failure, answered):
+            self.tried = self.tried | {backend.id}
 
     def arm_response_deadline(self) -> None:
         """The engine sent the upgrade request: the response deadline starts now."""
@@ -546,42 +570,31 @@ class HttpClient(asyncio.Protocol):
         """A backend connection the engine made now belongs to ``upstream`` (request sent)."""
         head = self.head
         assert head is not None
-        ctx = self.ctx
-        self.backend = self.last_backend = backend
-        self.upstream = upstream
-        self.state = FORWARD
         self.tracker = None
-        ctx.stats.requests[(ctx.pool.name, backend.id)] += 1
-        self.mark_in = self.nbytes_in - len(self.buf)
-        self.mark_out = self.nbytes_out
-        upstream.expect(self, head.method, head.websocket, self.set_cookie)
+        self._attach(backend, upstream, head, len(self.buf))
 
-    def tunnel_started(self) -> None:
+    def tunnel_started(self, backend: Backend) -> None:
         """The engine spliced this client's websocket: this protocol is done."""
         ctx = self.ctx
-        backend = self.nbackend
-        assert backend is not None
-        self.state = DONE
+        self._to(DONE)
         self._disarm()
         self.last_backend = backend
         ctx.connections.discard(self)
         ctx.stats.requests[(ctx.pool.name, backend.id)] += 1
         ctx.stats.handshake_seconds.observe(time.monotonic() - self.started)
-        self.nbackend = None
+        self.native = None
 
     def close_now(self) -> None:
         """The backend went away in the middle of its answer: close the client."""
-        self.state = DONE
+        self._to(DONE)
         self._disarm()
         self.transport.close()
 
     def _drop_native(self) -> None:
         """Close a native backend connection still being set up (client gone or rejected)."""
-        if self.nslot >= 0:
-            splicer = self.ctx.splicer
-            if splicer is not None:
-                splicer.engine.close(self.nslot, self)
-            self.nslot = -1
+        native = self.native
+        if native is not None:
+            native.close()
 
     def _request_body(self, data: bytes) -> None:
         tracker = self.tracker
@@ -590,7 +603,7 @@ class HttpClient(asyncio.Protocol):
         try:
             end = tracker.feed(data)
         except HttpError as exc:
-            self._reject(exc.status, exc.reason)
+            self.reject(exc.status, exc.reason)
             return
         body = data if end < 0 or end == len(data) else data[:end]
         held = self.held
@@ -622,7 +635,7 @@ class HttpClient(asyncio.Protocol):
         if close_client or unfinished_body or self.closing or head is None or not head.keep_alive:
             self._close_after_response()
             return
-        self.state = HEAD
+        self._to(HEAD)
         if self.buf:
             self._try_head()
         else:
@@ -641,43 +654,58 @@ class HttpClient(asyncio.Protocol):
         self.upstream = None
         self.tracker = None
 
-    def upstream_failed(self, got_response: bool, reason: str) -> None:
+    def upstream_failed(self, got_response: bool, failure: Failure) -> None:
         """The backend connection died before the response completed."""
-        head = self.head
         backend = self.backend
-        if not got_response and self.reused and head is not None and backend is not None:
+        if backend is None or self.head is None:
+            self._end_request()
+            if got_response:
+                self.close_now()
+            else:
+                self.reject(502, "backend closed the connection")
+            return
+        if not got_response and self.reused:
             # A kept-alive connection closed under us before any answer: not the backend's
             # failure. Resend once on a fresh connection when the whole request is at hand.
-            replay = head.body.kind != "none" and self.tracker is None and self.held is not None
-            if head.body.kind == "none" or replay:
-                self._end_request()
-                self._retry(backend, frozenset(), replay)
-            else:
-                self._end_request()
-                self._reject(502, "reused backend connection closed (request not resendable)")
-            return
+            failure = Failure.REUSED_CONNECTION_CLOSED
+        self._upstream_failure(backend, failure, got_response)
+
+    def _upstream_failure(self, backend: Backend, failure: Failure, answered: bool) -> None:
+        """Account for ``failure`` of the current request's backend, then act (retry.decide)."""
         ctx = self.ctx
-        if backend is not None:
-            ctx.stats.upstream_errors[(ctx.pool.name, backend.id, reason)] += 1
-            if not got_response:
-                # accepted, then closed or reset without a word: a passive failure, and (for
-                # a request without a body, nothing having reached the client) another backend
-                ctx.pool.connect_failed(backend, f"{reason} before answering")
-                self.tried = self.tried | {backend.id}
-                if (
-                    head is not None
-                    and head.body.kind == "none"
-                    and len(self.tried) <= ctx.pool.config.retries
-                ):
-                    self._end_request()
-                    self._retry(None, self.tried)
-                    return
-        self._end_request()
-        if got_response:
-            self.state = DONE
-            self.transport.close()
+        head = self.head
+        assert head is not None
+        if account(ctx, backend, failure, answered):
+            self.tried = self.tried | {backend.id}
+        pool = ctx.pool
+        has_body = head.body.kind != "none"
+        others = True
+        if failure is Failure.RESPONSE_TIMEOUT:
+            states = ((b.id, b.state is UP) for b in pool.backends.values())
+            others = untried(states, self.tried)
+        facts = Facts(
+            answered=answered,
+            reused=self.reused,
+            has_body=has_body,
+            replayable=has_body and self.tracker is None and self.held is not None,
+            tried=len(self.tried),
+            retries=pool.config.retries,
+            others=others,
+        )
+        action = decide(failure, facts)
+        if failure is Failure.RESPONSE_TIMEOUT:
+            self._drop_upstream()
         else:
-            self._reject(502, "backend closed the connection")
+            self._end_request()
+        if isinstance(action, Retry):
+            if action.same:
+                self._retry(backend, frozenset(), action.replay)
+            else:
+                self._retry(None, self.tried)
+        elif isinstance(action, Answer):
+            self.reject(action.status, action.detail)
+        else:
+            self.close_now()
 
     def _retry(self, first: Backend | None, avoid: frozenset[str], replay: bool = False) -> None:
         """Send the current request again on a new connection (to ``first``, or elsewhere);
@@ -689,15 +717,14 @@ class HttpClient(asyncio.Protocol):
             assert parsed is not None
             self.head = parsed[0]
             self.quick = None
-        self.state = CONNECTING
+        self._to(CONNECTING)
         self.reused = False
         self.transport.pause_reading()
         splicer = self.ctx.splicer
         head = self.head
-        if head is not None and head.websocket and head.body.kind == "none" and splicer is not None:
-            self.nresp = bytearray()
-            if native_upgrade.attempt(self, splicer, first):
-                return
+        websocket = head is not None and head.websocket and head.body.kind == "none"
+        if websocket and splicer is not None and self._native(splicer).attempt(first):
+            return
         self.task = self.ctx.loop.create_task(self._connect(first, avoid))
 
     def start_tunnel(self, upstream: Upstream, to_client: bytes, head_len: int) -> None:
@@ -705,7 +732,7 @@ class HttpClient(asyncio.Protocol):
         ctx = self.ctx
         backend = self.backend
         assert backend is not None
-        self.state = DONE
+        self._to(DONE)
         self._disarm()
         ctx.connections.discard(self)
         ctx.stats.handshake_seconds.observe(time.monotonic() - self.started)
@@ -739,13 +766,13 @@ class HttpClient(asyncio.Protocol):
 
     def _close_after_response(self) -> None:
         """Close once the response is out: FIN, then drop what the client still sends."""
-        self.state = DONE
+        self._to(DONE)
         self._disarm()
         self.ctx.connections.discard(self)
         self._log(f"closed after {self.requests} request(s)")
         Linger.close(self.transport, self.ctx.loop)
 
-    def _reject(self, status: int, detail: str) -> None:
+    def reject(self, status: int, detail: str) -> None:
         ctx = self.ctx
         ctx.stats.rejected[(ctx.config.name, str(status))] += 1
         self.status = status
@@ -760,7 +787,7 @@ class HttpClient(asyncio.Protocol):
             upstream.client = None
             upstream.transport.close()
             self._end_request()
-        self.state = DONE
+        self._to(DONE)
         if not self.transport.is_closing():
             self.write(error_response(status, detail=detail))
             self.ctx.connections.discard(self)
@@ -782,15 +809,15 @@ class HttpClient(asyncio.Protocol):
         self.mark_out = self.nbytes_out
 
     def go_away(self) -> None:
-        if self.state == HEAD and not self.buf:
-            self.state = DONE
+        if self.state is HEAD and not self.buf:
+            self._to(DONE)
             self.transport.close()
         else:
             self.closing = True
 
     def abort(self, reason: str) -> None:
-        if self.state == HEAD and self.buf:
-            self._reject(408, reason)
+        if self.state is HEAD and self.buf:
+            self.reject(408, reason)
             return
-        self.state = DONE
+        self._to(DONE)
         self.transport.close()
