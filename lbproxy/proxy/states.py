@@ -21,21 +21,22 @@ class IllegalTransition(LbproxyError):
     """A state machine was asked for a transition its table does not allow."""
 
 
-class ClientState(enum.Enum):
+# (IntEnum: a member hashes in C, and the table is looked up on every request)
+class ClientState(enum.IntEnum):
     """A client connection of an http listener."""
 
-    HEAD = "head"  # reading a request head (or idle between requests)
-    CONNECTING = "connecting"  # picking / connecting a backend for the request
-    FORWARD = "forward"  # request body streaming and/or waiting for the response
-    DONE = "done"  # closed, rejected, or handed to a tunnel
+    HEAD = 0  # reading a request head (or idle between requests)
+    CONNECTING = 1  # picking / connecting a backend for the request
+    FORWARD = 2  # request body streaming and/or waiting for the response
+    DONE = 3  # closed, rejected, or handed to a tunnel
 
 
-class UpstreamState(enum.Enum):
+class UpstreamState(enum.IntEnum):
     """A (keep-alive) connection to a backend, one request at a time."""
 
-    IDLE = "idle"  # no request (kept alive, or done)
-    HEAD = "head"  # a request sent: waiting for its response head
-    BODY = "body"  # forwarding the response body
+    IDLE = 0  # no request (kept alive, or done)
+    HEAD = 1  # a request sent: waiting for its response head
+    BODY = 2  # forwarding the response body
 
 
 _C = ClientState
