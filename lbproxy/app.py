@@ -21,7 +21,6 @@ from lbproxy.fdreserve import create as create_fd_reserve
 from lbproxy.health import HealthChecker
 from lbproxy.metrics import backend_totals, build_registry
 from lbproxy.pool import Pool
-from lbproxy.proxy.http_client import HttpClient
 from lbproxy.proxy.listener import Listener
 from lbproxy.proxy.splice import native_available
 from lbproxy.proxy.tunnel import GRACE
@@ -233,9 +232,7 @@ class App:
         for listener in listeners:
             listener.stop_accepting()
         for listener in listeners:
-            for conn in list(listener.connections):
-                if isinstance(conn, HttpClient):
-                    conn.go_away()  # idle keep-alive: close now; in flight: after the response
+            listener.finish_requests()  # idle keep-alive: close now; in flight: after the response
         pools = list(self.pools.values())
         drain = max((p.config.drain_timeout for p in pools), default=0.0)
         spread = max((p.config.close_spread for p in pools), default=0.0)

@@ -170,6 +170,13 @@ class Listener:
         if self.server is not None:
             self.server.close()
 
+    def finish_requests(self) -> None:
+        """Shutdown: HTTP client connections idle between requests close now, those with a
+        request in flight after its response (tunnels are left to the drain)."""
+        for conn in list(self.ctx.connections):
+            if isinstance(conn, HttpClient):
+                conn.go_away()
+
     async def stop(self) -> None:
         """Stop accepting and abort whatever is still open (after a drain)."""
         self.stop_accepting()
