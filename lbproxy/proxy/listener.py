@@ -14,9 +14,9 @@ from lbproxy.config_types import Address, ListenerConfig
 from lbproxy.fdreserve import MAX_LINGERING, FdReserve
 from lbproxy.http1 import error_response
 from lbproxy.pool import Pool
+from lbproxy.proxy.connection import HttpClient
 from lbproxy.proxy.context import ListenerContext, Tracked
 from lbproxy.proxy.deadlines import idle_tick, sweep_tick
-from lbproxy.proxy.http_client import HttpClient
 from lbproxy.proxy.splice import Splicer
 from lbproxy.proxy.tcp_conn import TcpClient
 from lbproxy.proxy.tunnel import Link

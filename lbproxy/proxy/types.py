@@ -4,7 +4,8 @@ Each side of a pair of modules that talk both ways (the client connection and it
 upstream, the client and its native upgrade, the listener context and the engine) sees
 the other only as one of these Protocols, so the import graph of ``lbproxy.proxy`` stays
 acyclic even counting ``TYPE_CHECKING`` imports. This module imports nothing from
-``lbproxy.proxy`` but the sans-IO ``retry`` (which imports nothing from the package).
+``lbproxy.proxy`` but, for annotations, the sans-IO ``retry``, ``states`` and ``deadlines``
+(which import nothing of the proxy's I/O modules).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ if TYPE_CHECKING:
     from lbproxy._splice import Engine
     from lbproxy.http1 import RequestHead
     from lbproxy.pool import Backend
+    from lbproxy.proxy.deadlines import Wait
     from lbproxy.proxy.retry import Failure
+    from lbproxy.proxy.states import ClientState
 
 
 class SplicerLike(Protocol):
@@ -108,3 +111,63 @@ class UpgradeClient(Protocol):
     def adopt(self, backend: Backend, sock: socket.socket, data: bytes) -> None: ...
 
     def tunnel_started(self, backend: Backend) -> None: ...
+
+
+class ConnectionSide(Protocol):
+    """The client connection (connection.HttpClient) as its exchange sees it."""
+
+    buf: bytearray
+    status: int
+    last_backend: Backend | None
+
+    @property
+    def transport(self) -> asyncio.Transport: ...
+
+    @property
+    def state(self) -> ClientState: ...
+
+    @property
+    def exchange(self) -> object:
+        """The exchange in flight (an exchange checks it is still the current one)."""
+
+    @property
+    def wait(self) -> Wait | None: ...
+
+    @property
+    def closing(self) -> bool: ...
+
+    @property
+    def ip(self) -> str: ...
+
+    @property
+    def started(self) -> float: ...
+
+    @property
+    def nbytes_in(self) -> int: ...
+
+    @property
+    def nbytes_out(self) -> int: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def response_started(self) -> None: ...
+
+    def suffix(self) -> bytes: ...
+
+    def arm(self, wait: Wait, when: float) -> None: ...
+
+    def wait_for(self, body: bool) -> None: ...
+
+    def forwarding(self) -> None: ...
+
+    def connecting(self, disarm: bool = False) -> None: ...
+
+    def request_done(self, close: bool) -> None: ...
+
+    def handed_over(self) -> None: ...
+
+    def reject(self, status: int, detail: str) -> None: ...
+
+    def close_now(self) -> None: ...
+
+    def go_away(self) -> None: ...
