@@ -9,8 +9,8 @@ from typing import Any
 
 from lbproxy.config_types import Address, BackendConfig, ListenerConfig, PoolConfig
 from lbproxy.pool import Pool
-from lbproxy.proxy.context import ListenerContext
 from lbproxy.proxy.connection import HttpClient
+from lbproxy.proxy.context import ListenerContext
 from lbproxy.stats import Stats
 
 
