@@ -15,23 +15,26 @@ import time
 from typing import cast
 
 from lbproxy.errors import HttpError
-from lbproxy.http1 import MAX_HEAD, BodyFraming, RequestHead, error_response, parse_request_head
+from lbproxy.http1 import MAX_HEAD, RequestHead, error_response, parse_request_head
 from lbproxy.http1.lanes import quick_request, quick_websocket
 from lbproxy.pool import Backend
 from lbproxy.proxy.accesslog import log_connection
 from lbproxy.proxy.context import ListenerContext
 from lbproxy.proxy.deadlines import Wait, body_stalled, next_body_check
-from lbproxy.proxy.exchange import Exchange, affinity_key
+from lbproxy.proxy.exchange import Exchange
 from lbproxy.proxy.http_upstream import Upstream
+from lbproxy.proxy.routing import (
+    QUICK_GET,
+    QUICK_LIMIT,
+    QUICK_WEBSOCKET,
+    affinity_key,
+    forwarded_suffix,
+    lane_key,
+)
 from lbproxy.proxy.states import CLIENT_TRANSITIONS, ClientState, check
 from lbproxy.proxy.tunnel import Linger
 
 HEAD, CONNECTING, FORWARD, DONE = ClientState
-
-# What a request taken by the fast lane amounts to (see http1.lanes.quick_request).
-QUICK_LIMIT = 8192  # larger heads take the full path (and its limits)
-QUICK_GET = RequestHead(b"GET", b"/", b"1.1", (), (), True, False, BodyFraming("none"))
-QUICK_WEBSOCKET = RequestHead(b"GET", b"/", b"1.1", (), (), True, True, BodyFraming("none"))
 
 
 class HttpClient(asyncio.Protocol):
@@ -198,7 +201,7 @@ class HttpClient(asyncio.Protocol):
         """Fast lane: a plain GET on a warm keep-alive upstream connection (False: full path)."""
         ctx = self.ctx
         pool = ctx.pool
-        lane, key = self._lane_key()
+        lane, key = lane_key(self.ctx, self.ip)
         if not lane:
             return False
         backend = pool.pick(key)
@@ -219,15 +222,6 @@ class HttpClient(asyncio.Protocol):
         self._begin(QUICK_GET, data, key).send_quick(backend, upstream, data, now)
         return True
 
-    def _lane_key(self) -> tuple[bool, bytes | None]:
-        """(whether the fast lanes may route this pool, the affinity key they use)."""
-        ctx = self.ctx
-        if ctx.pool.config.balance != "hash":
-            return True, None
-        if ctx.key_spec().kind != "ip":
-            return False, None  # cookie/header/query keys need the parsed headers
-        return True, self.ip.encode()
-
     def _begin(self, head: RequestHead, quick: bytes | None, key: bytes | None) -> Exchange:
         """A new request: its exchange."""
         self.wait = None  # (the keep-alive entry stays in ctx.deadlines until overwritten)
@@ -240,16 +234,12 @@ class HttpClient(asyncio.Protocol):
         """The X-Forwarded-* lines (and the final CRLF) fast-lane requests get."""
         suffix = self.suffix_bytes
         if not suffix:
-            ctx = self.ctx
-            suffix = self.suffix_bytes = (
-                f"X-Forwarded-For: {self.ip}\r\nX-Forwarded-Proto: {ctx.proto.decode()}\r\n"
-                f"X-Forwarded-Port: {ctx.port}\r\n\r\n"
-            ).encode()
+            suffix = self.suffix_bytes = forwarded_suffix(self.ctx, self.ip)
         return suffix
 
     def _quick_websocket(self, data: bytes) -> bool:
         """Fast lane for a plain websocket upgrade: route and forward it without re-parsing."""
-        lane, key = self._lane_key()
+        lane, key = lane_key(self.ctx, self.ip)
         if not lane:
             return False
         exchange = self._begin(QUICK_WEBSOCKET, data, key)

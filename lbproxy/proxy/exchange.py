@@ -10,58 +10,30 @@ forwards to sees it as a ``types.ClientSide``; a native upgrade as a ``types.Upg
 
 from __future__ import annotations
 
-import socket
+import asyncio
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
-from lbproxy.balance import extract_key
 from lbproxy.errors import HttpError
-from lbproxy.http1 import (
-    ChunkedTracker,
-    LengthTracker,
-    RequestHead,
-    parse_request_head,
-    rewrite_request,
-)
+from lbproxy.http1 import ChunkedTracker, LengthTracker, RequestHead, parse_request_head
 from lbproxy.pool import Backend, BackendState
 from lbproxy.proxy.connect import Connected, account, connect_with_retries
 from lbproxy.proxy.deadlines import Wait, untried
 from lbproxy.proxy.http_upstream import Upstream
 from lbproxy.proxy.native_upgrade import NativeUpgrade
 from lbproxy.proxy.retry import Answer, Facts, Failure, Retry, decide
+from lbproxy.proxy.routing import upstream_request
 from lbproxy.proxy.states import ClientState
 from lbproxy.proxy.tunnel import WsLink
 
 if TYPE_CHECKING:
-    import asyncio
-
     from lbproxy.proxy.context import ListenerContext
     from lbproxy.proxy.types import ConnectionSide, SplicerLike
 
 CONNECTING, FORWARD = ClientState.CONNECTING, ClientState.FORWARD
 UP = BackendState.UP
 REPLAY_LIMIT = 65536  # request body bytes held for a resend while on a reused connection
-
-
-def affinity_key(
-    ctx: ListenerContext, ip: str, head: RequestHead
-) -> tuple[bytes | None, tuple[bytes, bytes] | None]:
-    """(the request's hash key, the sticky Set-Cookie header its response gets)."""
-    config = ctx.pool.config
-    if config.balance != "hash":
-        return None, None
-    spec = ctx.key_spec()
-    key = extract_key(spec, ip, head.headers, head.target)
-    set_cookie = None
-    if spec.kind == "cookie" and config.sticky_cookie:
-        value = ctx.pool.sticky_cookie(key)  # (signed: names the backend it picks now)
-        if value is not None:
-            set_cookie = (
-                b"Set-Cookie",
-                f"{spec.name}={value}; Path=/; HttpOnly; SameSite=Lax".encode(),
-            )
-            key = value.encode()
-    return (key if key is not None else ip.encode()), set_cookie
 
 
 class Exchange:
@@ -230,25 +202,10 @@ class Exchange:
 
     def request_bytes(self) -> bytes:
         """The request's head as the backend gets it (X-Forwarded-* added)."""
-        head = self.head
         quick = self.quick
         if quick is not None:
             return quick[:-2] + self.conn.suffix()
-        ctx = self.ctx
-        http10 = head.version == b"1.0"
-        out = rewrite_request(
-            head,
-            client_ip=self.ip,
-            proto=ctx.proto,
-            port=ctx.port,
-            keep_xff=ctx.is_trusted(self.ip),
-            upstream_keep_alive=not http10,
-        )
-        if http10:
-            # An HTTP/1.0 client cannot read a chunked response: ask the backend in 1.0
-            # too (it then answers with Content-Length or until close).
-            out = out.replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
-        return out
+        return upstream_request(self.ctx, self.ip, self.head)
 
     def request_body(self, data: bytes) -> None:
         tracker = self.tracker
@@ -307,9 +264,7 @@ class Exchange:
         conn = self.conn
         if backend is not None:
             ctx.pool.detach(backend, conn)
-            stats = ctx.stats
-            stats.bytes[(ctx.pool.name, backend.id, "in")] += conn.nbytes_in - self.mark_in
-            stats.bytes[(ctx.pool.name, backend.id, "out")] += conn.nbytes_out - self.mark_out
+            self._count_bytes(backend)
         if self.status:
             conn.status = self.status
         self.backend = None
@@ -319,15 +274,16 @@ class Exchange:
     def flush_bytes(self) -> None:
         """Count the request's bytes so far (a long response, SSE) in the stats."""
         backend = self.backend
-        if backend is None:
-            return
-        conn = self.conn
-        stats = self.ctx.stats
+        if backend is not None:
+            self._count_bytes(backend)
+            self.mark_in = self.conn.nbytes_in
+            self.mark_out = self.conn.nbytes_out
+
+    def _count_bytes(self, backend: Backend) -> None:
+        bytes_ = self.ctx.stats.bytes
         pool = self.ctx.pool.name
-        stats.bytes[(pool, backend.id, "in")] += conn.nbytes_in - self.mark_in
-        stats.bytes[(pool, backend.id, "out")] += conn.nbytes_out - self.mark_out
-        self.mark_in = conn.nbytes_in
-        self.mark_out = conn.nbytes_out
+        bytes_[(pool, backend.id, "in")] += self.conn.nbytes_in - self.mark_in
+        bytes_[(pool, backend.id, "out")] += self.conn.nbytes_out - self.mark_out
 
     def drop_upstream(self) -> None:
         """Close the request's backend connection (it will not be answered)."""
@@ -449,6 +405,10 @@ class Exchange:
         if account(self.ctx, backend, failure, answered):
             self.tried = self.tried | {backend.id}
 
+    def run(self, step: Coroutine[Any, Any, None] | None) -> None:
+        """Run ``step`` as the request's pending task (None: the task is over)."""
+        self.task = None if step is None else self.ctx.loop.create_task(step)
+
     def reject(self, status: int, detail: str) -> None:
         self.conn.reject(status, detail)
 
@@ -463,28 +423,15 @@ class Exchange:
         """The engine sent the upgrade request: the response deadline starts now."""
         self.conn.wait_for(False)
 
-    def adopt(self, backend: Backend, sock: socket.socket, data: bytes) -> None:
-        """Carry on with a backend connection the engine made, ``data`` read from it."""
-        self.task = self.ctx.loop.create_task(self._adopt(backend, sock, data))
-
-    async def _adopt(self, backend: Backend, sock: socket.socket, data: bytes) -> None:
-        ctx = self.ctx
-        try:
-            transport, upstream = await ctx.loop.create_connection(
-                lambda: Upstream(ctx, backend), sock=sock
-            )
-        except OSError:
-            self.task = None
-            sock.close()
-            self.conn.reject(502, "backend connection lost")
+    def adopted(self, backend: Backend, upstream: asyncio.Protocol, data: bytes) -> None:
+        """A backend connection the engine made is now ``upstream``'s; ``data`` read so far."""
+        assert isinstance(upstream, Upstream)
+        if self.conn.exchange is not self or self.conn.state is not CONNECTING:
+            upstream.transport.close()  # (the client went away meanwhile)
             return
-        self.task = None
-        if self.conn.exchange is self and self.conn.state is CONNECTING:
-            self.tracker = None
-            self._attach(backend, upstream, len(self.conn.buf))
-            upstream.data_received(data)
-        else:
-            transport.close()
+        self.tracker = None
+        self._attach(backend, upstream, len(self.conn.buf))
+        upstream.data_received(data)
 
     def tunnel_started(self, backend: Backend) -> None:
         """The engine spliced this client's websocket: the connection is done."""

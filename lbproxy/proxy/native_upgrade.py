@@ -25,6 +25,7 @@ from lbproxy.http1 import MAX_HEAD, add_response_headers
 from lbproxy.http1.lanes import switching_protocols
 from lbproxy.pool import BackendState
 from lbproxy.proxy.context import ListenerContext
+from lbproxy.proxy.http_upstream import Upstream
 from lbproxy.proxy.retry import Answer, Facts, Failure, Retry, decide, from_errno
 from lbproxy.proxy.tunnel import NativeWsLink
 
@@ -251,4 +252,18 @@ class NativeUpgrade:
         sock = socket.socket(fileno=fd)
         data = bytes(self.resp)
         self.resp = bytearray()
-        self.client.adopt(backend, sock, data)
+        self.client.run(self._adopt(backend, sock, data))
+
+    async def _adopt(self, backend: Backend, sock: socket.socket, data: bytes) -> None:
+        ctx = self.ctx
+        try:
+            _, upstream = await ctx.loop.create_connection(
+                lambda: Upstream(ctx, backend), sock=sock
+            )
+        except OSError:
+            self.client.run(None)
+            sock.close()
+            self.client.reject(502, "backend connection lost")
+            return
+        self.client.run(None)
+        self.client.adopted(backend, upstream, data)

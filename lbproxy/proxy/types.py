@@ -11,7 +11,7 @@ acyclic even counting ``TYPE_CHECKING`` imports. This module imports nothing fro
 from __future__ import annotations
 
 import asyncio
-import socket
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -108,7 +108,10 @@ class UpgradeClient(Protocol):
 
     def arm_response_deadline(self) -> None: ...
 
-    def adopt(self, backend: Backend, sock: socket.socket, data: bytes) -> None: ...
+    def run(self, step: Coroutine[Any, Any, None] | None) -> None:
+        """Run ``step`` as the request's pending task (None: the task is over)."""
+
+    def adopted(self, backend: Backend, upstream: asyncio.Protocol, data: bytes) -> None: ...
 
     def tunnel_started(self, backend: Backend) -> None: ...
 
