@@ -1,12 +1,9 @@
 """http mode (L7), one client connection: read request heads, one exchange at a time.
 
-States (states.ClientState, transitions in states.CLIENT_TRANSITIONS): HEAD (reading a
-request head) -> CONNECTING (the exchange picks/connects a backend) -> FORWARD (request
-body streaming and/or waiting for the response) -> HEAD again, or -> DONE (tunnelled
-after a 101, or closed). The connection owns the transport, the head parsing and its
-timer, the deadlines the listener's sweep checks, keep-alive and closing; each request
-is an ``Exchange`` (exchange.py).
-"""
+States (states.CLIENT_TRANSITIONS): HEAD -> CONNECTING (the exchange picks/connects) ->
+FORWARD (body and/or response) -> HEAD again, or -> DONE (tunnelled, or closed). The
+connection owns the transport, head parsing and timer, the deadlines the listener's sweep
+checks, keep-alive and closing; each request is an ``Exchange`` (exchange.py)."""
 
 from __future__ import annotations
 
@@ -68,16 +65,13 @@ class HttpClient(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.buf = bytearray()
         self.state: ClientState = HEAD
-        self.ip = ""
-        self.port = 0
+        self.ip, self.port = "", 0
         self.timer: asyncio.TimerHandle | None = None  # the request head's (handshake_timeout)
         self.exchange: Exchange | None = None  # the request in flight
         self.last_backend: Backend | None = None
-        self.logged = False
-        self.closing = False
+        self.logged = self.closing = False
         self.started = 0.0
-        self.requests = 0
-        self.status = 0
+        self.requests = self.status = 0
         self.suffix_bytes = b""
         self.nbytes_in = self.nbytes_out = 0
         # the deadline this connection waits on (in ctx.deadlines; the listener's sweep checks)
@@ -85,20 +79,17 @@ class HttpClient(asyncio.Protocol):
         self.wait_mark = 0  # (a streaming body: nbytes_in when last looked at, and since when)
         self.wait_since = 0.0
 
-    def _to(self, new: ClientState) -> None:
+    def advance(self, new: ClientState) -> None:
         """The one place the connection changes state (states.CLIENT_TRANSITIONS)."""
         if new not in CLIENT_TRANSITIONS[self.state]:
             check(CLIENT_TRANSITIONS, self.state, new)  # (raises IllegalTransition)
         self.state = new
 
-    def forwarding(self) -> None:
-        self._to(FORWARD)
-
     def connecting(self, disarm: bool = False) -> None:
         """A backend is being picked / connected for the request: stop reading meanwhile."""
         if disarm:
             self.disarm()
-        self._to(CONNECTING)
+        self.advance(CONNECTING)
         self.transport.pause_reading()
 
     # -- asyncio callbacks ---------------------------------------------------
@@ -148,7 +139,7 @@ class HttpClient(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         prev = self.state
-        self._to(DONE)
+        self.advance(DONE)
         self.ctx.connections.discard(self)
         self.disarm()
         self._cancel_timer()
@@ -244,14 +235,12 @@ class HttpClient(asyncio.Protocol):
             return False
         exchange = self._begin(QUICK_WEBSOCKET, data, key)
         self.connecting()
-        splicer = self.ctx.splicer
-        if splicer is None or not exchange.start_native(splicer, None):
-            exchange.connect(None)
+        exchange.route(None)  # (a websocket: the native engine if any, else Python)
         return True
 
     def _dispatch(self, head: RequestHead, picked: Backend | None = None) -> None:
         exchange = self._begin(head, None, None)
-        self._to(CONNECTING)
+        self.advance(CONNECTING)
         exchange.key, exchange.set_cookie = affinity_key(self.ctx, self.ip, head)
         self.transport.pause_reading()
         exchange.route(picked)
@@ -266,8 +255,7 @@ class HttpClient(asyncio.Protocol):
         self.ctx.deadlines.pop(self, None)
 
     def wait_for(self, body: bool) -> None:
-        """The request went out (or part of it): wait for the rest of its ``body``, or the
-        answer."""
+        """The request went out (or part of it): wait for the rest of its body, or the answer."""
         now = time.monotonic()
         if body:
             self.wait_mark = self.nbytes_in
@@ -278,9 +266,8 @@ class HttpClient(asyncio.Protocol):
             self.arm(Wait.RESPONSE, now + self.ctx.pool.config.response_timeout)
 
     def response_started(self) -> None:
-        """The backend's final response head (or 101) arrived: no response deadline now.
-        (Its entry stays in ctx.deadlines: the keep-alive one overwrites it, or the sweep
-        drops it; a set and a pop per request saved on the hot path.)"""
+        """The final response head (or 101) arrived: no response deadline now (its entry
+        stays in ctx.deadlines until overwritten or swept: no pop on the hot path)."""
         if self.wait is Wait.RESPONSE:
             self.wait = None
 
@@ -290,7 +277,7 @@ class HttpClient(asyncio.Protocol):
         exchange = self.exchange
         if wait is Wait.KEEPALIVE:
             if self.state is HEAD and not self.buf:
-                self._to(DONE)
+                self.advance(DONE)
                 self._log(f"idle for {self.ctx.config.keepalive_timeout:g}s between requests")
                 self.transport.close()
         elif wait is Wait.BODY:
@@ -319,7 +306,7 @@ class HttpClient(asyncio.Protocol):
         if close or self.closing:
             self._close_after_response()
             return
-        self._to(HEAD)
+        self.advance(HEAD)
         if self.buf:
             self._try_head()
         else:
@@ -329,7 +316,7 @@ class HttpClient(asyncio.Protocol):
     def handed_over(self) -> None:
         """The exchange made this connection a websocket tunnel: this protocol is done."""
         ctx = self.ctx
-        self._to(DONE)
+        self.advance(DONE)
         self.disarm()
         ctx.connections.discard(self)
         ctx.stats.handshake_seconds.observe(time.monotonic() - self.started)
@@ -357,7 +344,7 @@ class HttpClient(asyncio.Protocol):
 
     def _close_after_response(self) -> None:
         """Close once the response is out: FIN, then drop what the client still sends."""
-        self._to(DONE)
+        self.advance(DONE)
         self.disarm()
         self.ctx.connections.discard(self)
         self._log(f"closed after {self.requests} request(s)")
@@ -365,7 +352,7 @@ class HttpClient(asyncio.Protocol):
 
     def close_now(self) -> None:
         """The backend went away in the middle of its answer: close the client."""
-        self._to(DONE)
+        self.advance(DONE)
         self.disarm()
         self.transport.close()
 
@@ -380,7 +367,7 @@ class HttpClient(asyncio.Protocol):
             exchange.abandon(lost=False, drop_upstream=True)
         self.status = status
         self._log(f"rejected: {detail}")
-        self._to(DONE)
+        self.advance(DONE)
         if not self.transport.is_closing():
             self.write(error_response(status, detail=detail))
             self.ctx.connections.discard(self)
@@ -396,7 +383,7 @@ class HttpClient(asyncio.Protocol):
 
     def go_away(self) -> None:
         if self.state is HEAD and not self.buf:
-            self._to(DONE)
+            self.advance(DONE)
             self.transport.close()
         else:
             self.closing = True
@@ -405,5 +392,5 @@ class HttpClient(asyncio.Protocol):
         if self.state is HEAD and self.buf:
             self.reject(408, reason)
             return
-        self._to(DONE)
+        self.advance(DONE)
         self.transport.close()

@@ -45,7 +45,6 @@ class Exchange:
         "ctx",
         "head",
         "held",
-        "ip",
         "key",
         "mark_in",
         "mark_out",
@@ -55,7 +54,6 @@ class Exchange:
         "response_started",
         "reused",
         "set_cookie",
-        "started",
         "status",
         "task",
         "tracker",
@@ -94,12 +92,6 @@ class Exchange:
         self.transport = conn.transport
         self.write = conn.write
         self.response_started = conn.response_started
-        self.ip = conn.ip
-        self.started = conn.started
-
-    @property
-    def nbytes_in(self) -> int:
-        return self.conn.nbytes_in
 
     # -- route and connect -----------------------------------------------------
     def route(self, picked: Backend | None) -> None:
@@ -182,7 +174,7 @@ class Exchange:
         head = self.head
         self.backend = conn.last_backend = backend
         self.upstream = upstream
-        conn.forwarding()
+        conn.advance(FORWARD)
         if not head.websocket:  # a websocket is attached as its tunnel, after the 101
             ctx.pool.attach(backend, conn, self.key)
         ctx.stats.requests[(ctx.pool.name, backend.id)] += 1
@@ -205,7 +197,7 @@ class Exchange:
         quick = self.quick
         if quick is not None:
             return quick[:-2] + self.conn.suffix()
-        return upstream_request(self.ctx, self.ip, self.head)
+        return upstream_request(self.ctx, self.conn.ip, self.head)
 
     def request_body(self, data: bytes) -> None:
         tracker = self.tracker
@@ -252,7 +244,7 @@ class Exchange:
         conn.handed_over()
         self.backend = None
         self.upstream = None
-        link = WsLink(ctx, backend, upstream.transport, conn.transport, self.ip, self.started)
+        link = WsLink(ctx, backend, upstream.transport, conn.transport, conn.ip, conn.started)
         link.client.nbytes = conn.nbytes_in - len(conn.buf)  # (start() adds the buffered bytes)
         link.start(to_client, bytes(conn.buf), head_len, self.key)
         conn.buf = bytearray()
@@ -383,7 +375,7 @@ class Exchange:
     def _native(self, splicer: SplicerLike) -> NativeUpgrade:
         native = self.native
         if native is None:
-            native = self.native = NativeUpgrade(self, self.ctx, splicer)
+            native = self.native = NativeUpgrade(self, self.conn, self.ctx, splicer)
         return native
 
     def start_native(self, splicer: SplicerLike, first: Backend | None) -> bool:
@@ -391,10 +383,6 @@ class Exchange:
         if self.head.body.kind != "none":
             return False
         return self._native(splicer).attempt(first)
-
-    def connect(self, first: Backend | None) -> None:
-        """Connect on the Python path (the engine is off, or cannot take it)."""
-        self.task = self.ctx.loop.create_task(self._connect(first))
 
     def begin_python_connect(self, backend: Backend) -> None:
         """Continue the attempts on the Python path, starting with ``backend``."""
@@ -408,20 +396,6 @@ class Exchange:
     def run(self, step: Coroutine[Any, Any, None] | None) -> None:
         """Run ``step`` as the request's pending task (None: the task is over)."""
         self.task = None if step is None else self.ctx.loop.create_task(step)
-
-    def reject(self, status: int, detail: str) -> None:
-        self.conn.reject(status, detail)
-
-    def close_now(self) -> None:
-        self.conn.close_now()
-
-    def buffered(self) -> bytes:
-        """What the client sent beyond the request head (for the tunnel)."""
-        return bytes(self.conn.buf)
-
-    def arm_response_deadline(self) -> None:
-        """The engine sent the upgrade request: the response deadline starts now."""
-        self.conn.wait_for(False)
 
     def adopted(self, backend: Backend, upstream: asyncio.Protocol, data: bytes) -> None:
         """A backend connection the engine made is now ``upstream``'s; ``data`` read so far."""

@@ -10,8 +10,9 @@ Python ``Upstream`` with the bytes read so far, which then carries on as if it h
 the connection. Failures before any answer go through ``retry.decide`` exactly as the
 Python path's do (passive health included).
 
-The upgrade talks to its client only through ``types.UpgradeClient`` (public methods),
-and is the engine's ``owner`` of the pending backend connection.
+The upgrade talks to its exchange only through ``types.UpgradeClient`` and to the client
+connection through ``types.ConnectionSide`` (public members), and is the engine's
+``owner`` of the pending backend connection.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from lbproxy.proxy.tunnel import NativeWsLink
 
 if TYPE_CHECKING:
     from lbproxy.pool import Backend
-    from lbproxy.proxy.types import SplicerLike, UpgradeClient
+    from lbproxy.proxy.types import ConnectionSide, SplicerLike, UpgradeClient
 
 
 def on_data(upgrade: NativeUpgrade, data: bytes | None, err: int) -> None:
@@ -42,10 +43,17 @@ def on_data(upgrade: NativeUpgrade, data: bytes | None, err: int) -> None:
 class NativeUpgrade:
     """One websocket upgrade request on the native engine (attempts until an outcome)."""
 
-    __slots__ = ("backend", "client", "ctx", "resp", "slot", "splicer", "timer")
+    __slots__ = ("backend", "client", "conn", "ctx", "resp", "slot", "splicer", "timer")
 
-    def __init__(self, client: UpgradeClient, ctx: ListenerContext, splicer: SplicerLike) -> None:
-        self.client = client
+    def __init__(
+        self,
+        client: UpgradeClient,
+        conn: ConnectionSide,
+        ctx: ListenerContext,
+        splicer: SplicerLike,
+    ) -> None:
+        self.client = client  # the exchange (its request, attempts, outcome)
+        self.conn = conn  # its client connection (transport, buffered bytes, answers)
         self.ctx = ctx
         self.splicer = splicer
         self.slot = -1
@@ -87,7 +95,7 @@ class NativeUpgrade:
             self.slot = slot
             self.backend = backend
             self.timer = ctx.loop.call_later(pool.config.connect_timeout, self._timeout, slot)
-            client.arm_response_deadline()
+            self.conn.wait_for(False)  # the request is out: the response deadline starts
             return True
 
     def _failed(self, backend: Backend, failure: Failure, answered: bool = False) -> bool:
@@ -110,9 +118,9 @@ class NativeUpgrade:
         if isinstance(action, Retry):
             return True
         if isinstance(action, Answer):
-            self.client.reject(action.status, action.detail)
+            self.conn.reject(action.status, action.detail)
         else:
-            self.client.close_now()
+            self.conn.close_now()
         return False
 
     def _cancel_timer(self) -> None:
@@ -180,7 +188,7 @@ class NativeUpgrade:
                 self.splicer.engine.resume(self.slot, self)  # the rest of the head, please
             return
         whole = bytes(buf)
-        transport = self.client.transport
+        transport = self.conn.transport
         if not switching_protocols(whole[:end]) or transport.get_write_buffer_size():
             self._hand_over(backend)
             return
@@ -195,19 +203,20 @@ class NativeUpgrade:
         """A plain 101: the engine joins the client socket to the backend's."""
         client = self.client
         ctx = self.ctx
-        transport = client.transport
+        conn = self.conn
+        transport = conn.transport
         to_client, head_len = whole, end
         if client.set_cookie is not None:
             head = add_response_headers(whole[:end], [client.set_cookie])
             to_client, head_len = head + whole[end:], len(head)
-        link = NativeWsLink(ctx, backend, self.splicer.gone, transport, client.ip, client.started)
+        link = NativeWsLink(ctx, backend, self.splicer.gone, transport, conn.ip, conn.started)
         link.skip = 0
         link.partial = b""
         link.saw_close = False
         if len(to_client) > head_len:
             link.feed(to_client[head_len:])
-        to_backend = client.buffered()
-        link.client.nbytes = client.nbytes_in  # (the buffered client bytes are part of it)
+        to_backend = bytes(conn.buf)
+        link.client.nbytes = conn.nbytes_in  # (the buffered client bytes are part of it)
         link.nbytes = len(to_client)
         slot = self.slot
         try:
@@ -239,7 +248,7 @@ class NativeUpgrade:
             link.slot = -1
             ctx.connections.discard(link)
             ctx.pool.detach(backend, link)
-            client.close_now()
+            conn.close_now()
             return
         # the client's transport closes its own fd; the engine has the duplicate
         transport.set_protocol(self.splicer.detached)
@@ -263,7 +272,7 @@ class NativeUpgrade:
         except OSError:
             self.client.run(None)
             sock.close()
-            self.client.reject(502, "backend connection lost")
+            self.conn.reject(502, "backend connection lost")
             return
         self.client.run(None)
         self.client.adopted(backend, upstream, data)

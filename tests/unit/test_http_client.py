@@ -139,7 +139,7 @@ async def test_an_illegal_transition_raises() -> None:
     client.data_received(b"BAD\r\n\r\n")  # rejected: DONE
     assert client.state is ClientState.DONE
     with pytest.raises(IllegalTransition, match="DONE -> HEAD"):
-        client._to(ClientState.HEAD)  # a closed connection never reads another head
+        client.advance(ClientState.HEAD)  # a closed connection never reads another head
     assert client.state is ClientState.DONE
 
 
