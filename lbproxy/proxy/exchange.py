@@ -1,12 +1,8 @@
-"""http mode (L7), one request: route, pick, connect, forward, retry, response.
-
-An ``Exchange`` lives from a request head to the end of its response (uvicorn's
-``RequestResponseCycle``). Its connection (connection.py) owns the transport, the head
-parsing, the deadlines and keep-alive; the exchange owns the backend side: the pick, the
-connection attempts (connect.py, or a ``NativeUpgrade`` for a websocket on the engine),
-the request body, and what a failure leads to (``retry.decide``). The ``Upstream`` it
-forwards to sees it as a ``types.ClientSide``; a native upgrade as a ``types.UpgradeClient``.
-"""
+"""http mode (L7), one request (uvicorn's ``RequestResponseCycle``): route, pick, connect
+(connect.py, or a ``NativeUpgrade`` on the engine), forward, retry (``retry.decide``),
+response. Its connection (connection.py) owns the transport, head, deadlines, keep-alive;
+the Upstream sees the exchange as a ``types.ClientSide``, a native upgrade as an
+``types.UpgradeClient``."""
 
 from __future__ import annotations
 
@@ -32,7 +28,6 @@ if TYPE_CHECKING:
     from lbproxy.proxy.types import ConnectionSide, SplicerLike
 
 CONNECTING, FORWARD = ClientState.CONNECTING, ClientState.FORWARD
-UP = BackendState.UP
 REPLAY_LIMIT = 65536  # request body bytes held for a resend while on a reused connection
 
 
@@ -286,8 +281,7 @@ class Exchange:
         self.end()
 
     def abandon(self, lost: bool, drop_upstream: bool) -> None:
-        """The client connection ends mid-request (``lost``: it closed; else answered with
-        an error): no pending step, no backend connection left behind."""
+        """The client connection ends mid-request (``lost``: closed; else an error answer)."""
         if lost and self.task is not None and not self.task.done():
             self.task.cancel()
         if self.native is not None:
@@ -326,18 +320,12 @@ class Exchange:
         pool = self.ctx.pool
         self.count_failure(backend, failure, answered)
         has_body = self.head.body.kind != "none"
-        others = True
-        if failure is Failure.RESPONSE_TIMEOUT:
-            others = untried(((b.id, b.state is UP) for b in pool.backends.values()), self.tried)
-        facts = Facts(
-            answered=answered,
-            reused=self.reused,
-            has_body=has_body,
-            replayable=has_body and self.tracker is None and self.held is not None,
-            tried=len(self.tried),
-            retries=pool.config.retries,
-            others=others,
+        others = failure is not Failure.RESPONSE_TIMEOUT or untried(
+            ((b.id, b.state is BackendState.UP) for b in pool.backends.values()), self.tried
         )
+        replayable = has_body and self.tracker is None and self.held is not None
+        tried, retries = len(self.tried), pool.config.retries
+        facts = Facts(answered, self.reused, has_body, replayable, tried, retries, others)
         action = decide(failure, facts)
         if failure is Failure.RESPONSE_TIMEOUT:
             self.drop_upstream()
@@ -354,8 +342,7 @@ class Exchange:
             self.conn.close_now()
 
     def _retry(self, first: Backend | None, avoid: frozenset[str], replay: bool = False) -> None:
-        """Send the request again on a new connection (to ``first``, or elsewhere);
-        ``replay``: with the request body held in ``held``."""
+        """Send the request again on a new connection (``replay``: the body held too)."""
         self.replaying = replay
         if self.quick is not None:  # the fast lane kept only the bytes: parse them now
             parsed = parse_request_head(self.quick)
@@ -365,8 +352,7 @@ class Exchange:
         self.reused = False
         self.conn.connecting(disarm=True)
         splicer = self.ctx.splicer
-        head = self.head
-        websocket = head.websocket and head.body.kind == "none"
+        websocket = self.head.websocket and self.head.body.kind == "none"
         if websocket and splicer is not None and self._native(splicer).attempt(first):
             return
         self.task = self.ctx.loop.create_task(self._connect(first, avoid))
@@ -380,9 +366,7 @@ class Exchange:
 
     def start_native(self, splicer: SplicerLike, first: Backend | None) -> bool:
         """Route and connect the websocket upgrade natively; False: use the Python path."""
-        if self.head.body.kind != "none":
-            return False
-        return self._native(splicer).attempt(first)
+        return self.head.body.kind == "none" and self._native(splicer).attempt(first)
 
     def begin_python_connect(self, backend: Backend) -> None:
         """Continue the attempts on the Python path, starting with ``backend``."""
