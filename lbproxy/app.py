@@ -23,7 +23,6 @@ from lbproxy.health import HealthChecker
 from lbproxy.metrics import backend_totals, build_registry
 from lbproxy.pool import Backend, BackendState, Pool
 from lbproxy.pool_sync import SNAPSHOT_REASON, apply_snapshot, dump_stats
-from lbproxy.proxy.http_client import HttpClient
 from lbproxy.proxy.listener import Listener
 from lbproxy.proxy.splice import native_available
 from lbproxy.proxy.tunnel import GRACE
@@ -327,9 +326,7 @@ class App:
         for listener in listeners:
             listener.stop_accepting()
         for listener in listeners:
-            for conn in list(listener.connections):
-                if isinstance(conn, HttpClient):
-                    conn.go_away()  # idle keep-alive: close now; in flight: after the response
+            listener.finish_requests()  # idle keep-alive: close now; in flight: after the response
         pools = list(self.pools.values())
         drain = max((p.config.drain_timeout for p in pools), default=0.0)
         spread = max((p.config.close_spread for p in pools), default=0.0)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
+
+from lbproxy.proxy.retry import LOCAL_ERRORS as LOCAL_ERRORS
+from lbproxy.proxy.retry import UNCOUNTED, Answer, Facts, Failure, blame, decide, from_exception
 
 HIGH_WATER = 256 * 1024  # per-transport write buffer before the peer is paused
-# lbproxy itself is out of something (file descriptors, buffers): not the backend's fault
-LOCAL_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 if TYPE_CHECKING:
     from lbproxy.pool import Backend
@@ -45,12 +46,26 @@ class Pending(asyncio.Protocol):
         self.closed = True
 
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "connect_timeout"
-    if isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
-        return "connect_refused"
-    return "connect_error"
+@dataclass(frozen=True, slots=True)
+class Connected(Generic[P]):
+    """A backend connection made: its backend, transport and protocol."""
+
+    backend: Backend
+    transport: asyncio.Transport
+    protocol: P
+
+
+def account(ctx: ListenerContext, backend: Backend, failure: Failure, answered: bool) -> bool:
+    """Count ``failure`` of ``backend`` in the stats and its passive health (the I/O half of
+    ``retry.decide``); True when the backend is to be avoided for this request."""
+    pool = ctx.pool
+    if failure not in UNCOUNTED:
+        ctx.stats.upstream_errors[(pool.name, backend.id, failure.value)] += 1
+    passive = blame(failure, answered)
+    if passive is None:
+        return False
+    pool.connect_failed(backend, passive)
+    return True
 
 
 async def connect_with_retries(
@@ -59,24 +74,21 @@ async def connect_with_retries(
     factory: Callable[[Backend], P],
     first: Backend | None = None,
     avoid: frozenset[str] = frozenset(),
-) -> tuple[Backend, asyncio.Transport, P] | int:
+) -> Connected[P] | Answer:
     """Connect to a backend of the listener's pool, retrying others on failure.
 
-    Returns (backend, transport, protocol), or the HTTP status to answer with:
-    503 when no backend is up at all, 502 when every attempt failed.
+    Returns the connection, or the error to answer with (``retry.decide``): 503 when no
+    backend is up at all or lbproxy is out of resources, 502 when every attempt failed.
     """
     pool = ctx.pool
     loop = ctx.loop
-    stats = ctx.stats
     tried: set[str] = set(avoid)
-    attempts = pool.config.retries + 1 - len(avoid)
     backend = first
-    while attempts > 0:
+    while True:
         if backend is None:
             backend = pool.pick(key, tried)
             if backend is None:
-                return 503 if not tried else 502
-        attempts -= 1
+                return cast(Answer, decide(Failure.NO_BACKEND, Facts(tried=len(tried))))
         chosen = backend
         try:
             async with asyncio.timeout(pool.config.connect_timeout):
@@ -84,16 +96,14 @@ async def connect_with_retries(
                     partial(factory, chosen), chosen.address.host, chosen.address.port
                 )
         except (OSError, TimeoutError) as exc:
-            if isinstance(exc, OSError) and exc.errno in LOCAL_ERRORS:
-                stats.upstream_errors[(pool.name, chosen.id, "local_resources")] += 1
-                return 503  # (no passive failure, no other backend: it would fail the same)
-            reason = _reason(exc)
-            stats.upstream_errors[(pool.name, chosen.id, reason)] += 1
-            pool.connect_failed(chosen, reason)
-            tried.add(chosen.id)
+            failure = from_exception(exc)
+            if account(ctx, chosen, failure, False):
+                tried.add(chosen.id)
+            action = decide(failure, Facts(tried=len(tried), retries=pool.config.retries))
+            if isinstance(action, Answer):
+                return action
             backend = None
             continue
         # (the passive-failure streak is reset by the first answer, not by the connect:
         # a backend that accepts and then resets must still count as failing)
-        return chosen, transport, protocol
-    return 502
+        return Connected(chosen, transport, protocol)

@@ -14,7 +14,7 @@ from lbproxy.pool import Backend, Pool
 from lbproxy.stats import Stats
 
 if TYPE_CHECKING:
-    from lbproxy.proxy.splice import Splicer
+    from lbproxy.proxy.types import SplicerLike
 
 access_log = logging.getLogger("lbproxy.access")
 
@@ -139,7 +139,7 @@ class ListenerContext:
         self.log_json = log_json
         self.access_log = access_log.isEnabledFor(logging.INFO)
         self.key_cache: tuple[str, HashKeySpec] | None = None
-        self.splicer: Splicer | None = None  # the listener's native engine, if any
+        self.splicer: SplicerLike | None = None  # the listener's native engine, if any
 
     def key_spec(self) -> HashKeySpec:
         """The parsed hash_key of the current pool config (re-parsed after a reload)."""

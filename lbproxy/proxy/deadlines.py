@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Collection, Iterable
 
+from lbproxy.proxy.retry import Answer, Facts, Failure, Retry, decide
+
 MIN_TICK = 0.05  # the sweep never runs more often than this
 MAX_TICK = 1.0  # nor less often (the idle sweep keeps its own, slower, cadence)
 BODY_CHECKS = 4  # a streaming request body is looked at this many times per body_timeout
@@ -50,12 +52,12 @@ def after_response_timeout(
     *, answered: bool, has_body: bool, tried: int, retries: int, others: bool
 ) -> AfterTimeout:
     """``tried``: backends that failed this request, the one that timed out included;
-    ``others``: whether an up backend not tried yet exists."""
-    if answered:
-        return AfterTimeout.CLOSE
-    if not has_body and others and tried <= retries:
+    ``others``: whether an up backend not tried yet exists. (``retry.decide``, as an enum.)"""
+    facts = Facts(answered=answered, has_body=has_body, tried=tried, retries=retries, others=others)
+    action = decide(Failure.RESPONSE_TIMEOUT, facts)
+    if isinstance(action, Retry):
         return AfterTimeout.RETRY
-    return AfterTimeout.ANSWER
+    return AfterTimeout.ANSWER if isinstance(action, Answer) else AfterTimeout.CLOSE
 
 
 def body_stalled(now: float, since: float, body_timeout: float) -> bool:

@@ -19,11 +19,13 @@ from lbproxy.http1.lanes import quick_response, switching_protocols
 from lbproxy.pool import Backend, BackendState
 from lbproxy.proxy.connect import HIGH_WATER
 from lbproxy.proxy.context import ListenerContext
+from lbproxy.proxy.retry import Failure
+from lbproxy.proxy.states import UPSTREAM_TRANSITIONS, UpstreamState, check
 
 if TYPE_CHECKING:
-    from lbproxy.proxy.http_client import HttpClient
+    from lbproxy.proxy.types import ClientSide
 
-IDLE, HEAD, BODY = range(3)
+IDLE, HEAD, BODY = UpstreamState
 
 
 class Upstream(asyncio.Protocol):
@@ -49,9 +51,9 @@ class Upstream(asyncio.Protocol):
         self.ctx = ctx
         self.backend = backend
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.client: HttpClient | None = None
+        self.client: ClientSide | None = None
         self.buf = bytearray()
-        self.state = IDLE
+        self.state: UpstreamState = IDLE
         self.method = b"GET"
         self.websocket = False
         self.set_cookie: tuple[bytes, bytes] | None = None
@@ -60,6 +62,12 @@ class Upstream(asyncio.Protocol):
         self.got_response = False
         self.http10 = False  # the client speaks HTTP/1.0: say "keep-alive" when it is kept
 
+    def _to(self, new: UpstreamState) -> None:
+        """The one place the connection changes state (states.UPSTREAM_TRANSITIONS)."""
+        if new not in UPSTREAM_TRANSITIONS[self.state]:
+            check(UPSTREAM_TRANSITIONS, self.state, new)  # (raises IllegalTransition)
+        self.state = new
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
@@ -67,7 +75,7 @@ class Upstream(asyncio.Protocol):
 
     def expect(
         self,
-        client: HttpClient,
+        client: ClientSide,
         method: bytes,
         websocket: bool,
         set_cookie: tuple[bytes, bytes] | None,
@@ -77,7 +85,7 @@ class Upstream(asyncio.Protocol):
         self.method = method
         self.websocket = websocket
         self.set_cookie = set_cookie
-        self.state = HEAD
+        self._to(HEAD)
         self.got_response = False
         head = client.head
         self.http10 = head is not None and head.version == b"1.0"
@@ -87,9 +95,9 @@ class Upstream(asyncio.Protocol):
     # -- asyncio callbacks ---------------------------------------------------
     def data_received(self, data: bytes) -> None:
         state = self.state
-        if state == BODY:
+        if state is BODY:
             self._body(data)
-        elif state == HEAD:
+        elif state is HEAD:
             if not self.got_response:
                 self.got_response = True
                 self.ctx.pool.connect_succeeded(self.backend)
@@ -110,24 +118,24 @@ class Upstream(asyncio.Protocol):
             self.transport.close()
 
     def eof_received(self) -> bool:
-        if self.state == BODY and self.tracker is None:  # close-delimited body ends here
+        if self.state is BODY and self.tracker is None:  # close-delimited body ends here
             self._done(reusable=False, close_client=True)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         state = self.state
-        self.state = IDLE
-        if state == IDLE:
+        self._to(IDLE)
+        if state is IDLE:
             self.ctx.idle.discard(self.backend, self.transport)
             return
         client = self.client
         self.client = None
         if client is not None:
-            client.upstream_failed(self.got_response, "reset" if exc else "closed")
+            client.upstream_failed(self.got_response, Failure.RESET if exc else Failure.CLOSED)
 
     def awaiting_head(self) -> bool:
         """Whether the response head has not arrived yet."""
-        return self.state == HEAD
+        return self.state is HEAD
 
     def pause_writing(self) -> None:
         if self.client is not None:
@@ -145,7 +153,7 @@ class Upstream(asyncio.Protocol):
             return False
         client = self.client
         assert client is not None
-        self.state = IDLE
+        self._to(IDLE)
         self.client = None
         if self.set_cookie is not None:
             head = add_response_headers(data[:end], [self.set_cookie])
@@ -176,16 +184,16 @@ class Upstream(asyncio.Protocol):
         else:
             self.keep = True
             self.tracker = LengthTracker(total - have)
-            self.state = BODY
+            self._to(BODY)
         return True
 
     def _fail(self, detail: str) -> None:
         client = self.client
         self.client = None
-        self.state = IDLE
+        self._to(IDLE)
         self.transport.close()
         if client is not None:
-            client.upstream_failed(False, "bad_response")
+            client.upstream_failed(False, Failure.BAD_RESPONSE)
 
     def _head(self) -> None:
         client = self.client
@@ -210,7 +218,7 @@ class Upstream(asyncio.Protocol):
                     raw = add_response_headers(raw, [self.set_cookie])
                 rest = bytes(buf[used:])
                 buf.clear()
-                self.state = IDLE
+                self._to(IDLE)
                 self.client = None
                 client.start_tunnel(self, raw + rest, len(raw))
                 return
@@ -237,7 +245,7 @@ class Upstream(asyncio.Protocol):
             if kind == "chunked"
             else None
         )
-        self.state = BODY
+        self._to(BODY)
         if buf:
             rest = bytes(buf)
             buf.clear()
@@ -267,7 +275,7 @@ class Upstream(asyncio.Protocol):
     def _done(self, reusable: bool, close_client: bool) -> None:
         client = self.client
         self.client = None
-        self.state = IDLE
+        self._to(IDLE)
         self.tracker = None
         if (
             reusable

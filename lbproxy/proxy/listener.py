@@ -14,9 +14,9 @@ from lbproxy.config_types import Address, ListenerConfig
 from lbproxy.fdreserve import MAX_LINGERING, FdReserve
 from lbproxy.http1 import error_response
 from lbproxy.pool import Pool
+from lbproxy.proxy.connection import HttpClient
 from lbproxy.proxy.context import ListenerContext, Tracked
 from lbproxy.proxy.deadlines import idle_tick, sweep_tick
-from lbproxy.proxy.http_client import HttpClient
 from lbproxy.proxy.splice import Splicer
 from lbproxy.proxy.tcp_conn import TcpClient
 from lbproxy.proxy.tunnel import Link
@@ -169,6 +169,13 @@ class Listener:
     def stop_accepting(self) -> None:
         if self.server is not None:
             self.server.close()
+
+    def finish_requests(self) -> None:
+        """Shutdown: HTTP client connections idle between requests close now, those with a
+        request in flight after its response (tunnels are left to the drain)."""
+        for conn in list(self.ctx.connections):
+            if isinstance(conn, HttpClient):
+                conn.go_away()
 
     async def stop(self) -> None:
         """Stop accepting and abort whatever is still open (after a drain)."""

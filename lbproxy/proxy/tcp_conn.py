@@ -9,6 +9,7 @@ from typing import cast
 from lbproxy.proxy.connect import Pending, connect_with_retries
 from lbproxy.proxy.context import ListenerContext
 from lbproxy.proxy.proxy_protocol import proxy_header
+from lbproxy.proxy.retry import Answer
 from lbproxy.proxy.tunnel import Link
 
 
@@ -62,11 +63,11 @@ class TcpClient(asyncio.Protocol):
         key = self.peer[0].encode()
         result = await connect_with_retries(ctx, key, lambda _backend: Pending())
         ctx.connections.discard(self)
-        if isinstance(result, int):
-            ctx.stats.rejected[(ctx.config.name, str(result))] += 1
+        if isinstance(result, Answer):
+            ctx.stats.rejected[(ctx.config.name, str(result.status))] += 1
             client.close()
             return
-        backend, upstream, pending = result
+        backend, upstream, pending = result.backend, result.transport, result.protocol
         ctx.pool.connect_succeeded(backend)  # (no protocol to wait an answer from in L4)
         if self.closed or client.is_closing():
             upstream.close()

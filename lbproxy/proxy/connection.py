@@ -1,0 +1,396 @@
+"""http mode (L7), one client connection: read request heads, one exchange at a time.
+
+States (states.CLIENT_TRANSITIONS): HEAD -> CONNECTING (the exchange picks/connects) ->
+FORWARD (body and/or response) -> HEAD again, or -> DONE (tunnelled, or closed). The
+connection owns the transport, head parsing and timer, the deadlines the listener's sweep
+checks, keep-alive and closing; each request is an ``Exchange`` (exchange.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import cast
+
+from lbproxy.errors import HttpError
+from lbproxy.http1 import MAX_HEAD, RequestHead, error_response, parse_request_head
+from lbproxy.http1.lanes import quick_request, quick_websocket
+from lbproxy.pool import Backend
+from lbproxy.proxy.accesslog import log_connection
+from lbproxy.proxy.context import ListenerContext
+from lbproxy.proxy.deadlines import Wait, body_stalled, next_body_check
+from lbproxy.proxy.exchange import Exchange
+from lbproxy.proxy.http_upstream import Upstream
+from lbproxy.proxy.routing import (
+    QUICK_GET,
+    QUICK_LIMIT,
+    QUICK_WEBSOCKET,
+    affinity_key,
+    forwarded_suffix,
+    lane_key,
+)
+from lbproxy.proxy.states import CLIENT_TRANSITIONS, ClientState, check
+from lbproxy.proxy.tunnel import Linger
+
+HEAD, CONNECTING, FORWARD, DONE = ClientState
+
+
+class HttpClient(asyncio.Protocol):
+    """One client connection of an http listener (until it becomes a websocket tunnel)."""
+
+    __slots__ = (
+        "buf",
+        "closing",
+        "ctx",
+        "exchange",
+        "ip",
+        "last_backend",
+        "logged",
+        "nbytes_in",
+        "nbytes_out",
+        "port",
+        "requests",
+        "started",
+        "state",
+        "status",
+        "suffix_bytes",
+        "timer",
+        "transport",
+        "wait",
+        "wait_mark",
+        "wait_since",
+    )
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        self.ctx = ctx
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.buf = bytearray()
+        self.state: ClientState = HEAD
+        self.ip, self.port = "", 0
+        self.timer: asyncio.TimerHandle | None = None  # the request head's (handshake_timeout)
+        self.exchange: Exchange | None = None  # the request in flight
+        self.last_backend: Backend | None = None
+        self.logged = self.closing = False
+        self.started = 0.0
+        self.requests = self.status = 0
+        self.suffix_bytes = b""
+        self.nbytes_in = self.nbytes_out = 0
+        # the deadline this connection waits on (in ctx.deadlines; the listener's sweep checks)
+        self.wait: Wait | None = None
+        self.wait_mark = 0  # (a streaming body: nbytes_in when last looked at, and since when)
+        self.wait_since = 0.0
+
+    def advance(self, new: ClientState) -> None:
+        """The one place the connection changes state (states.CLIENT_TRANSITIONS)."""
+        if new not in CLIENT_TRANSITIONS[self.state]:
+            check(CLIENT_TRANSITIONS, self.state, new)  # (raises IllegalTransition)
+        self.state = new
+
+    def connecting(self, disarm: bool = False) -> None:
+        """A backend is being picked / connected for the request: stop reading meanwhile."""
+        if disarm:
+            self.disarm()
+        self.advance(CONNECTING)
+        self.transport.pause_reading()
+
+    # -- asyncio callbacks ---------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        ctx = self.ctx
+        self.transport = transport
+        self.started = time.monotonic()
+        ctx.stats.connections_total[ctx.config.name] += 1
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.ip, self.port = peer[0], peer[1]
+        if len(ctx.connections) >= ctx.config.max_connections:
+            self.reject(503, "too many connections")
+            return
+        ctx.connections.add(self)
+        self.timer = ctx.loop.call_later(ctx.config.handshake_timeout, self._head_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self.nbytes_in += len(data)
+        state = self.state
+        if state is HEAD:
+            if not self.buf and len(data) <= QUICK_LIMIT:
+                if quick_request(data):
+                    if self._quick(data):
+                        return
+                elif quick_websocket(data) and self._quick_websocket(data):
+                    return
+            self.buf += data
+            self._try_head()
+            return
+        exchange = self.exchange
+        if state is FORWARD and exchange is not None and exchange.tracker is not None:
+            exchange.request_body(data)
+        elif state is not DONE:
+            self.buf += data  # pipelined request or websocket bytes before the 101
+            if len(self.buf) > MAX_HEAD:
+                self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        if self.state is HEAD:
+            if self.buf:  # half a request head, and the client will send no more
+                self.reject(400, "connection closed in the middle of the request head")
+            return False  # (an idle keep-alive connection closed by the client: just close)
+        self.closing = True  # answer what is in flight, then close
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        prev = self.state
+        self.advance(DONE)
+        self.ctx.connections.discard(self)
+        self.disarm()
+        self._cancel_timer()
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.abandon(lost=True, drop_upstream=prev is not DONE)
+        if self.requests:
+            self._log(f"client closed after {self.requests} request(s)")
+
+    def pause_writing(self) -> None:
+        exchange = self.exchange
+        if exchange is not None and exchange.upstream is not None:
+            exchange.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        exchange = self.exchange
+        if exchange is not None and exchange.upstream is not None:
+            exchange.upstream.transport.resume_reading()
+
+    # -- request head --------------------------------------------------------
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _head_timeout(self) -> None:
+        self.timer = None
+        if self.state is HEAD:
+            self.reject(408, "request head not received in time")
+
+    def _try_head(self) -> None:
+        try:
+            parsed = parse_request_head(self.buf)
+        except HttpError as exc:
+            self.reject(exc.status, exc.reason)
+            return
+        if parsed is None:
+            self.disarm()  # (a keep-alive wait ends: the handshake timeout applies)
+            if self.timer is None:
+                self.timer = self.ctx.loop.call_later(
+                    self.ctx.config.handshake_timeout, self._head_timeout
+                )
+            return
+        self._cancel_timer()
+        head, used = parsed
+        del self.buf[:used]
+        self._dispatch(head)
+
+    def _quick(self, data: bytes) -> bool:
+        """Fast lane: a plain GET on a warm keep-alive upstream connection (False: full path)."""
+        ctx = self.ctx
+        pool = ctx.pool
+        lane, key = lane_key(self.ctx, self.ip)
+        if not lane:
+            return False
+        backend = pool.pick(key)
+        if backend is None:
+            return False
+        now = time.monotonic()
+        transport = ctx.idle.take(backend, now, pool.config.upstream_keepalive_timeout)
+        if transport is None:  # no warm connection: the full path, to the backend just picked
+            try:
+                parsed = parse_request_head(data)
+            except HttpError:
+                return False
+            if parsed is None or parsed[1] != len(data):
+                return False
+            self._dispatch(parsed[0], backend)
+            return True
+        upstream = cast(Upstream, transport.get_protocol())
+        self._begin(QUICK_GET, data, key).send_quick(backend, upstream, data, now)
+        return True
+
+    def _begin(self, head: RequestHead, quick: bytes | None, key: bytes | None) -> Exchange:
+        """A new request: its exchange."""
+        self.wait = None  # (the keep-alive entry stays in ctx.deadlines until overwritten)
+        self._cancel_timer()
+        self.requests += 1
+        exchange = self.exchange = Exchange(self, self.ctx, head, quick, key)
+        return exchange
+
+    def suffix(self) -> bytes:
+        """The X-Forwarded-* lines (and the final CRLF) fast-lane requests get."""
+        suffix = self.suffix_bytes
+        if not suffix:
+            suffix = self.suffix_bytes = forwarded_suffix(self.ctx, self.ip)
+        return suffix
+
+    def _quick_websocket(self, data: bytes) -> bool:
+        """Fast lane for a plain websocket upgrade: route and forward it without re-parsing."""
+        lane, key = lane_key(self.ctx, self.ip)
+        if not lane:
+            return False
+        exchange = self._begin(QUICK_WEBSOCKET, data, key)
+        self.connecting()
+        exchange.route(None)  # (a websocket: the native engine if any, else Python)
+        return True
+
+    def _dispatch(self, head: RequestHead, picked: Backend | None = None) -> None:
+        exchange = self._begin(head, None, None)
+        self.advance(CONNECTING)
+        exchange.key, exchange.set_cookie = affinity_key(self.ctx, self.ip, head)
+        self.transport.pause_reading()
+        exchange.route(picked)
+
+    # -- deadlines (checked by the listener's sweep: no timer per connection) ---
+    def arm(self, wait: Wait, when: float) -> None:
+        self.wait = wait
+        self.ctx.deadlines[self] = when
+
+    def disarm(self) -> None:
+        self.wait = None
+        self.ctx.deadlines.pop(self, None)
+
+    def wait_for(self, body: bool) -> None:
+        """The request went out (or part of it): wait for the rest of its body, or the answer."""
+        now = time.monotonic()
+        if body:
+            self.wait_mark = self.nbytes_in
+            self.wait_since = now
+            timeout = self.ctx.config.body_timeout
+            self.arm(Wait.BODY, next_body_check(now, now, timeout))
+        else:
+            self.arm(Wait.RESPONSE, now + self.ctx.pool.config.response_timeout)
+
+    def response_started(self) -> None:
+        """The final response head (or 101) arrived: no response deadline now (its entry
+        stays in ctx.deadlines until overwritten or swept: no pop on the hot path)."""
+        if self.wait is Wait.RESPONSE:
+            self.wait = None
+
+    def deadline_passed(self, now: float) -> None:
+        wait = self.wait
+        self.disarm()  # (wait None: an entry left behind, nothing to do)
+        exchange = self.exchange
+        if wait is Wait.KEEPALIVE:
+            if self.state is HEAD and not self.buf:
+                self.advance(DONE)
+                self._log(f"idle for {self.ctx.config.keepalive_timeout:g}s between requests")
+                self.transport.close()
+        elif wait is Wait.BODY:
+            if self.state is FORWARD and exchange is not None and exchange.tracker is not None:
+                self._body_deadline(exchange, now)
+        elif wait is Wait.RESPONSE and exchange is not None:
+            exchange.response_timeout()
+
+    def _body_deadline(self, exchange: Exchange, now: float) -> None:
+        timeout = self.ctx.config.body_timeout
+        if self.nbytes_in != self.wait_mark:
+            self.wait_mark, self.wait_since = self.nbytes_in, now
+        elif body_stalled(now, self.wait_since, timeout):
+            if self.nbytes_out > exchange.mark_out:  # (the backend has begun its answer)
+                exchange.drop_upstream()
+                self.close_now()
+            else:
+                self.reject(408, "request body not received in time")
+            return
+        self.arm(Wait.BODY, next_body_check(now, self.wait_since, timeout))
+
+    # -- the exchange's end ------------------------------------------------------
+    def request_done(self, close: bool) -> None:
+        """The exchange's response is out: the next request, or close (``close``)."""
+        self.exchange = None
+        if close or self.closing:
+            self._close_after_response()
+            return
+        self.advance(HEAD)
+        if self.buf:
+            self._try_head()
+        else:
+            self.arm(Wait.KEEPALIVE, time.monotonic() + self.ctx.config.keepalive_timeout)
+            self.transport.resume_reading()
+
+    def handed_over(self) -> None:
+        """The exchange made this connection a websocket tunnel: this protocol is done."""
+        ctx = self.ctx
+        self.advance(DONE)
+        self.disarm()
+        ctx.connections.discard(self)
+        ctx.stats.handshake_seconds.observe(time.monotonic() - self.started)
+
+    def write(self, data: bytes) -> None:
+        self.nbytes_out += len(data)
+        self.transport.write(data)
+
+    # -- errors and lifecycle -------------------------------------------------
+    def _log(self, reason: str) -> None:
+        """The connection's access-log line (once)."""
+        ctx = self.ctx
+        if ctx.access_log and not self.logged:
+            self.logged = True
+            log_connection(
+                ctx,
+                self.ip,
+                self.last_backend,
+                time.monotonic() - self.started,
+                self.nbytes_in,
+                self.nbytes_out,
+                reason,
+                self.status,
+            )
+
+    def _close_after_response(self) -> None:
+        """Close once the response is out: FIN, then drop what the client still sends."""
+        self.advance(DONE)
+        self.disarm()
+        self.ctx.connections.discard(self)
+        self._log(f"closed after {self.requests} request(s)")
+        Linger.close(self.transport, self.ctx.loop)
+
+    def close_now(self) -> None:
+        """The backend went away in the middle of its answer: close the client."""
+        self.advance(DONE)
+        self.disarm()
+        self.transport.close()
+
+    def reject(self, status: int, detail: str) -> None:
+        """Answer ``status`` (an error) and close."""
+        ctx = self.ctx
+        ctx.stats.rejected[(ctx.config.name, str(status))] += 1
+        self.disarm()
+        self._cancel_timer()
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.abandon(lost=False, drop_upstream=True)
+        self.status = status
+        self._log(f"rejected: {detail}")
+        self.advance(DONE)
+        if not self.transport.is_closing():
+            self.write(error_response(status, detail=detail))
+            self.ctx.connections.discard(self)
+            Linger.close(self.transport, self.ctx.loop)
+
+    def activity(self) -> int:
+        return self.nbytes_in + self.nbytes_out
+
+    def flush_bytes(self) -> None:
+        """Count the current request's bytes so far (a long response, SSE) in the stats."""
+        if self.exchange is not None:
+            self.exchange.flush_bytes()
+
+    def go_away(self) -> None:
+        if self.state is HEAD and not self.buf:
+            self.advance(DONE)
+            self.transport.close()
+        else:
+            self.closing = True
+
+    def abort(self, reason: str) -> None:
+        if self.state is HEAD and self.buf:
+            self.reject(408, reason)
+            return
+        self.advance(DONE)
+        self.transport.close()
