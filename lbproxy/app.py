@@ -21,18 +21,18 @@ from lbproxy.fdreserve import FdReserve, reserve_size
 from lbproxy.fdreserve import create as create_fd_reserve
 from lbproxy.health import HealthChecker
 from lbproxy.metrics import backend_totals, build_registry
-from lbproxy.pool import Backend, BackendState, Pool
-from lbproxy.pool_sync import SNAPSHOT_REASON, apply_snapshot, dump_stats
+from lbproxy.pool import Pool
+from lbproxy.pool_sync import dump_stats
 from lbproxy.proxy.listener import Listener
 from lbproxy.proxy.splice import native_available
 from lbproxy.proxy.tunnel import GRACE
 from lbproxy.registry_watcher import RegistryWatcher
 from lbproxy.shared_counts import SharedCounts
 from lbproxy.stats import SAMPLE_INTERVAL, History, Stats
+from lbproxy.worker_role import WorkerRole
 from lbproxy.workers import WorkerLink
 
 Role = Literal["single", "supervisor", "worker"]
-FIRST_SNAPSHOT_TIMEOUT = 10.0  # a worker waits this long for its supervisor's first snapshot
 
 
 class BalancerView(Protocol):
@@ -85,7 +85,7 @@ class App:
         self.fds: FdReserve | None = None  # descriptors kept for the admin API and health checks
         self.history = History()
         self._sampler: asyncio.Task[None] | None = None
-        self._reloads: set[asyncio.Task[bool]] = set()
+        self.worker = WorkerRole(self, link) if link is not None else None
 
     # -- building ------------------------------------------------------------
     def _admin_config(self, config: Config) -> AdminConfig:
@@ -95,8 +95,8 @@ class App:
         config = self.config
         for name, pool_config in config.pools.items():
             self._add_pool(name, Pool(pool_config))
-        if self.link is not None:
-            await self._await_supervisor()
+        if self.worker is not None:
+            await self.worker.start()
         else:
             await self._sync_watcher(config)
             await self._await_first_snapshot(config)  # no listener accepts before this
@@ -147,35 +147,6 @@ class App:
             "started": self.started,
         }
 
-    async def _await_supervisor(self) -> None:
-        assert self.link is not None
-        self.link.on_snapshot = lambda pools: apply_snapshot(self.pools, pools)
-        self.link.on_lost = self.stopping.set
-        self.link.on_reload = self._reload_soon
-        await self.link.start()
-        if not await self.link.wait_snapshot(FIRST_SNAPSHOT_TIMEOUT):
-            log.warning("no pool snapshot from the supervisor yet: starting from the config")
-
-    def _reload_soon(self, path: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._reload_then_resync(path))
-        self._reloads.add(task)
-        task.add_done_callback(self._reloads.discard)
-
-    async def _reload_then_resync(self, path: str) -> bool:
-        """A worker's reload: then the whole snapshot again (a new pool's states, columns)."""
-        done = await self.reload(path)
-        if self.link is not None:
-            self.link.send({"t": "resync"})
-        return done
-
-    def _forward_down(
-        self, pool: Pool, backend: Backend, old: object, new: object, reason: str
-    ) -> None:
-        """A worker's passive failure: the supervisor decides for the whole balancer."""
-        link = self.link
-        if link is not None and new is BackendState.DOWN and not reason.endswith(SNAPSHOT_REASON):
-            link.send({"t": "down", "pool": pool.name, "id": backend.id, "why": reason})
-
     def _fd_reserve(self) -> int:
         checked = sum(
             len(p.backends) for p in self.pools.values() if p.config.health.check != "none"
@@ -186,8 +157,8 @@ class App:
         self.pools[name] = pool
         pool.share(self.counts)
         self.drainer.watch(pool)
-        if self.link is not None:
-            pool.subscribe(self._forward_down)
+        if self.worker is not None:
+            pool.subscribe(self.worker.forward_down)
 
     async def _add_listener(self, name: str, config: ListenerConfig) -> None:
         listener = Listener(

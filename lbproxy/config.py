@@ -8,18 +8,18 @@ dataclasses in :mod:`lbproxy.config_types`; this module only reads, checks and a
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 import re
 import tomllib
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from lbproxy.addresses import parse_address
 from lbproxy.admin_guard import allowed_host_entry
+from lbproxy.config_reader import Problems, Section, join, show
 from lbproxy.config_types import (
     MAX_WEIGHT,
     Address,
@@ -27,7 +27,6 @@ from lbproxy.config_types import (
     BackendConfig,
     Config,
     HealthConfig,
-    IPNetwork,
     ListenerConfig,
     PoolConfig,
     RedisConfig,
@@ -65,8 +64,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def parse_config(data: Mapping[str, Any], path: str) -> Config:
     """Validate a parsed TOML document; ``path`` prefixes problems and anchors tls files."""
-    problems = _Problems(path)
-    top = _Section(data, "", problems, _keys(Config, "path"))
+    problems = Problems(path)
+    top = Section(data, "", problems, _keys(Config, "path"))
     admin = _admin(top, problems)
     redis_table = top.table("redis")
     redis = None if redis_table is None else _redis(redis_table, problems)
@@ -86,146 +85,20 @@ def parse_config(data: Mapping[str, Any], path: str) -> Config:
     if redis is None:
         for pool in pools.values():
             if pool.discovery == "redis":
-                problems.add(
-                    _join("pools", pool.name, "discovery"), "'redis' needs a [redis] table"
-                )
+                problems.add(join("pools", pool.name, "discovery"), "'redis' needs a [redis] table")
     if problems.lines:
         raise ConfigError(problems.lines)
     return Config(path=path, admin=admin, redis=redis, listeners=listeners, pools=pools)
 
 
-class _Problems:
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.lines: list[str] = []
-        self.keys_seen: set[str] = set()
-
-    def add(self, key: str, message: str) -> None:
-        self.keys_seen.add(key)
-        self.lines.append(f"{self.path}: {key}: {message}")
-
-
-def _join(*parts: str) -> str:
-    return ".".join(p if _BARE_KEY.fullmatch(p) else f'"{p}"' for p in parts)
-
-
-def _show(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-class _Section:
-    """One TOML table: typed getters that record problems and fall back to the given default."""
-
-    def __init__(
-        self, data: Mapping[str, Any], where: str, problems: _Problems, known: Collection[str]
-    ) -> None:
-        self.data, self.where, self.problems = data, where, problems
-        for key in data:
-            if key not in known:
-                self.bad(key, "unknown key")
-
-    def key(self, name: str) -> str:
-        return f"{self.where}.{_join(name)}" if self.where else _join(name)
-
-    def bad(self, name: str, message: str) -> None:
-        self.problems.add(self.key(name), message)
-
-    def table(self, name: str) -> Mapping[str, Any] | None:
-        value = self.data.get(name)
-        if value is None or isinstance(value, Mapping):
-            return value
-        self.bad(name, f"must be a table, got {_show(value)}")
-        return None
-
-    def number(self, name: str, default: float, *, zero_ok: bool) -> float:
-        value = self.data.get(name, default)
-        if _is_number(value) and (value >= 0 if zero_ok else value > 0):
-            return float(value)
-        sign = "non-negative" if zero_ok else "positive"
-        self.bad(name, f"must be a {sign} number, got {_show(value)}")
-        return default
-
-    def integer(self, name: str, default: int, low: int, high: int | None = None) -> int:
-        value = self.data.get(name, default)
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
-        if ok and (high is None or value <= high):
-            return cast(int, value)
-        wanted = f"from {low} to {high}" if high is not None else f">= {low}"
-        self.bad(name, f"must be an integer {wanted}, got {_show(value)}")
-        return default
-
-    def string(self, name: str, default: str, *, required: bool = False) -> str:
-        if required and name not in self.data:
-            self.bad(name, "required")
-            return default
-        value = self.data.get(name, default)
-        if isinstance(value, str):
-            return value
-        self.bad(name, f"must be a string, got {_show(value)}")
-        return default
-
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self.data.get(name, default)
-        if isinstance(value, bool):
-            return value
-        self.bad(name, f"must be true or false, got {_show(value)}")
-        return default
-
-    def choice(self, name: str, default: _S, allowed: tuple[_S, ...]) -> _S:
-        value = self.data.get(name, default)
-        if isinstance(value, str) and value in allowed:
-            return value
-        listed = ", ".join(repr(a) for a in allowed)
-        self.bad(name, f"must be one of {listed}, got {_show(value)}")
-        return default
-
-    def address(self, name: str, default: Address, *, required: bool = False) -> Address:
-        if name not in self.data:
-            if required:
-                self.bad(name, "required")
-            return default
-        value = self.data[name]
-        if not isinstance(value, str):
-            self.bad(name, f'must be a string "HOST:PORT", got {_show(value)}')
-            return default
-        try:
-            return parse_address(value)
-        except ValueError as exc:
-            self.bad(name, str(exc))
-            return default
-
-    def networks(self, name: str) -> tuple[IPNetwork, ...]:
-        value = self.data.get(name, [])
-        if not isinstance(value, list):
-            self.bad(name, f"must be a list of CIDR strings, got {_show(value)}")
-            return ()
-        result: list[IPNetwork] = []
-        for index, item in enumerate(value):
-            try:
-                if not isinstance(item, str):
-                    raise ValueError
-                result.append(ipaddress.ip_network(item, strict=False))
-            except ValueError:
-                self.problems.add(
-                    f"{self.key(name)}[{index}]", f"not a CIDR network: {_show(item)}"
-                )
-        return tuple(result)
-
-
-def _named_tables(top: _Section, name: str, problems: _Problems) -> dict[str, Mapping[str, Any]]:
+def _named_tables(top: Section, name: str, problems: Problems) -> dict[str, Mapping[str, Any]]:
     group = top.table(name)
     result: dict[str, Mapping[str, Any]] = {}
     for key, value in (group or {}).items():
         if isinstance(value, Mapping):
             result[key] = value
         else:
-            problems.add(_join(name, key), f"must be a table, got {_show(value)}")
+            problems.add(join(name, key), f"must be a table, got {show(value)}")
     return result
 
 
@@ -238,12 +111,12 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _admin(top: _Section, problems: _Problems) -> AdminConfig:
+def _admin(top: Section, problems: Problems) -> AdminConfig:
     table = top.table("admin")
     defaults = AdminConfig()
     if table is None:
         return defaults
-    section = _Section(table, "admin", problems, _keys(AdminConfig))
+    section = Section(table, "admin", problems, _keys(AdminConfig))
     listen = section.address("listen", defaults.listen)
     token = section.string("token", defaults.token)
     if not token and not _is_loopback(listen.host):
@@ -255,24 +128,24 @@ def _admin(top: _Section, problems: _Problems) -> AdminConfig:
     )
 
 
-def _allowed_hosts(section: _Section) -> tuple[str, ...]:
+def _allowed_hosts(section: Section) -> tuple[str, ...]:
     value = section.data.get("allowed_hosts", [])
     if not isinstance(value, list):
-        section.bad("allowed_hosts", f"must be a list of host names, got {_show(value)}")
+        section.bad("allowed_hosts", f"must be a list of host names, got {show(value)}")
         return ()
     result: list[str] = []
     for index, item in enumerate(value):
         try:
             if not isinstance(item, str):
-                raise ValueError(f"must be a string, got {_show(item)}")
+                raise ValueError(f"must be a string, got {show(item)}")
             result.append(allowed_host_entry(item))
         except ValueError as exc:
             section.problems.add(f"{section.key('allowed_hosts')}[{index}]", str(exc))
     return tuple(result)
 
 
-def _redis(table: Mapping[str, Any], problems: _Problems) -> RedisConfig:
-    section = _Section(table, "redis", problems, _keys(RedisConfig))
+def _redis(table: Mapping[str, Any], problems: Problems) -> RedisConfig:
+    section = Section(table, "redis", problems, _keys(RedisConfig))
     defaults = RedisConfig()
     url = section.string("url", defaults.url)
     if urlsplit(url).scheme not in _REDIS_SCHEMES:
@@ -284,11 +157,11 @@ def _redis(table: Mapping[str, Any], problems: _Problems) -> RedisConfig:
     return RedisConfig(url=url, prefix=prefix, start_timeout=start_timeout)
 
 
-def _tls(section: _Section, base_dir: Path) -> TlsConfig | None:
+def _tls(section: Section, base_dir: Path) -> TlsConfig | None:
     table = section.table("tls")
     if table is None:
         return None
-    tls = _Section(table, section.key("tls"), section.problems, _keys(TlsConfig))
+    tls = Section(table, section.key("tls"), section.problems, _keys(TlsConfig))
     files: list[str] = []
     for name in ("cert", "key"):
         value = tls.string(name, "", required=True)
@@ -300,9 +173,9 @@ def _tls(section: _Section, base_dir: Path) -> TlsConfig | None:
 
 
 def _listener(
-    name: str, table: Mapping[str, Any], problems: _Problems, base_dir: Path
+    name: str, table: Mapping[str, Any], problems: Problems, base_dir: Path
 ) -> ListenerConfig:
-    s = _Section(table, _join("listeners", name), problems, _keys(ListenerConfig, "name"))
+    s = Section(table, join("listeners", name), problems, _keys(ListenerConfig, "name"))
     d = ListenerConfig(name=name, bind=Address("", 0), pool="")
     return ListenerConfig(
         name=name,
@@ -320,8 +193,8 @@ def _listener(
     )
 
 
-def _health(pool: _Section) -> HealthConfig:
-    s = _Section(pool.table("health") or {}, pool.key("health"), pool.problems, _keys(HealthConfig))
+def _health(pool: Section) -> HealthConfig:
+    s = Section(pool.table("health") or {}, pool.key("health"), pool.problems, _keys(HealthConfig))
     d = HealthConfig()
     path = s.string("path", d.path)
     if not path.startswith("/"):
@@ -337,19 +210,19 @@ def _health(pool: _Section) -> HealthConfig:
     )
 
 
-def _backends(pool: _Section) -> tuple[BackendConfig, ...]:
+def _backends(pool: Section) -> tuple[BackendConfig, ...]:
     value = pool.data.get("backends", [])
     if not isinstance(value, list):
-        pool.bad("backends", f"must be a list of tables, got {_show(value)}")
+        pool.bad("backends", f"must be a list of tables, got {show(value)}")
         return ()
     result: list[BackendConfig] = []
     seen: set[str] = set()
     for index, item in enumerate(value):
         where = f"{pool.key('backends')}[{index}]"
         if not isinstance(item, Mapping):
-            pool.problems.add(where, f"must be a table, got {_show(item)}")
+            pool.problems.add(where, f"must be a table, got {show(item)}")
             continue
-        s = _Section(item, where, pool.problems, _keys(BackendConfig))
+        s = Section(item, where, pool.problems, _keys(BackendConfig))
         address = s.address("address", Address("", 0), required=True)
         backend_id = s.string("id", str(address))
         if not backend_id:
@@ -361,8 +234,8 @@ def _backends(pool: _Section) -> tuple[BackendConfig, ...]:
     return tuple(result)
 
 
-def _pool(name: str, table: Mapping[str, Any], problems: _Problems) -> PoolConfig:
-    s = _Section(table, _join("pools", name), problems, _keys(PoolConfig, "name"))
+def _pool(name: str, table: Mapping[str, Any], problems: Problems) -> PoolConfig:
+    s = Section(table, join("pools", name), problems, _keys(PoolConfig, "name"))
     d = PoolConfig(name=name)
     balance = s.choice("balance", d.balance, ("least-connections", "round-robin", "hash"))
     hash_key = s.string("hash_key", d.hash_key)
@@ -372,7 +245,7 @@ def _pool(name: str, table: Mapping[str, Any], problems: _Problems) -> PoolConfi
     sticky_cookie = s.boolean("sticky_cookie", d.sticky_cookie)
     factor = s.number("hash_balance_factor", d.hash_balance_factor, zero_ok=True)
     if 0 < factor < 1:
-        shown = _show(table["hash_balance_factor"])
+        shown = show(table["hash_balance_factor"])
         s.bad("hash_balance_factor", f"must be 0 or >= 1.0, got {shown}")
     discovery = s.choice("discovery", d.discovery, ("static", "redis"))
     if discovery == "static" and table.get("backends", []) == []:
@@ -401,7 +274,7 @@ def _pool(name: str, table: Mapping[str, Any], problems: _Problems) -> PoolConfi
     )
 
 
-def _sticky_secret(s: _Section, default: str) -> str:
+def _sticky_secret(s: Section, default: str) -> str:
     secret = s.string("sticky_secret", default)
     if secret and len(secret) < 16:
         s.bad("sticky_secret", f"must be at least 16 characters, got {len(secret)}")
@@ -409,10 +282,10 @@ def _sticky_secret(s: _Section, default: str) -> str:
 
 
 def _check_references(
-    listeners: Mapping[str, ListenerConfig], pools: Mapping[str, PoolConfig], problems: _Problems
+    listeners: Mapping[str, ListenerConfig], pools: Mapping[str, PoolConfig], problems: Problems
 ) -> None:
     for listener in listeners.values():
-        key = _join("listeners", listener.name, "pool")
+        key = join("listeners", listener.name, "pool")
         pool = pools.get(listener.pool)
         if key in problems.keys_seen:
             continue
@@ -447,15 +320,15 @@ def _same_socket(a: Address, b: Address) -> bool:
 
 
 def _check_binds(
-    admin: AdminConfig, listeners: Mapping[str, ListenerConfig], problems: _Problems
+    admin: AdminConfig, listeners: Mapping[str, ListenerConfig], problems: Problems
 ) -> None:
     earlier: list[tuple[str, Address]] = [("admin.listen", admin.listen)]
     for listener in listeners.values():
         for owner, bound in earlier:
             if _same_socket(listener.bind, bound):
                 problems.add(
-                    _join("listeners", listener.name, "bind"),
+                    join("listeners", listener.name, "bind"),
                     f"{listener.bind} clashes with {owner} ({bound})",
                 )
                 break
-        earlier.append((_join("listeners", listener.name, "bind"), listener.bind))
+        earlier.append((join("listeners", listener.name, "bind"), listener.bind))

@@ -19,11 +19,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "lbproxy"
 
-# TEMPORARY, removed by the lead at merge: lbproxy/proxy/ is being made acyclic by another
-# change right now; until it lands, cycles whose modules are ALL inside lbproxy.proxy are
-# reported but tolerated. Every other cycle fails the test.
-PENDING_PROXY_CYCLES_ALLOWED = True
-PENDING_PREFIX = "lbproxy.proxy."
 
 Graph = dict[str, set[str]]
 
@@ -152,21 +147,15 @@ def one_cycle(graph: Mapping[str, set[str]], component: list[str]) -> list[str]:
     raise AssertionError(f"{component} is not a cycle")
 
 
-def _pending(component: list[str]) -> bool:
-    return PENDING_PROXY_CYCLES_ALLOWED and all(m.startswith(PENDING_PREFIX) for m in component)
-
-
 def test_lbproxy_has_no_import_cycle() -> None:
     graph = import_graph(ROOT)
     assert "lbproxy.backend.chat" in graph and "lbproxy.proxy.listener" in graph
     components = strongly_connected(graph)
     for component in components:
-        tolerated = " (tolerated: PENDING_PROXY_CYCLES_ALLOWED)" if _pending(component) else ""
-        print(f"cycle{tolerated}: {' -> '.join(one_cycle(graph, component))}")
+        print(f"cycle: {' -> '.join(one_cycle(graph, component))}")
         print(f"  all modules of that cycle: {', '.join(component)}")
-    failing = [c for c in components if not _pending(c)]
-    assert not failing, "import cycles: " + "; ".join(
-        " -> ".join(one_cycle(graph, c)) for c in failing
+    assert not components, "import cycles: " + "; ".join(
+        " -> ".join(one_cycle(graph, c)) for c in components
     )
 
 

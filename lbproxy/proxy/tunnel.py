@@ -1,13 +1,12 @@
 """The hot path: two asyncio Protocols joined back to back.
 
-After the handshake, each transport gets a lean protocol whose data_received
-writes straight to the other transport. When a transport's write buffer passes
-its high-water mark, asyncio calls pause_writing() on *its* protocol, which
-pauses reading on the peer transport (and resume_writing() resumes it), so a
-slow reader never makes lbproxy buffer without bound. Half-close (EOF) is
-passed on with write_eof(). Per chunk: one write and one integer add; the
-websocket variant also follows frame boundaries (see wsframe.FrameCursor) so a
-1001 close can be injected cleanly when the backend drains.
+After the handshake, each transport gets a lean protocol whose data_received writes
+straight to the other transport. When a transport's write buffer passes its high-water
+mark, asyncio calls pause_writing() on *its* protocol, which pauses reading on the peer
+(resume_writing() resumes it), so a slow reader never makes lbproxy buffer without
+bound. Half-close (EOF) is passed on with write_eof(). Per chunk: one write and one
+integer add; the websocket variant also follows frame boundaries (wsframe) so a 1001
+close can be injected cleanly when the backend drains.
 
 The rules (side modes, the go-away rule, the 1001 frame) are tunnel_rules'; the
 same Link object stays in charge when the native engine forwards the sockets
