@@ -381,6 +381,9 @@ class HttpClient(asyncio.Protocol):
         if self.exchange is not None:
             self.exchange.flush_bytes()
 
+    def finish_request(self) -> None:
+        self.go_away()
+
     def go_away(self) -> None:
         if self.state is HEAD and not self.buf:
             self.advance(DONE)

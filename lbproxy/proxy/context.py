@@ -28,6 +28,13 @@ class Tracked(Protocol):
     def go_away(self) -> None:
         """Leave gracefully (1001 close for websockets, finish the request for HTTP)."""
 
+    def finish_request(self) -> None:
+        """Shutdown: an HTTP connection closes when idle, else after its response; a tunnel
+        does nothing here (the drain decides when it goes)."""
+
+    def flush_bytes(self) -> None:
+        """Move the bytes counted so far into the stats (the 1 s sampler, the idle sweep)."""
+
     def abort(self, reason: str) -> None:
         """Close now (idle timeout, forced shutdown)."""
 

@@ -19,7 +19,6 @@ from lbproxy.proxy.context import ListenerContext, Tracked
 from lbproxy.proxy.deadlines import idle_tick, sweep_tick
 from lbproxy.proxy.splice import Splicer
 from lbproxy.proxy.tcp_conn import TcpClient
-from lbproxy.proxy.tunnel import Link
 from lbproxy.stats import Stats
 
 log = logging.getLogger("lbproxy.listener")
@@ -174,8 +173,7 @@ class Listener:
         """Shutdown: HTTP client connections idle between requests close now, those with a
         request in flight after its response (tunnels are left to the drain)."""
         for conn in list(self.ctx.connections):
-            if isinstance(conn, HttpClient):
-                conn.go_away()
+            conn.finish_request()
 
     async def stop(self) -> None:
         """Stop accepting and abort whatever is still open (after a drain)."""
@@ -197,8 +195,7 @@ class Listener:
     def flush_bytes(self) -> None:
         """Move the byte counts of open connections into the stats (the 1 s sampler)."""
         for conn in self.ctx.connections:
-            if isinstance(conn, (Link, HttpClient)):
-                conn.flush_bytes()
+            conn.flush_bytes()
 
     async def _sweep(self) -> None:
         """Every tick: deadlines (response, request body, keep-alive idle) and idle upstream
@@ -237,8 +234,7 @@ class Listener:
         idle_timeout = self.config.idle_timeout
         fresh: dict[Tracked, tuple[int, float]] = {}
         for conn in list(self.ctx.connections):
-            if isinstance(conn, Link):
-                conn.flush_bytes()
+            conn.flush_bytes()
             seen = conn.activity()
             old = marks.get(conn)
             since = old[1] if old is not None and old[0] == seen else now

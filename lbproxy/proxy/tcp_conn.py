@@ -94,6 +94,12 @@ class TcpClient(asyncio.Protocol):
     def go_away(self) -> None:
         self.abort("shutting down")
 
+    def finish_request(self) -> None:
+        pass  # (not an HTTP connection: the drain decides)
+
+    def flush_bytes(self) -> None:
+        pass  # (no byte is forwarded before it becomes a tunnel)
+
     def abort(self, reason: str) -> None:
         if self.task is not None:
             self.task.cancel()

@@ -8,9 +8,8 @@ bound. Half-close (EOF) is passed on with write_eof(). Per chunk: one write and 
 integer add; the websocket variant also follows frame boundaries (wsframe) so a 1001
 close can be injected cleanly when the backend drains.
 
-The rules (side modes, the go-away rule, the 1001 frame) are tunnel_rules'; the
-same Link object stays in charge when the native engine forwards the sockets
-(``where`` is NATIVE, see splice.py): states are data, never a class change.
+The rules (side modes, the go-away rule, the 1001 frame) are tunnel_rules'; the same
+Link stays in charge when the engine forwards the sockets (``where`` is NATIVE).
 """
 
 from __future__ import annotations
@@ -81,10 +80,8 @@ class ClientHalf(asyncio.Protocol):
 
 
 class Link(asyncio.Protocol):
-    """Backend side of a tunnel, and the owner of the proxied connection.
-
-    It is what the pool tracks for draining and the listener for idle sweeps.
-    """
+    """Backend side of a tunnel and owner of the proxied connection (what the pool tracks
+    for draining and the listener for idle sweeps)."""
 
     __slots__ = (
         "backend",
@@ -252,6 +249,9 @@ class Link(asyncio.Protocol):
         self.reason = reason
         nin, nout = splicer.engine.close(self.slot, self)
         self.native_finished(reason, nin, nout)
+
+    def finish_request(self) -> None:
+        pass  # (a tunnel: the drain decides)
 
     def go_away(self) -> None:
         """Drain: plain TCP half-closes both sides (FIN) and lets the peers finish."""
