@@ -120,8 +120,8 @@ class Splicer:
         backend, client = link.transport, link.out
         if (
             link.where is not Where.PYTHON
-            or link.side.mode is not Mode.FORWARD
-            or link.client.side.mode is not Mode.FORWARD
+            or link.mode is not Mode.FORWARD
+            or link.client.mode is not Mode.FORWARD
             or link.eof
             or link.client.eof
             or link.lost

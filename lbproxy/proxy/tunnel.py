@@ -42,10 +42,10 @@ GRACE = 5.0  # seconds a going-away peer gets to close its side before we close 
 __all__ = ["GOING_AWAY_FRAME", "GRACE", "ClientHalf", "Linger", "Link", "Parting", "WsLink"]
 
 
-class ClientHalf(asyncio.Protocol):
+class ClientHalf(Side, asyncio.Protocol):
     """Client side of a tunnel: bytes from the client go to the backend."""
 
-    __slots__ = ("eof", "link", "nbytes", "out", "side", "transport")
+    __slots__ = ("eof", "link", "nbytes", "out", "transport")
 
     def __init__(self, link: Link, transport: asyncio.Transport) -> None:
         self.link = link
@@ -53,7 +53,7 @@ class ClientHalf(asyncio.Protocol):
         self.out: asyncio.Transport = link.transport
         self.nbytes = 0
         self.eof = False
-        self.side = Side()
+        self.mode = Mode.FORWARD  # (this side's Side state)
 
     def data_received(self, data: bytes) -> None:
         self.nbytes += len(data)
@@ -69,7 +69,7 @@ class ClientHalf(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.side.move(Mode.CLOSED)
+        self.move(Mode.CLOSED)
         self.link.side_lost(self, "client closed" if exc is None else f"client error: {exc}")
 
     def pause_writing(self) -> None:
@@ -79,7 +79,7 @@ class ClientHalf(asyncio.Protocol):
         self.out.resume_reading()
 
 
-class Link(asyncio.Protocol):
+class Link(Side, asyncio.Protocol):
     """Backend side of a tunnel and owner of the proxied connection (what the pool tracks
     for draining and the listener for idle sweeps)."""
 
@@ -95,7 +95,6 @@ class Link(asyncio.Protocol):
         "nbytes",
         "out",
         "reason",
-        "side",
         "slot",
         "started",
         "transport",
@@ -127,7 +126,7 @@ class Link(asyncio.Protocol):
         self.reason = ""
         self.slot = -1  # the native engine's slot once offloaded
         self.where = Where.PYTHON
-        self.side = Side()  # the backend side (the client side is self.client.side)
+        self.mode = Mode.FORWARD  # the backend side's Side state (the client's: self.client)
         self.client = ClientHalf(self, client_transport)
 
     # -- wiring ------------------------------------------------------------
@@ -172,7 +171,7 @@ class Link(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.side.move(Mode.CLOSED)
+        self.move(Mode.CLOSED)
         self.side_lost(self, "backend closed" if exc is None else f"backend error: {exc}")
 
     def pause_writing(self) -> None:
@@ -261,7 +260,7 @@ class Link(asyncio.Protocol):
     def _go_away(self) -> None:
         if self.where is not Where.PYTHON:
             self._native_go_away()
-        elif self.side.mode is Mode.FORWARD and self.client.side.mode is Mode.FORWARD:
+        elif self.mode is Mode.FORWARD and self.client.mode is Mode.FORWARD:
             self._go_away_now()
 
     def _go_away_action(self) -> GoAway:
@@ -276,8 +275,8 @@ class Link(asyncio.Protocol):
         if action is GoAway.CLOSE_FRAME:
             self.out.write(GOING_AWAY_FRAME)
         client_mode, backend_mode = AFTER[action]
-        Parting.take_over(self.out, self, self.client.side, client_mode, GRACE)
-        Parting.take_over(self.transport, self, self.side, backend_mode, GRACE)
+        Parting.take_over(self.out, self, self.client, client_mode, GRACE)
+        Parting.take_over(self.transport, self, self, backend_mode, GRACE)
 
     def _wait_boundary(self) -> None:
         raise AssertionError("a plain tunnel has no frames to wait for")

@@ -87,7 +87,10 @@ def check(
 
 
 class Side:
-    """One side's mode; ``move`` is the only way to change it."""
+    """One side's mode; ``move`` is the only way to change it.
+
+    The tunnel's two protocols (tunnel.py's ClientHalf and Link) *are* their sides (they
+    inherit this), so an established tunnel costs no extra object per side."""
 
     __slots__ = ("mode",)
 
@@ -99,7 +102,7 @@ class Side:
         self.mode = to
 
     def __repr__(self) -> str:
-        return f"Side({self.mode.name})"
+        return f"{type(self).__name__}({self.mode.name})"
 
 
 class GoAway(IntEnum):

@@ -264,13 +264,13 @@ def test_python_sides_follow_the_modes_of_the_rules(kind: str) -> None:
         pytest.skip("the engine's sides are C state: the same rules, seen through the wire")
 
     async def body(r: Rig) -> None:
-        assert r.link.side.mode is Mode.FORWARD and r.link.client.side.mode is Mode.FORWARD
+        assert r.link.mode is Mode.FORWARD and r.link.client.mode is Mode.FORWARD
         r.link.go_away()
-        assert r.link.client.side.mode is Mode.CLOSE_ON_DATA
-        assert r.link.side.mode is Mode.DROP
+        assert r.link.client.mode is Mode.CLOSE_ON_DATA
+        assert r.link.mode is Mode.DROP
         await r.send(r.client, b"bye")
         r.backend.close()
         await r.until(r.finished)
-        assert r.link.client.side.mode is Mode.CLOSED and r.link.side.mode is Mode.CLOSED
+        assert r.link.client.mode is Mode.CLOSED and r.link.mode is Mode.CLOSED
 
     contract(kind, body)
