@@ -125,7 +125,8 @@ class FdReserve:
 
     def admit(self) -> bool:
         """For a connection just accepted: True to serve it, False to refuse it."""
-        if not self.budget.admits(self.estimate() + PER_CONNECTION):
+        budget = self.budget  # (FdBudget.admits and estimate() inlined: once per accept)
+        if self.base + (self.since + 1) * PER_CONNECTION + budget.reserve >= budget.limit:
             if self.since * SCAN_AMORTIZE < self.base and self._clock() < self.next_scan:
                 return False
             self.refresh()  # (the scan already sees this connection's client socket)

@@ -79,7 +79,9 @@ def test_tls_websocket_close_and_drain_are_prompt(tmp_path: Path) -> None:
         try:
             context = ssl.create_default_context(cafile=str(cert))
             started = time.monotonic()
-            with ws_connect(f"wss://127.0.0.1:{port}/echo", ssl=context, close_timeout=5) as ws:
+            with ws_connect(
+                f"wss://127.0.0.1:{port}/echo", ssl=context, open_timeout=20, close_timeout=5
+            ) as ws:
                 ws.send("x")
                 assert ws.recv(timeout=5) == "x"
             assert time.monotonic() - started < 2  # the close handshake did not hang

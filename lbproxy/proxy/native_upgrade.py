@@ -35,11 +35,6 @@ if TYPE_CHECKING:
     from lbproxy.proxy.types import ConnectionSide, SplicerLike, UpgradeClient
 
 
-def on_data(upgrade: NativeUpgrade, data: bytes | None, err: int) -> None:
-    """The engine's report for a pending backend connection (b"" = EOF, None = error)."""
-    upgrade.on_data(data, err)
-
-
 class NativeUpgrade:
     """One websocket upgrade request on the native engine (attempts until an outcome)."""
 
@@ -161,6 +156,8 @@ class NativeUpgrade:
             self.attempt(None)
 
     def on_data(self, data: bytes | None, err: int) -> None:
+        """The engine's report for the pending backend connection (b"" = EOF, None = error;
+        the engine calls ``NativeUpgrade.on_data`` itself, see splice.py)."""
         backend = self.backend
         if self.slot < 0 or backend is None:
             return  # (the client went away meanwhile: the engine connection was closed)

@@ -93,7 +93,7 @@ class Splicer:
 
     def __init__(self, engine_type: type[Engine], loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.engine = make_engine(engine_type, self._finished, native_upgrade.on_data)
+        self.engine = make_engine(engine_type, self._finished, native_upgrade.NativeUpgrade.on_data)
         self.fd = self.engine.fileno()
         self.detached = Detached()
         self.gone = Gone()
