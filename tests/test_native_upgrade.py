@@ -119,6 +119,7 @@ def test_101_in_pieces_then_echo(lb) -> None:
     head, echoed = ws_roundtrip(port)
     assert head.startswith(b"HTTP/1.1 101 ")
     assert echoed == bytes((0x82, 24)) + b"hello through the tunnel"
+    wait_until(lambda: server.results)  # (the handler records the request after its echo)
     request = server.results[0]
     assert isinstance(request, bytes) and b"X-Forwarded-For: 127.0.0.1\r\n" in request
     server.close()
