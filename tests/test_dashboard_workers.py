@@ -35,18 +35,17 @@ async def test_dashboard_lists_the_workers(browser_page: object, tmp_path: Path)
             async def listed() -> str:
                 return str(await page.inner_text("#workers"))  # type: ignore[attr-defined]
 
-            async def shows_all() -> bool:
-                shown = await listed()
+            def shows_all(shown: str) -> bool:
                 return f"pid {lb.pid}" in shown and all(f"pid {p}: 0 open" in shown for p in pids)
 
-            deadline_text = ""
-            for _ in range(100):
-                deadline_text = await listed()
-                if await shows_all():
+            shown = ""
+            for _ in range(100):  # (one read per look: the page may render between two reads)
+                shown = await listed()
+                if shows_all(shown):
                     break
                 await page.wait_for_timeout(100)  # type: ignore[attr-defined]
-            assert await shows_all(), deadline_text
-            assert "2 workers" in deadline_text and "generation 1" in deadline_text
+            assert shows_all(shown), shown
+            assert "2 workers" in shown and "generation 1" in shown
         finally:
             lb.stop()
     finally:
