@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -13,25 +12,11 @@ from lbproxy.backend.server import BackendOptions
 from lbproxy.config_types import Address
 from tests.support import RedisServer, free_port
 from tests.support.backend import ChatClient, backend_process, running_backend
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+from tests.support.browser import CHROMIUM
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed (apt-get install chromium)"
 )
-
-
-@pytest.fixture
-async def page() -> AsyncIterator[Any]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield await browser.new_page()
-        finally:
-            await browser.close()
 
 
 async def test_page_chats_across_backends_and_resumes_after_its_backend_dies(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,26 +16,12 @@ from lbproxy.backend.server import BackendOptions
 from lbproxy.config_types import Address
 from tests.support import Lbproxy, Proc, RedisServer, proxy_config
 from tests.support.backend import ChatClient, backend_process, running_backend
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+from tests.support.browser import CHROMIUM
 
 pytestmark = [
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed"),
     pytest.mark.timeout(60),
 ]
-
-
-@pytest.fixture
-async def page() -> AsyncIterator[Any]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield await browser.new_page()
-        finally:
-            await browser.close()
 
 
 async def test_page_shows_a_message_once_when_it_is_delivered_twice(

@@ -20,7 +20,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from lbproxy.stats import History
 from tests.support import Backend, Lbproxy, proxy_config
-from tests.test_dashboard import CHROMIUM, CHROMIUM_ARGS
+from tests.support.browser import CHROMIUM, chromium_page
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -67,14 +67,8 @@ def proxied(tmp_path: Path) -> Iterator[tuple[int, int]]:
 async def page() -> AsyncIterator[object]:
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield await browser.new_page(viewport={"width": 1400, "height": 500})
-        finally:
-            await browser.close()
+    async with chromium_page(viewport={"width": 1400, "height": 500}) as opened:
+        yield opened
 
 
 async def stream(port: int, opened: asyncio.Event) -> None:
