@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import ENGINES, RedisServer
+from tests.support import ENGINES, Backend, RedisServer
 from tests.support.browser import chromium_page
 
 
@@ -31,3 +31,15 @@ async def page() -> AsyncIterator[Any]:
     """A page in a fresh headless Chromium (the page tests skip when it is not installed)."""
     async with chromium_page() as opened:
         yield opened
+
+
+@pytest.fixture(scope="module")
+def backends() -> Iterator[list[Backend]]:
+    """Three reference backends b1..b3 shared by a module's tests (a module may define its
+    own ``backends`` instead)."""
+    started = [Backend(f"b{i}").start() for i in range(1, 4)]
+    try:
+        yield started
+    finally:
+        for b in started:
+            b.stop()

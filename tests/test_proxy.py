@@ -19,16 +19,6 @@ from tests.support import Backend, Lbproxy, engine_env, free_port, proxy_config,
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture(scope="module")
-def backends() -> Iterator[list[Backend]]:
-    started = [Backend(f"b{i}").start() for i in range(1, 4)]
-    try:
-        yield started
-    finally:
-        for b in started:
-            b.stop()
-
-
 def pairs(backends: list[Backend]) -> list[tuple[str, str]]:
     return [(b.id, b.address) for b in backends]
 

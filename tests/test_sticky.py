@@ -250,16 +250,6 @@ def test_config_errors(key: str, value: object, line: str) -> None:
 # -- end to end: websocket open, then HTTP requests with the same key -> same backend -------------
 
 
-@pytest.fixture(scope="module")
-def backends() -> Iterator[list[Backend]]:
-    started = [Backend(f"b{i}").start() for i in range(1, 4)]
-    try:
-        yield started
-    finally:
-        for b in started:
-            b.stop()
-
-
 KINDS = {  # name: (hash_key, request headers, query, tunnel engine)
     "sticky-cookie": ("cookie:lbid", {}, "", "native"),
     "client-cookie": ("cookie:lbid", {"Cookie": "lbid=user-42"}, "", "native"),
