@@ -16,8 +16,10 @@ REPO = Path(__file__).resolve().parents[2]
 # outgoing connection's local port never takes a port a test is about to bind, and each
 # pytest-xdist worker has its own slice, so parallel workers never hand out the same port.
 # (The bench draws its ports from 10000-32000; the slices stay below that.)
-_PORT_FIRST = 2000
-_PORT_SLICE = 1600
+# LBPROXY_TEST_PORT_FIRST / LBPROXY_TEST_PORT_SLICE move the slices, so that two test runs on
+# one machine (two clones) do not hand out the same ports.
+_PORT_FIRST = int(os.environ.get("LBPROXY_TEST_PORT_FIRST", "2000"))
+_PORT_SLICE = int(os.environ.get("LBPROXY_TEST_PORT_SLICE", "1600"))
 
 
 def _worker_index() -> int:
@@ -39,7 +41,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A port free right now, from this test process's own slice, not handed out recently.
 
     Ports are handed out in turn through the slice, so a port comes back only after the
-    other 1,599 were given.
+    others of the slice were given.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(_PORT_SLICE):
