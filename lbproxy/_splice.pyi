@@ -4,7 +4,7 @@ from typing import Any
 class Engine:
     def __init__(
         self,
-        on_finish: Callable[[Any, str, int, int], None],
+        on_finish: Callable[[Any, str, int, int, int, int, int], None],
         on_data: Callable[[Any, bytes | None, int], None] | None = ...,
         bufsize: int = ...,
         *,
@@ -45,4 +45,14 @@ class Engine:
     def release(self, slot: int, owner: object, /) -> int: ...
     def resume(self, slot: int, owner: object, /) -> None: ...
     def connected(self, slot: int, owner: object, /) -> bool: ...
+    def ws_policy(
+        self,
+        params: tuple[int, int, int, int, int],
+        opcodes: bytes,
+        frames: tuple[bytes, ...],
+        ping: bytes,
+        /,
+    ) -> None: ...
+    def sweep(self, now_ns: int, /) -> list[Any]: ...
+    def messages(self, slot: int, owner: object, /) -> tuple[int, int, int]: ...
     def __len__(self) -> int: ...

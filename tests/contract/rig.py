@@ -21,8 +21,9 @@ from lbproxy.config_types import Address, BackendConfig, ListenerConfig, PoolCon
 from lbproxy.pool import Pool
 from lbproxy.proxy.context import ListenerContext
 from lbproxy.proxy.splice import Splicer, engine_class
-from lbproxy.proxy.tunnel import Link, WsLink
+from lbproxy.proxy.tunnel import Link
 from lbproxy.proxy.tunnel_rules import Where
+from lbproxy.proxy.wstunnel import WsLink
 from lbproxy.stats import Stats
 
 KINDS = ["native-asyncio", "native-uvloop", "python-asyncio", "python-uvloop"]
