@@ -69,6 +69,7 @@ typedef struct {
     uint8_t pinged;       /* a ping went to the client in its current silence */
     uint8_t want_ping;    /* inject a ping at the next backend->client frame boundary */
     uint8_t climits;      /* the engine's limits were on when the tunnel started */
+    uint8_t first_close;  /* who sent the first close frame: 1 the client, 2 the backend */
     uint64_t cskip;       /* payload bytes left of the current client frame */
     uint64_t cmsg;        /* bytes of the client's current data message (all fragments) */
     uint64_t tat;         /* message rate (GCRA): theoretical arrival time, ns */
@@ -84,6 +85,7 @@ typedef struct {
     uint64_t nin, nout;
     uint64_t msgs_in, msgs_out; /* websocket data messages each way */
     int ws_close;               /* ws_rules.CloseKind */
+    int first_close;            /* 1: the client sent the first close frame, 2: the backend */
 } Finished;
 
 typedef struct {
@@ -250,7 +252,10 @@ static size_t ws_scan(Engine *e, Tun *t, const uint8_t *p, size_t n, int stop) {
             size = 0;
             for (int k = 2; k < 10; k++) size = (size << 8) | t->hb[k];
         }
-        if ((t->hb[0] & 0x0F) == 0x8) t->saw_close = 1;
+        if ((t->hb[0] & 0x0F) == 0x8) {
+            t->saw_close = 1;
+            if (!t->first_close) t->first_close = 2;
+        }
         if ((t->hb[0] & 0x80) && (e->optab[t->hb[0] & 0x0F] & OP_DATA)) t->msgs[BACKEND]++;
         t->hn = 0;
         t->skip = size;
@@ -371,6 +376,7 @@ static int client_frames(Engine *e, Tun *t, const char *p, size_t n) {
         }
         uint8_t op = t->chb[0] & 0x0F;
         t->chn = 0;
+        if (op == 0x8 && !t->first_close) t->first_close = 1;
         if (t->climits) {
             int kind = client_verdict(e, t, op, size);
             if (kind) { /* forward what precedes the frame, then close */
@@ -383,7 +389,10 @@ static int client_frames(Engine *e, Tun *t, const char *p, size_t n) {
                 held = 0;
             }
         }
-        if ((t->chb[0] & 0x80) && (e->optab[op] & OP_DATA)) t->msgs[CLIENT]++;
+        if ((t->chb[0] & 0x80) && (e->optab[op] & OP_DATA)) { /* a message's final frame */
+            t->msgs[CLIENT]++;
+            t->cmsg = 0;
+        }
         t->cskip = size;
     }
     return to_backend(e, t, p, n);
@@ -688,6 +697,7 @@ static void settle(Engine *e, Tun *t, Py_ssize_t slot) {
         f->msgs_in = t->msgs[CLIENT];
         f->msgs_out = t->msgs[BACKEND];
         f->ws_close = t->ws_close;
+        f->first_close = t->first_close;
         release_slot(e, slot);
         return;
     }
@@ -698,10 +708,10 @@ static void deliver_done(Engine *e) {
         Finished f = e->done[--e->ndone];
         PyObject *r = NULL;
         if (f.reason) {
-            r = PyObject_CallFunction(e->on_finish, "OOKKKKi", f.owner, f.reason,
+            r = PyObject_CallFunction(e->on_finish, "OOKKKKii", f.owner, f.reason,
                                       (unsigned long long)f.nin, (unsigned long long)f.nout,
                                       (unsigned long long)f.msgs_in,
-                                      (unsigned long long)f.msgs_out, f.ws_close);
+                                      (unsigned long long)f.msgs_out, f.ws_close, f.first_close);
         }
         if (!r) PyErr_WriteUnraisable(e->on_finish);
         Py_XDECREF(r);
@@ -1179,8 +1189,9 @@ static PyObject *Engine_messages(Engine *e, PyObject *args) {
     if (!PyArg_ParseTuple(args, "nO", &slot, &owner)) return NULL;
     Tun *t = lookup(e, slot, owner);
     if (!t) return NULL;
-    return Py_BuildValue("KKi", (unsigned long long)t->msgs[CLIENT],
-                         (unsigned long long)t->msgs[BACKEND], (int)t->ws_close);
+    return Py_BuildValue("KKii", (unsigned long long)t->msgs[CLIENT],
+                         (unsigned long long)t->msgs[BACKEND], (int)t->ws_close,
+                         (int)t->first_close);
 }
 
 static Py_ssize_t Engine_len(Engine *e) { return e->live; }
@@ -1205,7 +1216,7 @@ static PyMethodDef Engine_methods[] = {
      "ws_policy(params, opcodes, frames, ping): see ws_rules.engine_ws_setup()"},
     {"sweep", (PyCFunction)Engine_sweep, METH_O, "sweep(now_ns) -> dead owners: pings"},
     {"messages", (PyCFunction)Engine_messages, METH_VARARGS,
-     "messages(slot, owner) -> (in, out, close_kind)"},
+     "messages(slot, owner) -> (in, out, close_kind, first_close)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -101,11 +101,18 @@ METRIC_REASONS = {
 }
 
 
-def close_reason(kind: CloseKind, reason: str) -> str | None:
-    """The ``reason`` label of a finished websocket tunnel (None: not counted, e.g. an
-    idle timeout or a shutdown abort). ``reason``: the tunnel's reason text."""
+CLOSERS = {1: "client", 2: "backend"}  # the engine's first_close codes
+
+
+def close_reason(kind: CloseKind, first_close: int, reason: str) -> str | None:
+    """The ``reason`` label of a finished websocket tunnel: lbproxy's own close, else the
+    side that sent the first close frame (``first_close``: 1 client, 2 backend, 0 none),
+    else the side whose connection ended first (``reason``, the tunnel's reason text).
+    None: not counted (an idle timeout, a shutdown abort)."""
     if kind in METRIC_REASONS:
         return METRIC_REASONS[kind]
+    if first_close in CLOSERS:
+        return CLOSERS[first_close]
     if reason.startswith("drained"):
         return "drain"
     for side in ("client", "backend"):

@@ -9,6 +9,7 @@ across reads is held back until complete. The native engine does the same in C
 
 from __future__ import annotations
 
+from lbproxy.proxy.tunnel_rules import OPCODE_CLOSE
 from lbproxy.proxy.ws_rules import DATA, OPCODES, Verdict, WsPolicy, frame_verdict
 from lbproxy.proxy.wsframe import frame_header
 
@@ -17,7 +18,7 @@ class ClientFrames:
     """Follows the client's frames: ``skip`` payload bytes left of the current frame,
     ``head`` a header split across reads (not yet forwarded while ``policy.limits``)."""
 
-    __slots__ = ("head", "messages", "msg_len", "policy", "skip", "tat")
+    __slots__ = ("closing", "head", "messages", "msg_len", "policy", "skip", "tat")
 
     def __init__(self, policy: WsPolicy) -> None:
         self.policy = policy
@@ -26,6 +27,7 @@ class ClientFrames:
         self.msg_len = 0  # bytes of the current data message (all its fragments)
         self.messages = 0
         self.tat = 0.0  # the message rate's theoretical arrival time (ws_rules.gcra)
+        self.closing = False  # the client sent a close frame
 
     @property
     def at_boundary(self) -> bool:
@@ -55,6 +57,8 @@ class ClientFrames:
             header, payload = found
             b0 = buf[pos]
             flags = OPCODES[b0 & 0x0F]
+            if b0 & 0x0F == OPCODE_CLOSE:
+                self.closing = True
             if limits:
                 verdict, self.msg_len, self.tat = frame_verdict(
                     flags, payload, self.msg_len, self.tat, now, self.policy
@@ -63,8 +67,9 @@ class ClientFrames:
                     self.head = b""
                     self.skip = 0
                     return buf[:pos], verdict
-            if b0 & 0x80 and flags & DATA:
+            if b0 & 0x80 and flags & DATA:  # the final frame of a data message
                 self.messages += 1
+                self.msg_len = 0
             pos += header + payload
         self.head = b""
         self.skip = pos - n

@@ -64,6 +64,9 @@ class WsClientHalf(ClientHalf):
         out, verdict = scan.feed(data, now)
         if out:
             self.out.write(out)
+        link = self.link
+        if scan.closing and not link.first_close:
+            link.first_close = 2 if link.saw_close else 1
         if verdict is not Verdict.PASS:
             self.refused = True
             self.link.refuse(CloseKind(verdict))
@@ -74,6 +77,7 @@ class WsLink(Link, FrameScan):
 
     __slots__ = (
         "draining",
+        "first_close",
         "flushed_msgs",
         "heard",
         "heard_at",
@@ -107,6 +111,7 @@ class WsLink(Link, FrameScan):
         self.draining = False  # go-away waits for the frame in flight to end
         self.want_ping = False  # a ping waits for the frame in flight to end
         self.ws_close = CloseKind.NONE
+        self.first_close = 0  # who sent the first close frame (ws_rules.CLOSERS)
         self.heard = -1  # the client's byte count at the last ping sweep
         self.heard_at = 0.0
         self.pinged = False
@@ -245,24 +250,26 @@ class WsLink(Link, FrameScan):
         msgs_in, msgs_out = self.client.scan.messages, self.messages
         splicer = self.ctx.splicer
         if self.where is Where.NATIVE and splicer is not None:
-            nin, nout, _ = splicer.engine.messages(self.slot, self)
+            nin, nout, _, _ = splicer.engine.messages(self.slot, self)
             return msgs_in + nin, msgs_out + nout
         return msgs_in, msgs_out
 
     def abort(self, reason: str) -> None:
         splicer = self.ctx.splicer
         if self.where is Where.NATIVE and splicer is not None:  # (counts before the close)
-            msgs_in, msgs_out, kind = splicer.engine.messages(self.slot, self)
+            msgs_in, msgs_out, kind, first = splicer.engine.messages(self.slot, self)
             self.client.scan.messages += msgs_in
             self.messages += msgs_out
             self.ws_close = self.ws_close or CloseKind(kind)
+            self.first_close = self.first_close or first
         super().abort(reason)
 
     def native_finished(self, reason: str, nin: int, nout: int, *ws: int) -> None:
         if ws:
-            msgs_in, msgs_out, kind = ws
+            msgs_in, msgs_out, kind, first = ws
             self.client.scan.messages += msgs_in
             self.messages += msgs_out
+            self.first_close = self.first_close or first
             if self.ws_close is CloseKind.NONE and kind:
                 self.ws_close = CloseKind(kind)
                 self.reason = self.reason or REASON_TEXT.get(self.ws_close, "")
@@ -281,7 +288,8 @@ class WsLink(Link, FrameScan):
         self.flushed_msgs = (msgs_in, msgs_out)
 
     def finish(self) -> None:
-        label = close_reason(self.ws_close, self.reason)
+        first = self.first_close or (2 if self.saw_close else 0)
+        label = close_reason(self.ws_close, first, self.reason)
         if label is not None:
             self.ctx.stats.ws_closes[(self.ctx.pool.name, label)] += 1
         super().finish()  # (flushes the counts)
