@@ -228,6 +228,22 @@ static int send_to(Tun *t, int i, const char *p, size_t n) {
 
 static int at_boundary(Tun *t) { return t->skip == 0 && t->hn == 0; }
 
+/* A websocket frame header's length (2-14 bytes) from its second byte. */
+static inline size_t header_len(uint8_t b1) {
+    uint8_t len7 = b1 & 0x7F;
+    return 2 + (len7 == 126 ? 2 : len7 == 127 ? 8 : 0) + ((b1 & 0x80) ? 4 : 0);
+}
+
+/* The payload length of the complete frame header at h (7-, 16- or 64-bit form). */
+static inline uint64_t payload_len(const uint8_t *h) {
+    uint8_t len7 = h[1] & 0x7F;
+    if (len7 < 126) return len7;
+    if (len7 == 126) return ((uint64_t)h[2] << 8) | h[3];
+    uint64_t size = 0;
+    for (int k = 2; k < 10; k++) size = (size << 8) | h[k];
+    return size;
+}
+
 /* Advance the backend->client frame cursor over p[0..n).  With stop, stop at the first
  * frame boundary reached and return the bytes consumed up to it. */
 static size_t ws_scan(Engine *e, Tun *t, const uint8_t *p, size_t n, int stop) {
@@ -240,24 +256,25 @@ static size_t ws_scan(Engine *e, Tun *t, const uint8_t *p, size_t n, int stop) {
             if (stop && t->skip == 0) return pos;
         }
         if (pos >= n) return pos;
-        while (t->hn < 2 && pos < n) t->hb[t->hn++] = p[pos++];
-        if (t->hn < 2) return pos;
-        uint8_t len7 = t->hb[1] & 0x7F;
-        size_t need = 2 + (len7 == 126 ? 2 : len7 == 127 ? 8 : 0) + ((t->hb[1] & 0x80) ? 4 : 0);
-        while (t->hn < need && pos < n) t->hb[t->hn++] = p[pos++];
-        if (t->hn < need) return pos;
-        uint64_t size = len7;
-        if (len7 == 126) size = ((uint64_t)t->hb[2] << 8) | t->hb[3];
-        else if (len7 == 127) {
-            size = 0;
-            for (int k = 2; k < 10; k++) size = (size << 8) | t->hb[k];
+        const uint8_t *h; /* the complete header: in the buffer, or gathered in hb */
+        if (!t->hn && n - pos >= 2 && n - pos >= header_len(p[pos + 1])) {
+            h = p + pos;
+            pos += header_len(p[pos + 1]);
+        } else {
+            while (t->hn < 2 && pos < n) t->hb[t->hn++] = p[pos++];
+            if (t->hn < 2) return pos;
+            size_t need = header_len(t->hb[1]);
+            while (t->hn < need && pos < n) t->hb[t->hn++] = p[pos++];
+            if (t->hn < need) return pos;
+            h = t->hb;
+            t->hn = 0;
         }
-        if ((t->hb[0] & 0x0F) == 0x8) {
+        uint64_t size = payload_len(h);
+        if ((h[0] & 0x0F) == 0x8) {
             t->saw_close = 1;
             if (!t->first_close) t->first_close = 2;
         }
-        if ((t->hb[0] & 0x80) && (e->optab[t->hb[0] & 0x0F] & OP_DATA)) t->msgs[BACKEND]++;
-        t->hn = 0;
+        if ((h[0] & 0x80) && (e->optab[h[0] & 0x0F] & OP_DATA)) t->msgs[BACKEND]++;
         t->skip = size;
         if (stop && size == 0) return pos;
     }
@@ -361,21 +378,23 @@ static int client_frames(Engine *e, Tun *t, const char *p, size_t n) {
             pos += take;
         }
         if (pos >= n) break;
-        if (!t->chn) hstart = pos;
-        while (t->chn < 2 && pos < n) t->chb[t->chn++] = u[pos++];
-        if (t->chn < 2) goto partial;
-        uint8_t len7 = t->chb[1] & 0x7F;
-        size_t need = 2 + (len7 == 126 ? 2 : len7 == 127 ? 8 : 0) + ((t->chb[1] & 0x80) ? 4 : 0);
-        while (t->chn < need && pos < n) t->chb[t->chn++] = u[pos++];
-        if (t->chn < need) goto partial;
-        uint64_t size = len7;
-        if (len7 == 126) size = ((uint64_t)t->chb[2] << 8) | t->chb[3];
-        else if (len7 == 127) {
-            size = 0;
-            for (int k = 2; k < 10; k++) size = (size << 8) | t->chb[k];
+        const uint8_t *h; /* the complete header: in the buffer, or gathered in chb */
+        if (!t->chn && n - pos >= 2 && n - pos >= header_len(u[pos + 1])) {
+            hstart = pos;
+            h = u + pos;
+            pos += header_len(u[pos + 1]);
+        } else { /* split across reads */
+            if (!t->chn) hstart = pos;
+            while (t->chn < 2 && pos < n) t->chb[t->chn++] = u[pos++];
+            if (t->chn < 2) goto partial;
+            size_t need = header_len(t->chb[1]);
+            while (t->chn < need && pos < n) t->chb[t->chn++] = u[pos++];
+            if (t->chn < need) goto partial;
+            h = t->chb;
+            t->chn = 0;
         }
-        uint8_t op = t->chb[0] & 0x0F;
-        t->chn = 0;
+        uint64_t size = payload_len(h);
+        uint8_t b0 = h[0], op = b0 & 0x0F;
         if (op == 0x8 && !t->first_close) t->first_close = 1;
         if (t->climits) {
             int kind = client_verdict(e, t, op, size);
@@ -389,7 +408,7 @@ static int client_frames(Engine *e, Tun *t, const char *p, size_t n) {
                 held = 0;
             }
         }
-        if ((t->chb[0] & 0x80) && (e->optab[op] & OP_DATA)) { /* a message's final frame */
+        if ((b0 & 0x80) && (e->optab[op] & OP_DATA)) { /* a message's final frame */
             t->msgs[CLIENT]++;
             t->cmsg = 0;
         }
