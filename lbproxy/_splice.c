@@ -70,6 +70,7 @@ typedef struct {
     uint8_t want_ping;    /* inject a ping at the next backend->client frame boundary */
     uint8_t climits;      /* the engine's limits were on when the tunnel started */
     uint8_t first_close;  /* who sent the first close frame: 1 the client, 2 the backend */
+    uint8_t reported;     /* sweep() has reported its ws_close to Python */
     uint64_t cskip;       /* payload bytes left of the current client frame */
     uint64_t cmsg;        /* bytes of the client's current data message (all fragments) */
     uint64_t tat;         /* message rate (GCRA): theoretical arrival time, ns */
@@ -1174,32 +1175,41 @@ static PyObject *Engine_ws_policy(Engine *e, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* sweep(now_ns) -> [owner, ...]: the ping sweep (one per engine, from the listener's tick):
- * pings silent clients, closes dead ones (returned; their tunnels go on to their end). */
+/* sweep(now_ns) -> [(owner, kind), ...]: one sweep per engine, from the listener's tick:
+ * pings silent clients and closes dead ones (ws_tick); returns the tunnels lbproxy closed
+ * itself since the last sweep (dead peers, refused frames: ws_rules.CloseKind), so that
+ * Python gives their peers the same grace as a drain's. */
 static PyObject *Engine_sweep(Engine *e, PyObject *arg) {
     uint64_t now = PyLong_AsUnsignedLongLong(arg);
     if (PyErr_Occurred()) return NULL;
-    PyObject *dead = PyList_New(0);
-    if (!dead || !e->ping_interval) return dead;
+    PyObject *closed = PyList_New(0);
+    if (!closed) return NULL;
     for (Py_ssize_t slot = 0; slot < e->nslots; slot++) {
         Tun *t = e->slots[slot];
-        if (!t || t->pending || !t->ws || t->s[CLIENT].fd < 0 || t->s[CLIENT].mode != FWD ||
-            t->s[BACKEND].mode != FWD)
-            continue;
+        if (!t || t->pending || !t->ws) continue;
+        int kind = 0;
         PyObject *owner = t->owner;
         Py_INCREF(owner);
-        int died = ws_tick(e, t, now);
+        if (t->ws_close > K_DRAIN) {
+            kind = t->reported ? 0 : t->ws_close;
+        } else if (e->ping_interval && t->s[CLIENT].fd >= 0 && t->s[CLIENT].mode == FWD &&
+                   t->s[BACKEND].mode == FWD) {
+            kind = ws_tick(e, t, now) ? K_DEAD : 0;
+        }
+        if (kind) t->reported = 1;
         settle(e, t, slot);
-        if (died && PyList_Append(dead, owner) < 0) {
-            Py_DECREF(owner);
-            Py_DECREF(dead);
+        PyObject *item = kind ? Py_BuildValue("(Oi)", owner, kind) : NULL;
+        Py_DECREF(owner);
+        if (kind && (!item || PyList_Append(closed, item) < 0)) {
+            Py_XDECREF(item);
+            Py_DECREF(closed);
             deliver_done(e);
             return NULL;
         }
-        Py_DECREF(owner);
+        Py_XDECREF(item);
     }
     deliver_done(e);
-    return dead;
+    return closed;
 }
 
 static PyObject *Engine_messages(Engine *e, PyObject *args) {
@@ -1233,7 +1243,8 @@ static PyMethodDef Engine_methods[] = {
     {"connected", (PyCFunction)Engine_connected, METH_VARARGS, "connected(slot, owner) -> bool"},
     {"ws_policy", (PyCFunction)Engine_ws_policy, METH_VARARGS,
      "ws_policy(params, opcodes, frames, ping): see ws_rules.engine_ws_setup()"},
-    {"sweep", (PyCFunction)Engine_sweep, METH_O, "sweep(now_ns) -> dead owners: pings"},
+    {"sweep", (PyCFunction)Engine_sweep, METH_O,
+     "sweep(now_ns) -> [(owner, close_kind)]: pings; the tunnels lbproxy closed"},
     {"messages", (PyCFunction)Engine_messages, METH_VARARGS,
      "messages(slot, owner) -> (in, out, close_kind, first_close)"},
     {NULL, NULL, 0, NULL},

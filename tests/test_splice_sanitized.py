@@ -3,8 +3,9 @@
 The engine is compiled with ``-fsanitize=address,undefined`` (and ``-Werror`` on the
 project's warnings) into a temporary directory; a subprocess with the ASan runtime
 preloaded loads that build as ``lbproxy._splice`` and runs the native half of the
-tunnel contract suites (tunnel rules and the websocket policy) plus the engine's own tests. Any memory error or undefined
-behaviour aborts the run (``-fno-sanitize-recover``), failing this test.
+tunnel contract suites (tunnel rules and the websocket policy) plus the engine's own
+tests. Any memory error or undefined behaviour aborts the run
+(``-fno-sanitize-recover``), failing this test.
 """
 
 from __future__ import annotations

@@ -223,7 +223,7 @@ class Listener:
                 )
             )
             now = time.monotonic()
-            if self.ctx.ws_policy.pings:
+            if self.ctx.ws_policy.swept:
                 ws_sweep(self.ctx, now)
             self._deadlines(now)
             self.ctx.idle.expire(now, self.ctx.pool.config.upstream_keepalive_timeout)

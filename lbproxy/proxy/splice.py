@@ -125,9 +125,10 @@ class Splicer:
         self.engine.ws_policy(params, opcodes, frames, ping)
 
     def sweep(self, now: float) -> None:
-        """The pings (one sweep per engine): clients the engine found dead get GRACE."""
-        for link in self.engine.sweep(int(now * 1e9)):
-            link.native_dead()
+        """Pings (one sweep per engine); the tunnels the engine closed itself (dead peers,
+        refused frames) get their GRACE."""
+        for link, kind in self.engine.sweep(int(now * 1e9)):
+            link.native_closed(kind)
 
     def offload(self, link: Link) -> bool:
         """Move ``link``'s two sockets into the engine; False when it has to stay in Python."""

@@ -153,6 +153,11 @@ class WsPolicy:
     def pings(self) -> bool:
         return self.ping_interval > 0
 
+    @property
+    def swept(self) -> bool:
+        """Whether the listener's sweep has work: pings, or the grace of refused tunnels."""
+        return self.pings or self.limits
+
 
 OFF = WsPolicy()
 

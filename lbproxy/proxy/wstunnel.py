@@ -239,10 +239,13 @@ class WsLink(Link, FrameScan):
             self.transport.write(closes(MASK)[CloseKind.DEAD_PEER][1])
         self.out.abort()  # (side_lost closes the backend side after its flush)
 
-    def native_dead(self) -> None:
-        """The engine closed the client as dead (its sweep): the backend gets GRACE."""
-        self.ws_close = CloseKind.DEAD_PEER
-        self.reason = REASON_TEXT[CloseKind.DEAD_PEER]
+    def native_closed(self, kind: int) -> None:
+        """The engine closed it itself (its sweep: a dead client, a refused frame): the
+        peers get GRACE to close their sides, as after a drain."""
+        if self.where is not Where.NATIVE:
+            return
+        self.ws_close = CloseKind(kind)
+        self.reason = REASON_TEXT[self.ws_close]
         self.ctx.loop.call_later(tunnel.GRACE, self._grace_over, self.slot)
 
     # -- counts ------------------------------------------------------------------
@@ -301,6 +304,8 @@ def ws_sweep(ctx: ListenerContext, now: float) -> None:
     splicer = ctx.splicer
     if splicer is not None:
         splicer.sweep(now)
+    if not ctx.ws_policy.pings:
+        return
     for conn in list(ctx.connections):
         if isinstance(conn, WsLink) and conn.where is Where.PYTHON and conn.lost == 0:
             conn.ping_tick(now)

@@ -15,6 +15,7 @@ import struct
 import pytest
 
 from lbproxy.config_types import WebsocketConfig
+from lbproxy.proxy import tunnel
 from lbproxy.proxy.splice import engine_class
 from lbproxy.proxy.ws_rules import PING_FRAME
 from tests.contract.rig import KINDS, Rig, contract
@@ -119,6 +120,24 @@ def test_a_message_over_max_message_is_refused_before_its_payload(kind: str) -> 
         assert [f[1] for f in frames(to_backend)] == [0x8]  # only the 1001, no payload byte
         assert r.ctx.stats.ws_closes[("p", "message_too_big")] == 1
         assert r.ctx.stats.ws_messages[("p", "b", "in")] == 1
+
+    contract(kind, body, websocket=LIMITS)
+
+
+def test_peers_that_do_not_close_after_a_refusal_are_closed_after_the_grace(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tunnel, "GRACE", 0.3)
+
+    async def body(r: Rig) -> None:
+        sweeper = asyncio.create_task(r.sweeping())  # (it hands the engine's refusals over)
+        try:
+            await r.send(r.client, client(0x2, b"x" * 70_000))
+            await r.until(r.finished, timeout=5)  # neither peer answered nor closed
+            assert await r.read_to_eof(r.client) != b""  # (the 1009 went out)
+            assert r.link.reason == "message too big (1009)"
+        finally:
+            sweeper.cancel()
 
     contract(kind, body, websocket=LIMITS)
 
