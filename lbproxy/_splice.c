@@ -351,7 +351,7 @@ static int client_verdict(Engine *e, Tun *t, uint8_t op, uint64_t plen) {
 /* lbproxy closes a websocket for a refused client frame: nothing more of the client's goes
  * on; the close frames (client, backend) go out at the backend->client boundary. */
 static void ws_refuse(Engine *e, Tun *t, int kind) {
-    t->ws_close = (uint8_t)kind;
+    if (!t->ws_close) t->ws_close = (uint8_t)kind; /* (a drain waiting for a boundary stays one) */
     t->s[CLIENT].mode = DROP;
     go_away_now(e, t);
 }
@@ -937,7 +937,10 @@ static PyObject *Engine_go_away(Engine *e, PyObject *args) {
     if (!PyArg_ParseTuple(args, "nO", &slot, &owner)) return NULL;
     Tun *t = lookup(e, slot, owner);
     if (!t) return NULL;
-    if (t->s[CLIENT].mode == FWD && t->s[BACKEND].mode == FWD) go_away_now(e, t);
+    if (t->s[CLIENT].mode == FWD && t->s[BACKEND].mode == FWD) {
+        if (!t->ws_close) t->ws_close = K_DRAIN;
+        go_away_now(e, t);
+    }
     read_side(e, t, CLIENT); /* (sides now dropping input read even if backed up) */
     read_side(e, t, BACKEND);
     settle(e, t, slot);

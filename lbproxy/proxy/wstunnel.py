@@ -273,9 +273,9 @@ class WsLink(Link, FrameScan):
             self.client.scan.messages += msgs_in
             self.messages += msgs_out
             self.first_close = self.first_close or first
-            if self.ws_close is CloseKind.NONE and kind:
+            if kind and self.ws_close is not CloseKind(kind):  # (the engine's close wins)
                 self.ws_close = CloseKind(kind)
-                self.reason = self.reason or REASON_TEXT.get(self.ws_close, "")
+                self.reason = REASON_TEXT.get(self.ws_close, self.reason)
         super().native_finished(reason, nin, nout)
 
     def flush_bytes(self) -> None:
