@@ -210,7 +210,7 @@ class ChatHub:
                 for room in self.rooms.values():
                     room.subscribed.clear()
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
             delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * (0.5 + rng.random() / 2)
             attempt = min(attempt + 1, 10)
             await asyncio.sleep(delay)
