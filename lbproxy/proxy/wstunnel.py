@@ -10,6 +10,7 @@ the engine applies the same rules and reports its counts.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
     from lbproxy.pool import Backend
     from lbproxy.proxy.context import ListenerContext
 
-MASK = b"lbpx"  # the masking key of the frames the Python tunnel sends a backend
 
 
 class WsClientHalf(ClientHalf):
@@ -205,7 +205,7 @@ class WsLink(Link, FrameScan):
         self.draining = True
 
     def _close_frames(self) -> None:
-        to_client, to_backend = closes(MASK)[self.ws_close or CloseKind.DRAIN]
+        to_client, to_backend = closes(os.urandom(4))[self.ws_close or CloseKind.DRAIN]
         if to_client:
             self.out.write(to_client)
         if to_backend:
@@ -236,7 +236,7 @@ class WsLink(Link, FrameScan):
         self.ws_close = CloseKind.DEAD_PEER
         self.reason = REASON_TEXT[CloseKind.DEAD_PEER]
         if self.client.scan.at_boundary:
-            self.transport.write(closes(MASK)[CloseKind.DEAD_PEER][1])
+            self.transport.write(closes(os.urandom(4))[CloseKind.DEAD_PEER][1])
         self.out.abort()  # (side_lost closes the backend side after its flush)
 
     def native_closed(self, kind: int) -> None:
