@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from lbproxy.proxy.context import ListenerContext
 
 
-
 class WsClientHalf(ClientHalf):
     """Client side of a websocket tunnel: its frames are followed on their way."""
 
