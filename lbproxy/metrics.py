@@ -140,6 +140,18 @@ class LbproxyCollector:
             stats.requests,
         )
         yield _counter(
+            "lbproxy_rebalance_closes_total",
+            "Websockets closed (1001) to rebalance a pool, by the backend they left.",
+            ["pool", "backend"],
+            stats.rebalance_closes,
+        )
+        if stats.limits_redis_up is not None:
+            yield GaugeMetricFamily(
+                "lbproxy_limits_redis_up",
+                "1 while the shared admission limits (scope redis) reach Redis; 0: failing open.",
+                value=stats.limits_redis_up,
+            )
+        yield _counter(
             "lbproxy_health_checks_total",
             "Active health checks run, by result (pass, fail).",
             ["pool", "backend", "result"],

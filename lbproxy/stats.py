@@ -72,6 +72,9 @@ class Stats:
         # (pool, backend, result) -> health checks run; result "pass" | "fail"
         self.health_checks: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.health_check_seconds = Histogram()
+        # (pool, backend) -> websockets closed to rebalance the pool (rebalancer.py)
+        self.rebalance_closes: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.limits_redis_up: int | None = None  # scope "redis" limits: 1 reachable, 0 not
 
 
 HISTORY_POINTS = 300  # five minutes of once-per-second samples

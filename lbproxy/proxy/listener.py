@@ -10,9 +10,11 @@ import time
 from collections.abc import Callable
 from typing import cast
 
+from lbproxy.admission import Admission
 from lbproxy.config_types import Address, ListenerConfig
 from lbproxy.fdreserve import MAX_LINGERING, FdReserve
 from lbproxy.http1 import error_response
+from lbproxy.limits_redis import RedisLimits
 from lbproxy.pool import Pool
 from lbproxy.proxy.connection import HttpClient
 from lbproxy.proxy.context import ListenerContext, Tracked
@@ -88,6 +90,7 @@ class Listener:
         reuse_port: bool = False,
         log_json: bool = False,
         fds: FdReserve | None = None,
+        shared_limits: Callable[[], RedisLimits | None] = lambda: None,
     ) -> None:
         self.config = config
         self.fds = fds  # the process's fd reserve: new connections refused when it is reached
@@ -99,9 +102,21 @@ class Listener:
         )
         if config.tls is None:  # (TLS bytes must go through the SSL object: Python tunnel)
             self.ctx.splicer = Splicer.create(self.ctx.loop)
+        self.shared_limits = shared_limits
+        self._limits(config)
         self.server: asyncio.Server | None = None
         self.address: Address | None = None
         self._sweeper: asyncio.Task[None] | None = None
+
+    def _limits(self, config: ListenerConfig) -> None:
+        """[listeners.NAME.limits]: the admission (None when no limit is set: one test)."""
+        ctx = self.ctx
+        if not config.limits.enabled:
+            ctx.limits = None
+        elif ctx.limits is None:
+            ctx.limits = Admission(config.name, config.limits, self.shared_limits, ctx.loop)
+        else:
+            ctx.limits.update(config.limits)
 
     @property
     def name(self) -> str:
@@ -161,6 +176,7 @@ class Listener:
         ctx = self.ctx
         ctx.config = config
         ctx.trusted = config.trusted_proxies
+        self._limits(config)
         if ctx.pool is not pool:
             ctx.idle.close_all()
             ctx.pool = pool
@@ -188,6 +204,8 @@ class Listener:
         self.ctx.idle.close_all()
         if self.ctx.splicer is not None:
             self.ctx.splicer.close()
+        if self.ctx.limits is not None:
+            await self.ctx.limits.stop()
         if self.server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)

@@ -1,0 +1,94 @@
+"""One listener's admission control: the pure limits (limits.py) in this process, and with
+``scope = "redis"`` the shared ones (limits_redis.py). Connections call ``check`` once when
+they arrive and ``closed`` once when they end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from lbproxy.config_types import LimitsConfig
+from lbproxy.limits import Decision, LocalLimits
+from lbproxy.limits_redis import RedisLimits
+
+EXPIRE_EVERY = 1024  # admissions between two sweeps of the GCRA states in the past
+
+
+class Admission:
+    """Owns the admission tasks it starts (``scope = "redis"``: one Redis call each)."""
+
+    __slots__ = ("_since_expire", "config", "local", "loop", "name", "shared", "tasks")
+
+    def __init__(
+        self,
+        name: str,
+        config: LimitsConfig,
+        shared: Callable[[], RedisLimits | None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.local = LocalLimits(config)
+        self.shared = shared  # (the instance's shared limits: rebuilt when [redis] changes)
+        self.loop = loop
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._since_expire = 0
+
+    def update(self, config: LimitsConfig) -> None:
+        """Reload: new numbers (the counts and GCRA states are kept)."""
+        self.config = self.local.config = config
+
+    def _shared_limits(self) -> RedisLimits | None:
+        return self.shared() if self.config.scope == "redis" else None
+
+    def check(
+        self, ip: str, done: Callable[[Decision], None], *, count: bool = True
+    ) -> Decision | None:
+        """The decision for a new connection from ``ip`` (admitted ones are counted open
+        when ``count``), or None: ``done`` gets it later (shared limits: a Redis call)."""
+        self._since_expire += 1
+        if self._since_expire >= EXPIRE_EVERY:
+            self._since_expire = 0
+            self.local.expire(self.loop.time())
+        shared = self._shared_limits()
+        if shared is None:
+            return self.local.admit(ip, self.loop.time(), count=count)
+        own = self.local.opened(ip) - 1 if count else 0  # (reserved while Redis decides)
+        task = self.loop.create_task(self._shared(shared, ip, own, count, done))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return None
+
+    async def _shared(
+        self,
+        shared: RedisLimits,
+        ip: str,
+        own: int,
+        count: bool,
+        done: Callable[[Decision], None],
+    ) -> None:
+        config = self.config
+        if not count and config.connections_per_ip:
+            config = LimitsConfig(0, config.rate_per_ip, config.burst, config.scope)
+        decision = await shared.admit(self.name, ip, config, own)
+        if count and not decision.admitted:
+            self.local.closed(ip)
+        elif count and config.connections_per_ip:
+            shared.set_count(self.name, ip, self.local.open.get(ip, 0))
+        done(decision)
+
+    def closed(self, ip: str) -> None:
+        """A counted connection of ``ip`` ended."""
+        left = self.local.closed(ip)
+        shared = self._shared_limits()
+        if shared is not None and self.config.connections_per_ip:
+            shared.set_count(self.name, ip, left)
+
+    async def stop(self) -> None:
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
