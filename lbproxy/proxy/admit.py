@@ -24,13 +24,19 @@ class AdmittedHttp(Protocol):
     ctx: ListenerContext
     ip: str
     held: str  # the IP its connection is counted under ("" = not counted)
-    defer: bool  # admission waits for the first request head (a trusted proxy's peer)
+    defer: int  # AT_HEAD, PENDING (the request heads wait), or 0
     transport: asyncio.Transport
+    buf: bytearray
 
     def reject(
         self, status: int, detail: str, reason: str = "", extra: Sequence[tuple[bytes, bytes]] = ()
     ) -> None: ...
     def dispatch(self, head: RequestHead) -> None: ...
+    def try_head(self) -> None: ...
+
+
+AT_HEAD = 1  # a trusted proxy's connection: admitted on the client IP of its first request
+PENDING = 2  # the shared limits are deciding: request heads wait in the buffer
 
 
 def refuse(conn: AdmittedHttp, decision: Decision) -> None:
@@ -43,21 +49,25 @@ def admit_peer(conn: AdmittedHttp, limits: Admission) -> None:
     """A new http connection (after connection_made took it)."""
     ip = conn.ip
     if conn.ctx.is_trusted(ip):
-        conn.defer = True
+        conn.defer = AT_HEAD
         return
 
     def done(decision: Decision) -> None:
+        conn.defer = 0
         if conn.transport.is_closing():
             if decision.admitted:
                 limits.closed(ip)
         elif decision.admitted:
             conn.held = ip
             conn.transport.resume_reading()
+            if conn.buf:
+                conn.try_head()
         else:
             refuse(conn, decision)
 
     decision = limits.check(ip, done)
     if decision is None:
+        conn.defer = PENDING
         conn.transport.pause_reading()
     elif decision.admitted:
         conn.held = ip
@@ -85,14 +95,17 @@ def forwarded_client(head: RequestHead, peer: str) -> str:
         return peer
 
 
-def admit_head(conn: AdmittedHttp, head: RequestHead) -> bool:
-    """The first request head of a trusted proxy's connection: False to go on with it now
-    (admitted), True when refused or deciding (the request is dispatched once admitted)."""
-    conn.defer = False
+def admit_head(conn: AdmittedHttp, head: RequestHead, used: int) -> bool:
+    """A parsed request head (``used`` bytes of the buffer) while ``conn.defer``: True when
+    admission takes it (waiting, refused, or dispatched after deciding), False to go on."""
+    if conn.defer == PENDING:
+        return True  # (stays in the buffer until the connection is admitted)
+    conn.defer = 0
     limits = conn.ctx.limits
     if limits is None:
         return False
     ip = forwarded_client(head, conn.ip)
+    del conn.buf[:used]
 
     def done(decision: Decision) -> None:
         if conn.transport.is_closing():
@@ -105,11 +118,11 @@ def admit_head(conn: AdmittedHttp, head: RequestHead) -> bool:
     decision = limits.check(ip, done, count=False)
     if decision is None:
         conn.transport.pause_reading()
-        return True
-    if not decision.admitted:
+    elif decision.admitted:
+        conn.dispatch(head)
+    else:
         refuse(conn, decision)
-        return True
-    return False
+    return True
 
 
 class AdmittedTcp(Protocol):

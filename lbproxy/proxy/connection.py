@@ -66,7 +66,7 @@ class HttpClient(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.buf = bytearray()
         self.state: ClientState = HEAD
-        self.ip, self.port, self.held, self.defer = "", 0, "", False  # (held, defer: admit.py)
+        self.ip, self.port, self.held, self.defer = "", 0, "", 0  # (held, defer: admit.py)
         self.timer: asyncio.TimerHandle | None = None  # the request head's (handshake_timeout)
         self.exchange: Exchange | None = None  # the request in flight
         self.last_backend: Backend | None = None
@@ -100,8 +100,7 @@ class HttpClient(asyncio.Protocol):
         self.started = time.monotonic()
         ctx.stats.connections_total[ctx.config.name] += 1
         peer = transport.get_extra_info("peername")
-        if peer:
-            self.ip, self.port = peer[0], peer[1]
+        self.ip, self.port = (peer[0], peer[1]) if peer else ("", 0)
         if len(ctx.connections) >= ctx.config.max_connections:
             self.reject(503, "too many connections")
             return
@@ -114,14 +113,14 @@ class HttpClient(asyncio.Protocol):
         self.nbytes_in += len(data)
         state = self.state
         if state is HEAD:
-            if not self.buf and len(data) <= QUICK_LIMIT:
+            if not self.buf and len(data) <= QUICK_LIMIT and not self.defer:
                 if quick_request(data):
                     if self._quick(data):
                         return
                 elif quick_websocket(data) and self._quick_websocket(data):
                     return
             self.buf += data
-            self._try_head()
+            self.try_head()
             return
         exchange = self.exchange
         if state is FORWARD and exchange is not None and exchange.tracker is not None:
@@ -172,7 +171,7 @@ class HttpClient(asyncio.Protocol):
         if self.state is HEAD:
             self.reject(408, "request head not received in time")
 
-    def _try_head(self) -> None:
+    def try_head(self) -> None:
         try:
             parsed = parse_request_head(self.buf)
         except HttpError as exc:
@@ -187,9 +186,10 @@ class HttpClient(asyncio.Protocol):
             return
         self._cancel_timer()
         head, used = parsed
+        if self.defer and admit_head(self, head, used):
+            return
         del self.buf[:used]
-        if not (self.defer and admit_head(self, head)):
-            self.dispatch(head)
+        self.dispatch(head)
 
     def _quick(self, data: bytes) -> bool:
         """Fast lane: a plain GET on a warm keep-alive upstream connection (False: full path)."""
@@ -308,7 +308,7 @@ class HttpClient(asyncio.Protocol):
             return
         self.advance(HEAD)
         if self.buf:
-            self._try_head()
+            self.try_head()
         else:
             self.arm(Wait.KEEPALIVE, time.monotonic() + self.ctx.config.keepalive_timeout)
             self.transport.resume_reading()
