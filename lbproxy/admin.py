@@ -70,6 +70,7 @@ def pools_document(pools: Mapping[str, Pool]) -> dict[str, object]:
                         "address": str(b.address),
                         "state": b.state.value,
                         "active": pool.active(b),
+                        **({} if pool.remote is None else {"cluster_active": pool.load(b)}),
                         "weight": b.weight,
                         "source": b.source,
                     }
