@@ -193,3 +193,37 @@ def _try_open(port: int, source: str) -> bool:
     except (ConnectionRefusedError, ConnectionResetError):
         return False
     return True
+
+
+def test_behind_a_trusted_proxy_the_forwarded_client_is_limited(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """The peer is a trusted proxy: each X-Forwarded-For client has its own rate (local
+    scope), and the proxy itself is not limited as one client."""
+    text, port, admin = proxy_config(
+        [("b1", backend.address)],
+        listener={"trusted_proxies": ["127.0.0.9/32"]},
+        extra=_limits_table(rate_per_ip=0.5, burst=2),
+    )
+    proc = Lbproxy(text, tmp_path).start(wait_ports=(port, admin))
+
+    def via_proxy(client: str) -> int:
+        with socket.create_connection(
+            ("127.0.0.1", port), timeout=5, source_address=("127.0.0.9", 0)
+        ) as s:
+            s.sendall(
+                b"GET /whoami HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+                + f"X-Forwarded-For: 203.0.113.77, {client}\r\n\r\n".encode()
+            )
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return int(data.split(b" ", 2)[1])
+
+    try:
+        assert [via_proxy("198.51.100.1") for _ in range(4)] == [200, 200, 429, 429]
+        assert [via_proxy("198.51.100.2") for _ in range(2)] == [200, 200]
+        # a client connecting directly is limited on its own address
+        assert [_request(port, "127.0.0.10")[0] for _ in range(3)] == [200, 200, 429]
+    finally:
+        proc.stop()
