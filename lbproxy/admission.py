@@ -7,30 +7,42 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from typing import Protocol
 
 from lbproxy.config_types import LimitsConfig
 from lbproxy.limits import Decision, LocalLimits
 from lbproxy.limits_redis import RedisLimits
+from lbproxy.shared_limits import SharedLimits
 
 EXPIRE_EVERY = 1024  # admissions between two sweeps of the GCRA states in the past
+
+
+class Sharing(Protocol):
+    """Where the limits of an instance are shared (cluster.Cluster): ``limits`` for scope
+    "redis" (rebuilt when [redis] changes), ``table`` for scope "local" with --workers N."""
+
+    @property
+    def limits(self) -> RedisLimits | None: ...
+    @property
+    def table(self) -> SharedLimits | None: ...
 
 
 class Admission:
     """Owns the admission tasks it starts (``scope = "redis"``: one Redis call each)."""
 
-    __slots__ = ("_since_expire", "config", "local", "loop", "name", "shared", "tasks")
+    __slots__ = ("_since_expire", "config", "local", "loop", "name", "sharing", "tasks")
 
     def __init__(
         self,
         name: str,
         config: LimitsConfig,
-        shared: Callable[[], RedisLimits | None],
+        sharing: Sharing | None,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.name = name
         self.config = config
         self.local = LocalLimits(config)
-        self.shared = shared  # (the instance's shared limits: rebuilt when [redis] changes)
+        self.sharing = sharing
         self.loop = loop
         self.tasks: set[asyncio.Task[None]] = set()
         self._since_expire = 0
@@ -40,7 +52,12 @@ class Admission:
         self.config = self.local.config = config
 
     def _shared_limits(self) -> RedisLimits | None:
-        return self.shared() if self.config.scope == "redis" else None
+        sharing = self.sharing
+        return sharing.limits if sharing is not None and self.config.scope == "redis" else None
+
+    def _table(self) -> SharedLimits | None:
+        sharing = self.sharing
+        return sharing.table if sharing is not None and self.config.scope == "local" else None
 
     def check(
         self, ip: str, done: Callable[[Decision], None], *, count: bool = True
@@ -53,6 +70,9 @@ class Admission:
             self.local.expire(self.loop.time())
         shared = self._shared_limits()
         if shared is None:
+            table = self._table()
+            if table is not None:
+                return table.admit(self.name, ip, self.loop.time(), self.config, count)
             return self.local.admit(ip, self.loop.time(), count=count)
         own = self.local.opened(ip) - 1 if count else 0  # (reserved while Redis decides)
         task = self.loop.create_task(self._shared(shared, ip, own, count, done))
@@ -80,6 +100,10 @@ class Admission:
 
     def closed(self, ip: str) -> None:
         """A counted connection of ``ip`` ended."""
+        table = self._table()
+        if table is not None:
+            table.closed(self.name, ip)
+            return
         left = self.local.closed(ip)
         shared = self._shared_limits()
         if shared is not None and self.config.connections_per_ip:

@@ -85,7 +85,7 @@ class App:
         self.history = History()
         self._sampler: asyncio.Task[None] | None = None
         self.worker = WorkerRole(self, link) if link is not None else None
-        self.cluster = Cluster(lambda: self.pools, self.stats, role)
+        self.cluster = Cluster(lambda: self.pools, self.stats, role, counts)
 
     # -- building ------------------------------------------------------------
     def _admin_config(self, config: Config) -> AdminConfig:
@@ -169,7 +169,7 @@ class App:
             reuse_port=self.reuse_port,
             log_json=self.log_json,
             fds=self.fds,
-            shared_limits=lambda: self.cluster.limits,
+            sharing=self.cluster,
         )
         await listener.start()
         self.listeners[name] = listener

@@ -12,6 +12,8 @@ from lbproxy.config_types import Config, RedisConfig
 from lbproxy.limits_redis import RedisLimits, instance_id
 from lbproxy.pool import Pool
 from lbproxy.rebalancer import Rebalancer
+from lbproxy.shared_counts import ITEM, SharedCounts
+from lbproxy.shared_limits import SharedLimits
 from lbproxy.stats import Stats
 
 
@@ -21,13 +23,21 @@ class Cluster:
     after its supervisor (the instance is the balancer, not one worker)."""
 
     def __init__(
-        self, pools: Callable[[], Mapping[str, Pool]], stats: Stats, role: str = "single"
+        self,
+        pools: Callable[[], Mapping[str, Pool]],
+        stats: Stats,
+        role: str = "single",
+        counts: SharedCounts | None = None,
     ) -> None:
         self.pools = pools
         self.stats = stats
         self.holds_connections = role != "supervisor"
         self.instance = instance_id(role == "worker")
         self.limits: RedisLimits | None = None
+        self.table: SharedLimits | None = None  # --workers N: scope "local" limits, shared
+        if role == "worker" and counts is not None:  # (in the counts' memfd, after them)
+            offset = counts.rows * counts.columns * ITEM
+            self.table = SharedLimits(counts.fd, offset, counts.rows, counts.row)
         self.counts: ClusterCounts | None = None
         self.rebalancer: Rebalancer | None = None
         self._redis: RedisConfig | None = None
@@ -42,7 +52,8 @@ class Cluster:
             lc.limits.enabled and lc.limits.scope == "redis" for lc in config.listeners.values()
         )
         if redis is not None and wants_limits and self.limits is None:
-            self.limits = RedisLimits(redis, self.instance, self.stats)
+            # (per process: each worker writes its own counts; the sums are the balancer's)
+            self.limits = RedisLimits(redis, instance_id(False), self.stats)
             self.limits.start()
         elif not wants_limits and self.limits is not None:
             await self.limits.stop()

@@ -227,3 +227,28 @@ def test_behind_a_trusted_proxy_the_forwarded_client_is_limited(
         assert [_request(port, "127.0.0.10")[0] for _ in range(3)] == [200, 200, 429]
     finally:
         proc.stop()
+
+
+def test_workers_share_local_limits(tmp_path: Path, backend: Backend) -> None:
+    """`serve --workers 2`: connections_per_ip holds for the balancer (the kernel spreads the
+    client's connections over both workers)."""
+    text, port, admin = proxy_config(
+        [("b1", backend.address)], extra=_limits_table(connections_per_ip=3)
+    )
+    proc = Lbproxy(text, tmp_path, "--workers", "2").start(wait_ports=(port, admin))
+    held: list[socket.socket] = []
+    try:
+        wait_until(
+            lambda: len(httpx.get(f"http://127.0.0.1:{admin}/api/info").json()["workers"]) == 2
+        )
+        for _ in range(3):
+            held.append(_open(port, "127.0.0.11"))
+        pids = {int(_request(port, "127.0.0.12", "/whoami")[0])}  # (another IP: admitted)
+        assert pids == {200}
+        assert [_request(port, "127.0.0.11")[0] for _ in range(6)] == [429] * 6
+        held.pop().close()
+        wait_until(lambda: _try_open(port, "127.0.0.11"), timeout=10, interval=0.2)
+    finally:
+        for s in held:
+            s.close()
+        proc.stop()

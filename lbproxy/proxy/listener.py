@@ -10,11 +10,10 @@ import time
 from collections.abc import Callable
 from typing import cast
 
-from lbproxy.admission import Admission
+from lbproxy.admission import Admission, Sharing
 from lbproxy.config_types import Address, ListenerConfig
 from lbproxy.fdreserve import MAX_LINGERING, FdReserve
 from lbproxy.http1 import error_response
-from lbproxy.limits_redis import RedisLimits
 from lbproxy.pool import Pool
 from lbproxy.proxy.connection import HttpClient
 from lbproxy.proxy.context import ListenerContext, Tracked
@@ -90,7 +89,7 @@ class Listener:
         reuse_port: bool = False,
         log_json: bool = False,
         fds: FdReserve | None = None,
-        shared_limits: Callable[[], RedisLimits | None] = lambda: None,
+        sharing: Sharing | None = None,
     ) -> None:
         self.config = config
         self.fds = fds  # the process's fd reserve: new connections refused when it is reached
@@ -102,7 +101,7 @@ class Listener:
         )
         if config.tls is None:  # (TLS bytes must go through the SSL object: Python tunnel)
             self.ctx.splicer = Splicer.create(self.ctx.loop)
-        self.shared_limits = shared_limits
+        self.sharing = sharing  # (where scope "redis" / --workers N limits are shared)
         self._limits(config)
         self.server: asyncio.Server | None = None
         self.address: Address | None = None
@@ -114,7 +113,7 @@ class Listener:
         if not config.limits.enabled:
             ctx.limits = None
         elif ctx.limits is None:
-            ctx.limits = Admission(config.name, config.limits, self.shared_limits, ctx.loop)
+            ctx.limits = Admission(config.name, config.limits, self.sharing, ctx.loop)
         else:
             ctx.limits.update(config.limits)
 
