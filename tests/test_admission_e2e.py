@@ -36,13 +36,17 @@ def _open(port: int, source: str) -> socket.socket:
     """A keep-alive connection from ``source`` that got its first answer (admitted), or
     raises ConnectionRefusedError with the 429."""
     s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
-    s.sendall(b"GET /whoami HTTP/1.1\r\nHost: test\r\n\r\n")
     data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
+    try:
+        s.sendall(b"GET /whoami HTTP/1.1\r\nHost: test\r\n\r\n")
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        s.close()
+        raise
     if not data.startswith(b"HTTP/1.1 200"):
         s.close()
         raise ConnectionRefusedError(data.split(b"\r\n", 1)[0].decode())
