@@ -6,7 +6,8 @@ of the pool's connections has an excess; closing that many of its websockets (ne
 first) lets their reconnects land on emptier backends. With several holders of a backend's
 connections (instances of a cluster, workers of a balancer) each closes its own share of
 the excess. Hash pools: a tunnel whose key's home is now another backend moves (and only
-those). Closes are paced by ``Pacer``: at most ``closes_per_second`` in any second.
+those). Closes are paced by ``Pacer``: at most ``closes_per_second`` in any second (each
+holder its part of it: ``holder_rate``).
 """
 
 from __future__ import annotations
@@ -66,20 +67,32 @@ def moved(
 
 
 class Pacer:
-    """At most ``rate`` events in any second: each one at least ``1 / rate`` after the last."""
+    """Evenly spaced events: the next one at least ``1 / rate`` after the last, ``rate``
+    given with each event (so at most ``rate`` in any second while it holds)."""
 
-    __slots__ = ("last", "rate")
+    __slots__ = ("next",)
 
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.last = -math.inf
+    def __init__(self) -> None:
+        self.next = -math.inf
 
     def wait(self, now: float) -> float:
         """Seconds until the next event is allowed (0: now)."""
-        return max(0.0, self.last + 1.0 / self.rate - now)
+        return max(0.0, self.next - now)
 
-    def took(self, now: float) -> None:
-        self.last = now
+    def took(self, now: float, rate: float) -> float:
+        """An event at ``now``; the seconds until the next one may follow."""
+        interval = 1.0 / rate
+        self.next = now + interval
+        return interval
+
+
+def holder_rate(closes_per_second: float, own: int, load: int) -> float:
+    """The close rate of one holder of a backend's connections (an instance, a worker): its
+    part ``own / load`` of ``closes_per_second``, so that all holders together stay within
+    it (and none closes ahead of counts the others have not published yet)."""
+    if load <= 0 or own >= load:
+        return closes_per_second
+    return closes_per_second * max(own / load, 0.02)
 
 
 class PeakTotal:

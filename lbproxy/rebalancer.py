@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 from lbproxy.pool import Backend, BackendState, Closable, Pool
-from lbproxy.rebalance import Pacer, PeakTotal, excess, moved, own_share
+from lbproxy.rebalance import Pacer, PeakTotal, excess, holder_rate, moved, own_share
 from lbproxy.stats import Stats
 
 log = logging.getLogger("lbproxy.rebalance")
@@ -18,13 +18,15 @@ TICK = 0.1  # seconds between two looks at a pool with nothing to close
 
 
 class _PoolState:
-    __slots__ = ("moves", "pacer", "peak", "up_ids")
+    __slots__ = ("epoch", "moves", "pacer", "peak", "plan", "up_ids")
 
     def __init__(self, pool: Pool) -> None:
-        self.pacer = Pacer(pool.config.rebalance.closes_per_second)
+        self.pacer = Pacer()
         self.peak = PeakTotal()
         self.up_ids = _up_ids(pool)
         self.moves: list[Closable] = []  # hash pools: tunnels to move, newest first
+        self.epoch: object = None  # scope "cluster": the other instances' counts planned on
+        self.plan: dict[str, int] = {}  # backend -> closes left for this instance
 
 
 def _up_ids(pool: Pool) -> tuple[str, ...]:
@@ -63,7 +65,6 @@ class Rebalancer:
 
     def _tick(self, pool: Pool, state: _PoolState, now: float) -> float:
         """Close one websocket of ``pool`` if one should go now; seconds until the next look."""
-        state.pacer.rate = pool.config.rebalance.closes_per_second
         wait = state.pacer.wait(now)
         if wait > 0:
             return wait
@@ -72,19 +73,18 @@ class Rebalancer:
             found = self._least_next(pool, state, now)
         if found is None:
             return TICK
-        conn, backend, key = found
+        conn, backend, key, share = found
         if key is not None and pool.config.balance == "hash":
             pool.forget(key)
         conn.go_away()
         pool.sent_away(backend, conn)
         self.stats.rebalance_closes[(pool.name, backend.id)] += 1
-        state.pacer.took(now)
-        return 1.0 / state.pacer.rate
+        return state.pacer.took(now, pool.config.rebalance.closes_per_second * share)
 
     @staticmethod
     def _least_next(
         pool: Pool, state: _PoolState, now: float
-    ) -> tuple[Closable, Backend, bytes | None] | None:
+    ) -> tuple[Closable, Backend, bytes | None, float] | None:
         up = [b for b in pool.backends.values() if b.state is BackendState.UP]
         if len(up) < 2:
             return None
@@ -92,22 +92,34 @@ class Rebalancer:
         weights = {b.id: pool.effective_weight(b, now) for b in up}
         total = state.peak.add(now, sum(loads.values()))
         over = excess(loads, weights, pool.config.rebalance.max_imbalance, total)
-        if not over:
-            return None
         mine: dict[str, list[Closable]] = {}
         for conn, (backend, _) in pool.tunnels.items():
             if backend.id in over and conn not in backend.leaving:
                 mine.setdefault(backend.id, []).append(conn)
+        shares = {b: own_share(n, len(mine.get(b, ())), loads[b]) for b, n in over.items()}
+        if pool.remote is not None and pool.remote is not state.epoch:
+            # fresh counts of the other instances: this instance's part until the next ones
+            # (theirs are up to two publishes old: recomputed every tick, each instance would
+            # close what the others already did)
+            state.epoch, state.plan = pool.remote, shares
         by_id = {b.id: b for b in up}
-        for backend_id, count in sorted(over.items(), key=lambda item: -item[1]):
+        for backend_id in sorted(over, key=lambda b: -over[b]):
             own = mine.get(backend_id, [])
-            if own_share(count, len(own), loads[backend_id]) > 0:
+            allowed = shares[backend_id]
+            if pool.remote is not None:
+                allowed = min(allowed, state.plan.get(backend_id, 0))
+            if allowed > 0:
+                if pool.remote is not None:
+                    state.plan[backend_id] -= 1
                 conn = own[-1]  # the newest
-                return conn, by_id[backend_id], pool.tunnels[conn][1]
+                share = holder_rate(1.0, len(own), loads[backend_id])
+                return conn, by_id[backend_id], pool.tunnels[conn][1], share
         return None
 
     @staticmethod
-    def _hash_next(pool: Pool, state: _PoolState) -> tuple[Closable, Backend, bytes | None] | None:
+    def _hash_next(
+        pool: Pool, state: _PoolState
+    ) -> tuple[Closable, Backend, bytes | None, float] | None:
         up_ids = _up_ids(pool)
         if up_ids != state.up_ids:
             state.up_ids = up_ids
@@ -127,7 +139,7 @@ class Rebalancer:
                 continue
             home = pool.home(entry[1])
             if home is not None and home != entry[0].id:
-                return conn, entry[0], entry[1]
+                return conn, entry[0], entry[1], 1.0
         return None
 
     async def stop(self) -> None:

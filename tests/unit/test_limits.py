@@ -12,7 +12,7 @@ from lbproxy.config import parse_config
 from lbproxy.config_types import LimitsConfig
 from lbproxy.errors import ConfigError
 from lbproxy.limits import CONNECTIONS, RATE, LocalLimits, gcra
-from lbproxy.rebalance import Pacer, PeakTotal, excess, moved, newest, own_share
+from lbproxy.rebalance import Pacer, PeakTotal, excess, holder_rate, moved, newest, own_share
 
 
 def test_gcra_allows_a_burst_then_one_per_interval() -> None:
@@ -95,11 +95,20 @@ def test_newest_and_moved() -> None:
 
 
 def test_pacer_spaces_events() -> None:
-    pacer = Pacer(10.0)
+    pacer = Pacer()
     assert pacer.wait(5.0) == 0.0
-    pacer.took(5.0)
+    assert pacer.took(5.0, 10.0) == pytest.approx(0.1)
     assert pacer.wait(5.05) == pytest.approx(0.05)
     assert pacer.wait(5.1) == pytest.approx(0.0, abs=1e-9)
+    pacer.took(5.1, 2.5)
+    assert pacer.wait(5.2) == pytest.approx(0.3)
+
+
+def test_holder_rate_is_its_part_of_closes_per_second() -> None:
+    assert holder_rate(10, 30, 30) == 10  # the only holder
+    assert holder_rate(10, 15, 30) == 5  # one of two instances holding as much
+    assert holder_rate(10, 0, 30) == pytest.approx(0.2)  # never 0 (a floor)
+    assert holder_rate(10, 5, 0) == 10
 
 
 def test_peak_total_remembers_a_few_seconds() -> None:
