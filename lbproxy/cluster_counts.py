@@ -88,9 +88,11 @@ class ClusterCounts:
 
     async def _run(self) -> None:
         while True:
-            cluster = [
-                p for p in self.pools().values() if p.config.least_connections_scope == "cluster"
-            ]
+            pools = self.pools().values()
+            cluster = [p for p in pools if p.config.least_connections_scope == "cluster"]
+            for pool in pools:
+                if pool.config.least_connections_scope != "cluster":
+                    pool.remote = None  # (a reload made it local)
             try:
                 for pool in cluster:
                     await self._exchange(pool)
