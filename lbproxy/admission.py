@@ -5,12 +5,11 @@ they arrive and ``closed`` once when they end."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from typing import Protocol
 
 from lbproxy.config_types import LimitsConfig
-from lbproxy.limits import Decision, LocalLimits
+from lbproxy.limits import ADMIT, Decision, LocalLimits
 from lbproxy.limits_redis import RedisLimits
 from lbproxy.shared_limits import SharedLimits
 
@@ -28,9 +27,9 @@ class Sharing(Protocol):
 
 
 class Admission:
-    """Owns the admission tasks it starts (``scope = "redis"``: one Redis call each)."""
+    """``scope = "redis"``: decided by the instance's RedisLimits (batched Redis calls)."""
 
-    __slots__ = ("_since_expire", "config", "local", "loop", "name", "sharing", "tasks")
+    __slots__ = ("_since_expire", "config", "local", "loop", "name", "sharing")
 
     def __init__(
         self,
@@ -44,7 +43,6 @@ class Admission:
         self.local = LocalLimits(config)
         self.sharing = sharing
         self.loop = loop
-        self.tasks: set[asyncio.Task[None]] = set()
         self._since_expire = 0
 
     def update(self, config: LimitsConfig) -> None:
@@ -75,28 +73,23 @@ class Admission:
                 return table.admit(self.name, ip, self.loop.time(), self.config, count)
             return self.local.admit(ip, self.loop.time(), count=count)
         own = self.local.opened(ip) - 1 if count else 0  # (reserved while Redis decides)
-        task = self.loop.create_task(self._shared(shared, ip, own, count, done))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return None
-
-    async def _shared(
-        self,
-        shared: RedisLimits,
-        ip: str,
-        own: int,
-        count: bool,
-        done: Callable[[Decision], None],
-    ) -> None:
         config = self.config
+        if not shared.up:  # fail open: admitted, counted here (written when Redis is back)
+            if count and config.connections_per_ip:
+                shared.set_count(self.name, ip, own + 1)
+            return ADMIT
         if not count and config.connections_per_ip:
             config = LimitsConfig(0, config.rate_per_ip, config.burst, config.scope)
-        decision = await shared.admit(self.name, ip, config, own)
-        if count and not decision.admitted:
-            self.local.closed(ip)
-        elif count and config.connections_per_ip:
-            shared.set_count(self.name, ip, self.local.open.get(ip, 0))
-        done(decision)
+
+        def settle(decision: Decision) -> None:
+            if count and not decision.admitted:
+                self.local.closed(ip)
+            elif count and config.connections_per_ip:  # (the script wrote own + 1)
+                shared.set_count(self.name, ip, self.local.open.get(ip, 0), written=True)
+            done(decision)
+
+        shared.submit(self.name, ip, config, own, settle)
+        return None
 
     def closed(self, ip: str) -> None:
         """A counted connection of ``ip`` ended."""
@@ -108,11 +101,3 @@ class Admission:
         shared = self._shared_limits()
         if shared is not None and self.config.connections_per_ip:
             shared.set_count(self.name, ip, left)
-
-    async def stop(self) -> None:
-        tasks = list(self.tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task

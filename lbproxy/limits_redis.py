@@ -1,6 +1,7 @@
 """Admission limits shared by every lbproxy instance on one Redis (``scope = "redis"``).
 
-One Lua script per admission (one round trip; layout in docs/registry.md):
+One Lua script per admission (layout in docs/registry.md); the admissions that arrive while
+a batch is out go together in the next one (one pipeline, one round trip):
 
 - ``{prefix}:limits:{listener}:rate:{ip}``: the client's GCRA theoretical arrival time
   (microseconds of the Redis clock), expiring once it is back in the past;
@@ -21,9 +22,10 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from lbproxy.config_types import LimitsConfig, RedisConfig
 from lbproxy.limits import ADMIT, CONNECTIONS, RATE, Decision
@@ -94,6 +96,21 @@ return #KEYS
 """
 
 
+Admit = tuple[list[str], list[str | int], Callable[[Decision], None]]  # keys, args, done
+
+
+def decision_of(reply: object) -> Decision:
+    """The script's ``[verdict, retry_after_us]`` as a decision (anything else: admitted)."""
+    if not isinstance(reply, list) or len(reply) != 2:
+        return ADMIT
+    verdict, retry_us = reply
+    if verdict == RATE:
+        return Decision(False, RATE, int(retry_us) / 1_000_000)
+    if verdict == CONNECTIONS:
+        return Decision(False, CONNECTIONS, 1.0)
+    return ADMIT
+
+
 def instance_id(worker: bool) -> str:
     """This instance's name in Redis: the balancer's (a worker uses its supervisor's PID)."""
     return f"{socket.gethostname()}:{os.getppid() if worker else os.getpid()}"
@@ -113,6 +130,8 @@ class RedisLimits:
         self.counts: dict[tuple[str, str], int] = {}  # every count this instance holds
         self._admit = self.client.register_script(ADMIT_LUA)
         self._set = self.client.register_script(SET_LUA)
+        self._queue: list[Admit] = []
+        self._sender: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -122,36 +141,63 @@ class RedisLimits:
     def key(self, listener: str, kind: str, ip: str) -> str:
         return f"{self.prefix}:limits:{listener}:{kind}:{ip}"
 
-    async def admit(self, listener: str, ip: str, config: LimitsConfig, own: int) -> Decision:
+    def submit(
+        self,
+        listener: str,
+        ip: str,
+        config: LimitsConfig,
+        own: int,
+        done: Callable[[Decision], None],
+    ) -> None:
         """One admission (``own``: this instance's open connections from ``ip`` besides this
-        one); Redis away: admitted (fail open)."""
-        if not self.up:
-            return ADMIT
+        one): ``done`` gets the decision once its batch is answered (always later, never
+        from this call; Redis failing: admitted)."""
         rate = config.rate_per_ip
         interval = max(1, round(1_000_000 / rate)) if rate > 0 else 0
-        args = (interval, interval * max(config.burst - 1, 0), config.connections_per_ip)
+        args: list[str | int] = [interval, interval * max(config.burst - 1, 0)]
+        args += [config.connections_per_ip, self.instance, own, int(TTL * 1000)]
         keys = [self.key(listener, "rate", ip), self.key(listener, "conns", ip)]
-        try:
-            verdict, retry_us = await self._admit(
-                keys=keys, args=[*args, self.instance, own, int(TTL * 1000)]
-            )
-        except (TimeoutError, RedisError, OSError) as exc:
-            self._went_away(exc)
-            return ADMIT
-        if verdict == RATE:
-            return Decision(False, RATE, int(retry_us) / 1_000_000)
-        if verdict == CONNECTIONS:
-            return Decision(False, CONNECTIONS, 1.0)
-        return ADMIT
+        self._queue.append((keys, args, done))
+        if self._sender is None:
+            self._sender = asyncio.get_running_loop().create_task(self._send())
 
-    def set_count(self, listener: str, ip: str, count: int) -> None:
-        """This instance now holds ``count`` connections from ``ip`` (written soon)."""
+    async def _send(self) -> None:
+        """Send the waiting admissions, one batch at a time, until none waits."""
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    replies = await self._batch(batch)
+                except Exception as exc:  # (whatever the client raises: fail open, never hang)
+                    self._went_away(exc)
+                    replies = [None] * len(batch)
+                for (_, _, done), reply in zip(batch, replies, strict=True):
+                    done(decision_of(reply))
+        finally:
+            self._sender = None
+
+    async def _batch(self, batch: list[Admit]) -> list[object]:
+        """One pipeline of scripts (loaded again if Redis lost them, e.g. after a restart)."""
+        for _ in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args, _ in batch:
+                pipe.evalsha(self._admit.sha, len(keys), *keys, *args)
+            replies: list[object] = await pipe.execute(raise_on_error=False)
+            if not any(isinstance(reply, NoScriptError) for reply in replies):
+                return replies
+            await self.client.script_load(ADMIT_LUA)
+        return replies
+
+    def set_count(self, listener: str, ip: str, count: int, *, written: bool = False) -> None:
+        """This instance now holds ``count`` connections from ``ip``: written soon, unless
+        ``written`` (the admission script just wrote it); rewritten every REFRESH."""
         if count > 0:
             self.counts[(listener, ip)] = count
         else:
             self.counts.pop((listener, ip), None)
-        self.dirty[(listener, ip)] = count
-        self._wake.set()
+        if not written:
+            self.dirty[(listener, ip)] = count
+            self._wake.set()
 
     def _went_away(self, exc: BaseException) -> None:
         if self.up:
@@ -199,6 +245,10 @@ class RedisLimits:
 
     async def stop(self) -> None:
         self.stats.limits_redis_up = None
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -203,8 +203,6 @@ class Listener:
         self.ctx.idle.close_all()
         if self.ctx.splicer is not None:
             self.ctx.splicer.close()
-        if self.ctx.limits is not None:
-            await self.ctx.limits.stop()
         if self.server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)
