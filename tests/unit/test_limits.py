@@ -12,6 +12,7 @@ from lbproxy.config import parse_config
 from lbproxy.config_types import LimitsConfig
 from lbproxy.errors import ConfigError
 from lbproxy.limits import CONNECTIONS, RATE, LocalLimits, gcra
+from lbproxy.limits_redis import decision_of
 from lbproxy.rebalance import Pacer, PeakTotal, excess, holder_rate, moved, newest, own_share
 
 
@@ -189,3 +190,13 @@ def test_redis_scope_needs_a_redis_table() -> None:
     problems = _problems(_with({"limits": {"rate_per_ip": 5, "scope": "redis"}}))
     assert problems == ["lb.toml: listeners.public.limits.scope: 'redis' needs a [redis] table"]
     parse_config(_with({"limits": {"rate_per_ip": 5, "scope": "redis"}}, redis={}), "lb.toml")
+
+
+def test_a_redis_reply_as_a_decision() -> None:
+    assert decision_of(["ok", "0"]).admitted
+    refused = decision_of(["rate_per_ip", "1500000"])
+    assert (refused.admitted, refused.reason, refused.retry_after) == (False, RATE, 1.5)
+    assert refused.retry_after_header() == (b"Retry-After", b"2")
+    assert decision_of(["connections_per_ip", "0"]).reason == CONNECTIONS
+    assert decision_of(None).admitted  # (Redis failed: fail open)
+    assert decision_of(RuntimeError("ERR script")).admitted
