@@ -127,6 +127,9 @@ METHOD = """\
   message metrics are always on), its `proxy_cpu_us` beside the plain `ws_echo_small` run's;
   used only when `lbproxy check-config` accepts those keys — otherwise the run uses the plain
   config and says so (`limits_on` = 0).
+- `ws_connect_rate_limits` (**lbproxy only**): `ws_connect_rate` with
+  `[listeners.web.limits]` `scope = "redis"` on (limits never reached; a redis-server started
+  for the run): the latency and CPU one Redis admission adds to each new connection.
 - Each timed scenario measures {duration:g} s after a {warmup:g} s warm-up; `--repeat N` reports
   the median of each metric over N runs.
 """

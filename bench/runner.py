@@ -30,7 +30,12 @@ from bench.stage import Cdf, Launched, Metrics, ScenarioResult, Settings, Stage
 from bench.targets import Ports, ProxySpec, lbproxy_accepts, lbproxy_workers_spec, proxy_spec
 
 SELF_LAUNCHED = {"workers_scaling"}  # scenarios that start (and stop) the proxy themselves
-VARIANTS = {"failover": "failover", "ws_echo_small_limits": "limits"}  # config variant per scenario
+# config variant per scenario
+VARIANTS = {
+    "failover": "failover",
+    "ws_echo_small_limits": "limits",
+    "ws_connect_rate_limits": "admission",
+}
 
 
 @dataclass
@@ -158,6 +163,11 @@ def run_pair(
         if failover:  # the one killed: a separate process
             cmd2 = [str(tools.backend), "-p", str(ports.backend2), "-i", "2"]
             stage.backend2 = start_backend(children, "backend2", cmd2, ports.backend2, side_cpu)
+        if VARIANTS.get(scenario) == "admission":  # the shared limits' Redis (unpinned)
+            redis_cmd = ["redis-server", "--port", str(ports.backend2), "--save", ""]
+            start_backend(
+                children, "redis", [*redis_cmd, "--appendonly", "no"], ports.backend2, BOTH_CPUS
+            )
         if own_proxy:
             stage.gen_cpus = BOTH_CPUS
             stage.launch = workers_launcher(children, run_dir, ports.backend, outcome)
@@ -234,6 +244,7 @@ MAIN_METRIC = {
     "workers_scaling": "scaling",
     "failover": "recover_s",
     "ws_echo_small_limits": "msgs_per_s",
+    "ws_connect_rate_limits": "conn_per_s",
 }
 HEADLINE_KEYS = (
     "p50_ms",

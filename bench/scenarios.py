@@ -35,6 +35,12 @@ def ws_connect_rate(stage: Stage) -> ScenarioResult:
     return ScenarioResult(metrics, cdf_of(res))
 
 
+def ws_connect_rate_limits(stage: Stage) -> ScenarioResult:
+    """``ws_connect_rate`` against lbproxy with ``[listeners.web.limits]`` scope "redis" on
+    (limits never reached): the latency one Redis admission adds to each new connection."""
+    return ws_connect_rate(stage)
+
+
 def ws_echo_small(stage: Stage) -> ScenarioResult:
     s = stage.settings
     args = ("-c", str(s.small_conns), "-s", str(s.small_size), "-u", WS_PATH)
@@ -179,15 +185,17 @@ SCENARIOS: dict[str, Callable[[Stage], ScenarioResult]] = {
     "workers_scaling": workers_scaling,
     "failover": failover,
     "ws_echo_small_limits": ws_echo_small_limits,
+    "ws_connect_rate_limits": ws_connect_rate_limits,
 }
 # Scenarios that only some targets take part in (the others: every target).
 SCENARIO_TARGETS: dict[str, tuple[str, ...]] = {
     "workers_scaling": ("lbproxy",),
     "failover": ("lbproxy", "nginx", "haproxy", "caddy"),  # two backends: no `direct`
     "ws_echo_small_limits": ("lbproxy",),
+    "ws_connect_rate_limits": ("lbproxy",),
 }
 # Left out of `--quick` unless named with --scenarios (they would cost time, not coverage).
-QUICK_SKIP = ("ws_echo_small_limits",)
+QUICK_SKIP = ("ws_echo_small_limits", "ws_connect_rate_limits")
 
 
 def targets_for(scenario: str, targets: Sequence[str]) -> list[str]:

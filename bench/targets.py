@@ -64,6 +64,16 @@ ping_timeout = 10.0
 max_message = 1048576
 max_messages_per_second = 100000
 burst = 100000"""
+LBPROXY_ADMISSION = """
+[listeners.web.limits]          # ws_connect_rate_limits: one Redis call per new connection
+connections_per_ip = 1000000    # (never reached: what is measured is the added latency)
+rate_per_ip = 1000000
+burst = 1000000
+scope = "redis"
+
+[redis]
+url = "redis://127.0.0.1:@REDIS_PORT@/0"
+"""
 LBPROXY_SINGLE_NOTE = "one process (no --workers), pinned to CPU 1 by taskset."
 LBPROXY_WORKERS_NOTE = (
     "workers_scaling: --workers 1, then --workers 2 (SO_REUSEPORT on the\n"
@@ -165,7 +175,11 @@ def caddy_spec(run_dir: Path, ports: Ports, variant: str, values: dict[str, str]
 
 def lbproxy_spec(run_dir: Path, ports: Ports, variant: str, values: dict[str, str]) -> ProxySpec:
     failover = variant == "failover"
-    names = {"failover": "lbproxy-failover.toml", "limits": "lbproxy-limits.toml"}
+    names = {
+        "failover": "lbproxy-failover.toml",
+        "limits": "lbproxy-limits.toml",
+        "admission": "lbproxy-admission.toml",
+    }
     path = run_dir / names.get(variant, "lbproxy.toml")
     values["RUN_NOTE"] = LBPROXY_SINGLE_NOTE
     ids = ("b1", "b2")
@@ -174,6 +188,8 @@ def lbproxy_spec(run_dir: Path, ports: Ports, variant: str, values: dict[str, st
     )
     values["HEALTH"] = LBPROXY_FAILOVER_HEALTH if failover else 'check = "none"'
     values["WEBSOCKET"] = LBPROXY_LIMITS if variant == "limits" else ""
+    if variant == "admission":  # (the redis-server on ports.backend2: started by the runner)
+        values["WEBSOCKET"] = LBPROXY_ADMISSION.replace("@REDIS_PORT@", str(ports.backend2))
     path.write_text(render("lbproxy.toml", values))
     return ProxySpec(
         "lbproxy", lbproxy_command(path), path, variant if variant != "bulk" else "default"

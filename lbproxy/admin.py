@@ -62,12 +62,15 @@ def pools_document(pools: Mapping[str, Pool]) -> dict[str, object]:
             name: {
                 "balance": pool.config.balance,
                 "discovery": pool.config.discovery,
+                "least_connections_scope": pool.config.least_connections_scope,
+                "scope_effective": "local" if pool.remote is None else "cluster",
                 "backends": [
                     {
                         "id": b.id,
                         "address": str(b.address),
                         "state": b.state.value,
                         "active": pool.active(b),
+                        **({} if pool.remote is None else {"cluster_active": pool.load(b)}),
                         "weight": b.weight,
                         "source": b.source,
                     }

@@ -13,6 +13,7 @@ from typing import Literal, Protocol
 
 from lbproxy import __version__
 from lbproxy.admin import AdminServer
+from lbproxy.cluster import Cluster
 from lbproxy.config import load_config
 from lbproxy.config_types import Address, AdminConfig, Config, ListenerConfig
 from lbproxy.drain import Drainer, close_spread
@@ -48,10 +49,8 @@ log = logging.getLogger("lbproxy")
 
 
 class App:
-    """One lbproxy process: listeners, pools, health, registry, admin (role "single");
-    with ``serve --workers N`` the supervisor's part (pools, health, registry, admin: no
-    listener) or a worker's part (listeners and pools following the supervisor's
-    snapshots, counting in the shared table ``counts``)."""
+    """One lbproxy process (role "single"), or with ``serve --workers N`` the supervisor's
+    part (no listener) or a worker's (listeners; pools follow the supervisor's snapshots)."""
 
     def __init__(
         self,
@@ -86,6 +85,7 @@ class App:
         self.history = History()
         self._sampler: asyncio.Task[None] | None = None
         self.worker = WorkerRole(self, link) if link is not None else None
+        self.cluster = Cluster(lambda: self.pools, self.stats, role, counts)
 
     # -- building ------------------------------------------------------------
     def _admin_config(self, config: Config) -> AdminConfig:
@@ -101,6 +101,7 @@ class App:
             await self._sync_watcher(config)
             await self._await_first_snapshot(config)  # no listener accepts before this
         self.fds = create_fd_reserve(self._fd_reserve)
+        await self.cluster.apply(config)
         if self.role != "supervisor":
             for name, listener_config in config.listeners.items():
                 await self._add_listener(name, listener_config)
@@ -168,6 +169,7 @@ class App:
             reuse_port=self.reuse_port,
             log_json=self.log_json,
             fds=self.fds,
+            sharing=self.cluster,
         )
         await listener.start()
         self.listeners[name] = listener
@@ -248,6 +250,7 @@ class App:
             checker = self.health.pop(name, None)
             if checker is not None:
                 await checker.stop()
+        await self.cluster.apply(new)
         if self.role != "supervisor":
             await self._apply_listeners(new)
         if self.role != "worker":
@@ -336,6 +339,7 @@ class App:
                 await self._sampler
             self._sampler = None
         await self.drainer.stop()
+        await self.cluster.stop()
         if self.link is not None:
             self.link.close()
         for checker in self.health.values():

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from lbproxy import config_limits
 from lbproxy.addresses import parse_address
 from lbproxy.admin_guard import allowed_host_entry
 from lbproxy.config_reader import Problems, Section, join, show
@@ -87,6 +88,10 @@ def parse_config(data: Mapping[str, Any], path: str) -> Config:
         for pool in pools.values():
             if pool.discovery == "redis":
                 problems.add(join("pools", pool.name, "discovery"), "'redis' needs a [redis] table")
+        for listener in listeners.values():
+            if listener.limits.scope == "redis":
+                where = join("listeners", listener.name, "limits", "scope")
+                problems.add(where, "'redis' needs a [redis] table")
     if problems.lines:
         raise ConfigError(problems.lines)
     return Config(path=path, admin=admin, redis=redis, listeners=listeners, pools=pools)
@@ -191,6 +196,7 @@ def _listener(
         tls=_tls(s, base_dir),
         keepalive_timeout=s.number("keepalive_timeout", d.keepalive_timeout, zero_ok=False),
         body_timeout=s.number("body_timeout", d.body_timeout, zero_ok=False),
+        limits=config_limits.limits(s),
     )
 
 
@@ -288,6 +294,10 @@ def _pool(name: str, table: Mapping[str, Any], problems: Problems) -> PoolConfig
             "upstream_keepalive_timeout", d.upstream_keepalive_timeout, zero_ok=False
         ),
         websocket=_websocket(s),
+        least_connections_scope=s.choice(
+            "least_connections_scope", d.least_connections_scope, ("local", "cluster")
+        ),
+        rebalance=config_limits.rebalance(s),
     )
 
 

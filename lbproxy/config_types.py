@@ -44,6 +44,20 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """[listeners.NAME.limits]: per-client admission (README "Admission control")."""
+
+    connections_per_ip: int = 0  # concurrent connections per client IP (0 = off)
+    rate_per_ip: float = 0.0  # new connections per second per client IP (0 = off)
+    burst: int = 0  # new connections allowed at once (0 = rate_per_ip rounded up, at least 1)
+    scope: Literal["local", "redis"] = "local"  # "redis": shared by every instance
+
+    @property
+    def enabled(self) -> bool:
+        return self.connections_per_ip > 0 or self.rate_per_ip > 0
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerConfig:
     name: str
     bind: Address
@@ -57,6 +71,7 @@ class ListenerConfig:
     tls: TlsConfig | None = None
     keepalive_timeout: float = 75.0  # an idle client connection between requests is closed
     body_timeout: float = 60.0  # a request body with no byte for this long is answered 408
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +104,14 @@ class BackendConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RebalanceConfig:
+    """[pools.NAME.rebalance]: move websockets off overloaded backends (README)."""
+
+    max_imbalance: float = 0.0  # 0 = off; else close while a backend holds > this x average
+    closes_per_second: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class PoolConfig:
     name: str
     balance: Literal["least-connections", "round-robin", "hash"] = "least-connections"
@@ -109,6 +132,8 @@ class PoolConfig:
     response_timeout: float = 30.0  # no response head within it: 504 (and a passive failure)
     upstream_keepalive_timeout: float = 4.0  # idle upstream connections closed after it
     websocket: WebsocketConfig = field(default_factory=WebsocketConfig)
+    least_connections_scope: Literal["local", "cluster"] = "local"  # "cluster": Redis counts
+    rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,60 @@ class RegistryStatus(Protocol):
     last_sync: float  # time.monotonic() of the last full sync, 0.0 = never
 
 
+# (name, help, labels, the Stats attribute): the counters read as they are, keyed by label values
+_COUNTERS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    (
+        "lbproxy_bytes_total",
+        "Bytes proxied; direction in = client to backend, out = backend to client.",
+        ("pool", "backend", "direction"),
+        "bytes",
+    ),
+    (
+        "lbproxy_upstream_errors_total",
+        "Failures talking to a backend, by reason.",
+        ("pool", "backend", "reason"),
+        "upstream_errors",
+    ),
+    (
+        "lbproxy_rejected_total",
+        "Client connections or requests rejected by lbproxy, by reason.",
+        ("listener", "reason"),
+        "rejected",
+    ),
+    (
+        "lbproxy_requests_total",
+        "Requests or connections handed to a backend.",
+        ("pool", "backend"),
+        "requests",
+    ),
+    (
+        "lbproxy_ws_messages_total",
+        "Websocket data messages, counted at their final frame; direction as for bytes.",
+        ("pool", "backend", "direction"),
+        "ws_messages",
+    ),
+    (
+        "lbproxy_ws_closes_total",
+        "Websockets closed, by reason (dead_peer, message_too_big, message_rate, drain, "
+        "client, backend).",
+        ("pool", "reason"),
+        "ws_closes",
+    ),
+    (
+        "lbproxy_rebalance_closes_total",
+        "Websockets closed (1001) to rebalance a pool, by the backend they left.",
+        ("pool", "backend"),
+        "rebalance_closes",
+    ),
+    (
+        "lbproxy_health_checks_total",
+        "Active health checks run, by result (pass, fail).",
+        ("pool", "backend", "result"),
+        "health_checks",
+    ),
+)
+
+
 class LbproxyCollector:
     """Reads pools, stats, listener and registry state when Prometheus scrapes."""
 
@@ -115,49 +169,14 @@ class LbproxyCollector:
             ["listener"],
             {(name,): n for name, n in stats.connections_total.items()},
         )
-        yield _counter(
-            "lbproxy_bytes_total",
-            "Bytes proxied; direction in = client to backend, out = backend to client.",
-            ["pool", "backend", "direction"],
-            stats.bytes,
-        )
-        yield _counter(
-            "lbproxy_upstream_errors_total",
-            "Failures talking to a backend, by reason.",
-            ["pool", "backend", "reason"],
-            stats.upstream_errors,
-        )
-        yield _counter(
-            "lbproxy_rejected_total",
-            "Client connections or requests rejected by lbproxy, by reason.",
-            ["listener", "reason"],
-            stats.rejected,
-        )
-        yield _counter(
-            "lbproxy_requests_total",
-            "Requests or connections handed to a backend.",
-            ["pool", "backend"],
-            stats.requests,
-        )
-        yield _counter(
-            "lbproxy_ws_messages_total",
-            "Websocket data messages, counted at their final frame; direction as for bytes.",
-            ["pool", "backend", "direction"],
-            stats.ws_messages,
-        )
-        yield _counter(
-            "lbproxy_ws_closes_total",
-            "Websockets closed, by reason (dead_peer, message_too_big, message_rate, drain, "
-            "client, backend).",
-            ["pool", "reason"],
-            stats.ws_closes,
-        )
-        yield _counter(
-            "lbproxy_health_checks_total",
-            "Active health checks run, by result (pass, fail).",
-            ["pool", "backend", "result"],
-            stats.health_checks,
-        )
+        for name, text, labels, attr in _COUNTERS:
+            yield _counter(name, text, list(labels), getattr(stats, attr))
+        if stats.limits_redis_up is not None:
+            yield GaugeMetricFamily(
+                "lbproxy_limits_redis_up",
+                "1 while the shared admission limits (scope redis) reach Redis; 0: failing open.",
+                value=stats.limits_redis_up,
+            )
 
     def _registry_metrics(self) -> Iterator[Metric]:
         status = self._registry_status

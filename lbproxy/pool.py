@@ -56,6 +56,8 @@ class Pool:
         self._signer = CookieSigner(cookie_secret(config.sticky_secret, config.name))
         self._affinity = AffinityTable(config.affinity_linger)
         self._sticks: dict[Closable, tuple[bytes, Stick]] = {}  # connection -> its key's Stick
+        self.remote: dict[str, int] | None = None  # scope "cluster": the other instances' counts
+        self.tunnels: dict[Closable, tuple[Backend, bytes | None]] = {}  # rebalancing: oldest 1st
         for backend in config.backends:
             self.upsert(backend.id, backend.address, backend.weight, source="static")
         for initial in self.backends.values():
@@ -255,6 +257,8 @@ class Pool:
         backend.connections.add(conn)
         if self.counts is not None:
             self.counts.set(backend.column, backend.active)
+        if self.config.rebalance.max_imbalance > 0 and getattr(conn, "ws", False):
+            self.tunnels[conn] = (backend, key)
         if key is None or self.config.balance != "hash":
             return
         signed = self._signer.read(key)
@@ -281,6 +285,8 @@ class Pool:
             else:
                 backend.active -= 1
                 self._publish(backend)
+            if self.tunnels:
+                self.tunnels.pop(conn, None)
             stuck = self._sticks.pop(conn, None)
             if stuck is not None:
                 self._affinity.closed(stuck[0], stuck[1], self._clock())
@@ -288,6 +294,11 @@ class Pool:
                 self.forget_if_done(backend)
 
     # -- selection ---------------------------------------------------------
+    def load(self, backend: Backend) -> int:
+        """Open connections of ``backend`` as picks see them (the cluster's, scope "cluster")."""
+        remote = self.remote
+        return self.active(backend) + (remote.get(backend.id, 0) if remote else 0)
+
     def has_up(self) -> bool:
         return bool(self._up)
 
@@ -319,7 +330,7 @@ class Pool:
         now = self._clock()
         self._lc_start += 1
         index = least_connections(
-            [self.active(b) for b in up],
+            [self.load(b) for b in up],
             [self.effective_weight(b, now) for b in up],
             self._lc_start,
         )
@@ -357,12 +368,30 @@ class Pool:
         remembered = self._affinity.lookup(key, self._clock())
         if remembered is not None and remembered in by_id:
             return by_id[remembered]
+        return by_id[self._ring_choice(key, by_id, self.config.hash_balance_factor)]
+
+    def home(self, key: bytes) -> str | None:
+        """Where ``key`` maps now, keys remembered aside: its cookie's backend while up, else
+        its owner on the ring (loads aside). Rebalancing moves a tunnel whose home changed."""
+        by_id = {b.id: b for b in self._up}
+        signed = self._signer.read(key)
+        if signed is not None:
+            key, stuck = signed
+            if stuck in by_id:
+                return stuck
+        return self._ring_choice(key, by_id, 0.0) if by_id else None
+
+    def forget(self, key: bytes) -> None:
+        """A key is being moved to its home: no longer remembered where it was."""
+        signed = self._signer.read(key)
+        self._affinity.forget(key if signed is None else signed[0])
+
+    def _ring_choice(self, key: bytes, by_id: dict[str, Backend], factor: float) -> str:
         table = self._hash
         if table is None:
             table = self._hash = ConsistentHash([(b.id, b.weight) for b in self._up])
         preference = (i for i in table.preference(key_hash(key)) if i in by_id)
-        factor = self.config.hash_balance_factor
         if factor <= 0:
-            return by_id[next(preference)]
-        active = {b.id: self.active(b) for b in self._up}
-        return by_id[bounded_choice(preference, active, factor)]
+            return next(preference)
+        active = {b.id: self.load(b) for b in self._up}
+        return bounded_choice(preference, active, factor)

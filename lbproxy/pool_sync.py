@@ -28,6 +28,7 @@ COUNTERS = (
     "requests",
     "ws_messages",
     "ws_closes",
+    "rebalance_closes",
 )
 HISTOGRAMS = ("handshake_seconds", "health_check_seconds")
 

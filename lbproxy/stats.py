@@ -76,6 +76,9 @@ class Stats:
         self.ws_messages: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         # (pool, reason) -> websockets closed (ws_rules.close_reason)
         self.ws_closes: defaultdict[tuple[str, str], int] = defaultdict(int)
+        # (pool, backend) -> websockets closed to rebalance the pool (rebalancer.py)
+        self.rebalance_closes: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.limits_redis_up: int | None = None  # scope "redis" limits: 1 reachable, 0 not
 
 
 HISTORY_POINTS = 300  # five minutes of once-per-second samples

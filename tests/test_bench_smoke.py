@@ -21,7 +21,7 @@ from bench.procs import free_port_run
 from bench.report import scenario_table, summary_table
 from bench.runner import MAIN_METRIC, RunOutcome, scenario_spec
 from bench.scenarios import LIMITS_MISSING, SCENARIOS, targets_for
-from bench.targets import TARGETS, Ports, lbproxy_workers_spec, proxy_spec
+from bench.targets import TARGETS, Ports, lbproxy_accepts, lbproxy_workers_spec, proxy_spec
 from tests.support import REPO
 
 BENCH_TOOLS = ("nginx", "haproxy", "caddy", "gcc", "taskset")
@@ -394,11 +394,21 @@ def test_limits_scenario_uses_the_limits_config_only_when_lbproxy_accepts_it(
 
 def test_quick_default_leaves_out_the_limits_scenario() -> None:
     assert parse_args(["--quick"]).scenarios == [
-        s for s in SCENARIOS if s != "ws_echo_small_limits"
+        s for s in SCENARIOS if s not in ("ws_echo_small_limits", "ws_connect_rate_limits")
     ]
     assert parse_args([]).scenarios == list(SCENARIOS)
     named = parse_args(["--quick", "--scenarios", "ws_echo_small_limits"])
     assert named.scenarios == ["ws_echo_small_limits"]
+
+
+def test_admission_scenario_config_has_redis_limits_lbproxy_accepts(tmp_path: Path) -> None:
+    spec, _ = scenario_spec("lbproxy", "ws_connect_rate_limits", tmp_path, FAILOVER_PORTS)
+    assert spec.config_path is not None
+    assert spec.config_path.name == "lbproxy-admission.toml"
+    text = spec.config_path.read_text()
+    assert 'scope = "redis"' in text
+    assert f"redis://127.0.0.1:{FAILOVER_PORTS.backend2}/0" in text
+    assert lbproxy_accepts(spec.config_path)
     assert targets_for("failover", TARGETS) == ["lbproxy", "nginx", "haproxy", "caddy"]
     assert targets_for("ws_echo_small_limits", TARGETS) == ["lbproxy"]
 

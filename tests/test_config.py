@@ -18,8 +18,10 @@ from lbproxy.config_types import (
     Address,
     AdminConfig,
     HealthConfig,
+    LimitsConfig,
     ListenerConfig,
     PoolConfig,
+    RebalanceConfig,
     WebsocketConfig,
 )
 from lbproxy.errors import ConfigError
@@ -75,10 +77,12 @@ def test_documented_example_mentions_every_key_with_a_comment() -> None:
     text = (REPO / "config" / "lbproxy.toml").read_text()
     keys = (
         _toml_keys(AdminConfig)
-        | _toml_keys(ListenerConfig, "name", "tls")
-        | _toml_keys(PoolConfig, "name", "health", "backends", "websocket")
+        | _toml_keys(ListenerConfig, "name", "tls", "limits")
+        | _toml_keys(PoolConfig, "name", "health", "backends", "websocket", "rebalance")
         | _toml_keys(HealthConfig)
         | _toml_keys(WebsocketConfig)
+        | _toml_keys(LimitsConfig)
+        | _toml_keys(RebalanceConfig)
         | {"url", "prefix"}
     )
     for key in keys:

@@ -138,6 +138,12 @@ class AffinityTable:
         self._expire(now)
         return entry
 
+    def forget(self, key: bytes) -> None:
+        """Forget ``key`` (its open connections are being moved): the next one goes to the
+        key's home. The open ones' ``closed`` then finds nothing to count."""
+        if self._entries.pop(key, None) is not None:
+            self._idle.pop(key, None)
+
     def closed(self, key: bytes, entry: Stick, now: float) -> None:
         """The connection ``opened`` returned ``entry`` for has closed."""
         if self._entries.get(key) is not entry:

@@ -1,14 +1,12 @@
-"""http mode (L7), one client connection: read request heads, one exchange at a time.
-
-States (states.CLIENT_TRANSITIONS): HEAD -> CONNECTING (the exchange picks/connects) ->
-FORWARD (body and/or response) -> HEAD again, or -> DONE (tunnelled, or closed). The
-connection owns the transport, head parsing and timer, the deadlines the listener's sweep
-checks, keep-alive and closing; each request is an ``Exchange`` (exchange.py)."""
+"""http mode (L7), one client connection: heads, deadlines, keep-alive, closing; each request
+an ``Exchange``. States (states.CLIENT_TRANSITIONS): HEAD -> CONNECTING -> FORWARD -> HEAD
+again, or DONE (tunnelled, or closed)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import cast
 
 from lbproxy.errors import HttpError
@@ -16,6 +14,7 @@ from lbproxy.http1 import MAX_HEAD, RequestHead, error_response, parse_request_h
 from lbproxy.http1.lanes import quick_request, quick_websocket
 from lbproxy.pool import Backend
 from lbproxy.proxy.accesslog import log_connection
+from lbproxy.proxy.admit import admit_head, admit_peer, release
 from lbproxy.proxy.context import ListenerContext
 from lbproxy.proxy.deadlines import Wait, body_stalled, next_body_check
 from lbproxy.proxy.exchange import Exchange
@@ -41,7 +40,9 @@ class HttpClient(asyncio.Protocol):
         "buf",
         "closing",
         "ctx",
+        "defer",
         "exchange",
+        "held",
         "ip",
         "last_backend",
         "logged",
@@ -65,7 +66,7 @@ class HttpClient(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.buf = bytearray()
         self.state: ClientState = HEAD
-        self.ip, self.port = "", 0
+        self.ip, self.port, self.held, self.defer = "", 0, "", 0  # (held, defer: admit.py)
         self.timer: asyncio.TimerHandle | None = None  # the request head's (handshake_timeout)
         self.exchange: Exchange | None = None  # the request in flight
         self.last_backend: Backend | None = None
@@ -92,7 +93,6 @@ class HttpClient(asyncio.Protocol):
         self.advance(CONNECTING)
         self.transport.pause_reading()
 
-    # -- asyncio callbacks ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         ctx = self.ctx
@@ -100,26 +100,27 @@ class HttpClient(asyncio.Protocol):
         self.started = time.monotonic()
         ctx.stats.connections_total[ctx.config.name] += 1
         peer = transport.get_extra_info("peername")
-        if peer:
-            self.ip, self.port = peer[0], peer[1]
+        self.ip, self.port = (peer[0], peer[1]) if peer else ("", 0)
         if len(ctx.connections) >= ctx.config.max_connections:
             self.reject(503, "too many connections")
             return
         ctx.connections.add(self)
         self.timer = ctx.loop.call_later(ctx.config.handshake_timeout, self._head_timeout)
+        if ctx.limits is not None:
+            admit_peer(self, ctx.limits)
 
     def data_received(self, data: bytes) -> None:
         self.nbytes_in += len(data)
         state = self.state
         if state is HEAD:
-            if not self.buf and len(data) <= QUICK_LIMIT:
+            if not self.buf and len(data) <= QUICK_LIMIT and not self.defer:
                 if quick_request(data):
                     if self._quick(data):
                         return
                 elif quick_websocket(data) and self._quick_websocket(data):
                     return
             self.buf += data
-            self._try_head()
+            self.try_head()
             return
         exchange = self.exchange
         if state is FORWARD and exchange is not None and exchange.tracker is not None:
@@ -148,6 +149,7 @@ class HttpClient(asyncio.Protocol):
             exchange.abandon(lost=True, drop_upstream=prev is not DONE)
         if self.requests:
             self._log(f"client closed after {self.requests} request(s)")
+        release(self)
 
     def pause_writing(self) -> None:
         exchange = self.exchange
@@ -159,7 +161,6 @@ class HttpClient(asyncio.Protocol):
         if exchange is not None and exchange.upstream is not None:
             exchange.upstream.transport.resume_reading()
 
-    # -- request head --------------------------------------------------------
     def _cancel_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
@@ -170,7 +171,7 @@ class HttpClient(asyncio.Protocol):
         if self.state is HEAD:
             self.reject(408, "request head not received in time")
 
-    def _try_head(self) -> None:
+    def try_head(self) -> None:
         try:
             parsed = parse_request_head(self.buf)
         except HttpError as exc:
@@ -185,8 +186,10 @@ class HttpClient(asyncio.Protocol):
             return
         self._cancel_timer()
         head, used = parsed
+        if self.defer and admit_head(self, head, used):
+            return
         del self.buf[:used]
-        self._dispatch(head)
+        self.dispatch(head)
 
     def _quick(self, data: bytes) -> bool:
         """Fast lane: a plain GET on a warm keep-alive upstream connection (False: full path)."""
@@ -207,7 +210,7 @@ class HttpClient(asyncio.Protocol):
                 return False
             if parsed is None or parsed[1] != len(data):
                 return False
-            self._dispatch(parsed[0], backend)
+            self.dispatch(parsed[0], backend)
             return True
         upstream = cast(Upstream, transport.get_protocol())
         self._begin(QUICK_GET, data, key).send_quick(backend, upstream, data, now)
@@ -238,14 +241,13 @@ class HttpClient(asyncio.Protocol):
         exchange.route(None)  # (a websocket: the native engine if any, else Python)
         return True
 
-    def _dispatch(self, head: RequestHead, picked: Backend | None = None) -> None:
+    def dispatch(self, head: RequestHead, picked: Backend | None = None) -> None:
         exchange = self._begin(head, None, None)
         self.advance(CONNECTING)
         exchange.key, exchange.set_cookie = affinity_key(self.ctx, self.ip, head)
         self.transport.pause_reading()
         exchange.route(picked)
 
-    # -- deadlines (checked by the listener's sweep: no timer per connection) ---
     def arm(self, wait: Wait, when: float) -> None:
         self.wait = wait
         self.ctx.deadlines[self] = when
@@ -266,8 +268,7 @@ class HttpClient(asyncio.Protocol):
             self.arm(Wait.RESPONSE, now + self.ctx.pool.config.response_timeout)
 
     def response_started(self) -> None:
-        """The final response head (or 101) arrived: no response deadline now (its entry
-        stays in ctx.deadlines until overwritten or swept: no pop on the hot path)."""
+        """The final response head (or 101): no response deadline (the entry stays: no pop)."""
         if self.wait is Wait.RESPONSE:
             self.wait = None
 
@@ -299,7 +300,6 @@ class HttpClient(asyncio.Protocol):
             return
         self.arm(Wait.BODY, next_body_check(now, self.wait_since, timeout))
 
-    # -- the exchange's end ------------------------------------------------------
     def request_done(self, close: bool) -> None:
         """The exchange's response is out: the next request, or close (``close``)."""
         self.exchange = None
@@ -308,7 +308,7 @@ class HttpClient(asyncio.Protocol):
             return
         self.advance(HEAD)
         if self.buf:
-            self._try_head()
+            self.try_head()
         else:
             self.arm(Wait.KEEPALIVE, time.monotonic() + self.ctx.config.keepalive_timeout)
             self.transport.resume_reading()
@@ -318,6 +318,7 @@ class HttpClient(asyncio.Protocol):
         ctx = self.ctx
         self.advance(DONE)
         self.disarm()
+        self.held = ""  # (the tunnel's end releases it)
         ctx.connections.discard(self)
         ctx.stats.handshake_seconds.observe(time.monotonic() - self.started)
 
@@ -325,7 +326,6 @@ class HttpClient(asyncio.Protocol):
         self.nbytes_out += len(data)
         self.transport.write(data)
 
-    # -- errors and lifecycle -------------------------------------------------
     def _log(self, reason: str) -> None:
         """The connection's access-log line (once)."""
         ctx = self.ctx
@@ -356,10 +356,12 @@ class HttpClient(asyncio.Protocol):
         self.disarm()
         self.transport.close()
 
-    def reject(self, status: int, detail: str) -> None:
-        """Answer ``status`` (an error) and close."""
+    def reject(
+        self, status: int, detail: str, reason: str = "", extra: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        """Answer ``status`` (an error, with ``extra`` headers) and close."""
         ctx = self.ctx
-        ctx.stats.rejected[(ctx.config.name, str(status))] += 1
+        ctx.stats.rejected[(ctx.config.name, reason or str(status))] += 1
         self.disarm()
         self._cancel_timer()
         exchange = self.exchange
@@ -369,7 +371,7 @@ class HttpClient(asyncio.Protocol):
         self._log(f"rejected: {detail}")
         self.advance(DONE)
         if not self.transport.is_closing():
-            self.write(error_response(status, detail=detail))
+            self.write(error_response(status, detail=detail, extra_headers=extra))
             self.ctx.connections.discard(self)
             Linger.close(self.transport, self.ctx.loop)
 
@@ -381,15 +383,14 @@ class HttpClient(asyncio.Protocol):
         if self.exchange is not None:
             self.exchange.flush_bytes()
 
-    def finish_request(self) -> None:
-        self.go_away()
-
     def go_away(self) -> None:
         if self.state is HEAD and not self.buf:
             self.advance(DONE)
             self.transport.close()
         else:
             self.closing = True
+
+    finish_request = go_away
 
     def abort(self, reason: str) -> None:
         if self.state is HEAD and self.buf:

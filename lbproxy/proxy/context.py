@@ -8,9 +8,10 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from lbproxy.admission import Admission
 from lbproxy.balance import HashKeySpec, parse_hash_key
 from lbproxy.config_types import ListenerConfig
-from lbproxy.pool import Backend, Pool
+from lbproxy.pool import Backend, Closable, Pool
 from lbproxy.proxy.ws_rules import WsPolicy, ws_policy
 from lbproxy.stats import Stats
 
@@ -114,6 +115,7 @@ class ListenerContext:
         "deadlines",
         "idle",
         "key_cache",
+        "limits",
         "log_json",
         "loop",
         "pool",
@@ -150,6 +152,14 @@ class ListenerContext:
         self.key_cache: tuple[str, HashKeySpec] | None = None
         self.splicer: SplicerLike | None = None  # the listener's native engine, if any
         self.ws_policy: WsPolicy = ws_policy(pool.config.websocket)  # (the listener updates it)
+        self.limits: Admission | None = None  # [listeners.NAME.limits], when any is set
+
+    def tunnel_ended(self, conn: Closable, backend: Backend, client_ip: str) -> None:
+        """A tunnel closed: it leaves the listener, its backend and its client's count."""
+        self.connections.discard(conn)
+        self.pool.detach(backend, conn)
+        if self.limits is not None:
+            self.limits.closed(client_ip)
 
     def key_spec(self) -> HashKeySpec:
         """The parsed hash_key of the current pool config (re-parsed after a reload)."""

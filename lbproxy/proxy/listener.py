@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import cast
 
+from lbproxy.admission import Admission, Sharing
 from lbproxy.config_types import Address, ListenerConfig
 from lbproxy.fdreserve import MAX_LINGERING, FdReserve
 from lbproxy.http1 import error_response
@@ -90,6 +91,7 @@ class Listener:
         reuse_port: bool = False,
         log_json: bool = False,
         fds: FdReserve | None = None,
+        sharing: Sharing | None = None,
     ) -> None:
         self.config = config
         self.fds = fds  # the process's fd reserve: new connections refused when it is reached
@@ -103,9 +105,21 @@ class Listener:
             self.ctx.splicer = splicer = Splicer.create(self.ctx.loop)
             if splicer is not None:
                 splicer.set_policy(self.ctx.ws_policy)
+        self.sharing = sharing  # (where scope "redis" / --workers N limits are shared)
+        self._limits(config)
         self.server: asyncio.Server | None = None
         self.address: Address | None = None
         self._sweeper: asyncio.Task[None] | None = None
+
+    def _limits(self, config: ListenerConfig) -> None:
+        """[listeners.NAME.limits]: the admission (None when no limit is set: one test)."""
+        ctx = self.ctx
+        if not config.limits.enabled:
+            ctx.limits = None
+        elif ctx.limits is None:
+            ctx.limits = Admission(config.name, config.limits, self.sharing, ctx.loop)
+        else:
+            ctx.limits.update(config.limits)
 
     @property
     def name(self) -> str:
@@ -165,6 +179,7 @@ class Listener:
         ctx = self.ctx
         ctx.config = config
         ctx.trusted = config.trusted_proxies
+        self._limits(config)
         if ctx.pool is not pool:
             ctx.idle.close_all()
             ctx.pool = pool

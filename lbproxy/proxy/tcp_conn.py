@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import cast
 
+from lbproxy.proxy.admit import admit_tcp
 from lbproxy.proxy.connect import Pending, connect_with_retries
 from lbproxy.proxy.context import ListenerContext
 from lbproxy.proxy.proxy_protocol import proxy_header
@@ -16,13 +17,14 @@ from lbproxy.proxy.tunnel import Link
 class TcpClient(asyncio.Protocol):
     """A client connection of a tcp listener, until its tunnel is up."""
 
-    __slots__ = ("buf", "closed", "ctx", "eof", "peer", "started", "task", "transport")
+    __slots__ = ("buf", "closed", "ctx", "eof", "held", "peer", "started", "task", "transport")
 
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.closed = False
+        self.held = ""  # the IP its connection is counted under (admission), until its tunnel
         self.eof = False
         self.peer: tuple[str, int] = ("", 0)
         self.started = 0.0
@@ -43,7 +45,18 @@ class TcpClient(asyncio.Protocol):
         self.peer = (peer[0], peer[1]) if peer else ("", 0)
         transport.pause_reading()
         ctx.connections.add(self)
-        self.task = ctx.loop.create_task(self._connect())
+        if ctx.limits is None or admit_tcp(self, ctx.limits):
+            self.start()
+
+    def start(self) -> None:
+        self.task = self.ctx.loop.create_task(self._connect())
+
+    def refused(self, reason: str) -> None:
+        """Over an admission limit: closed without a byte sent."""
+        self.ctx.stats.rejected[(self.ctx.config.name, reason)] += 1
+        self.ctx.connections.discard(self)
+        if self.transport is not None:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         self.buf += data  # only before the tunnel exists (reading is paused meanwhile)
@@ -55,6 +68,9 @@ class TcpClient(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.ctx.connections.discard(self)
+        if self.held and self.ctx.limits is not None:
+            self.ctx.limits.closed(self.held)
+            self.held = ""
 
     async def _connect(self) -> None:
         ctx = self.ctx
@@ -77,6 +93,7 @@ class TcpClient(asyncio.Protocol):
             sock = client.get_extra_info("sockname")
             header = proxy_header(ctx.config.proxy_protocol, self.peer, (sock[0], sock[1]))
         link = Link(ctx, backend, upstream, client, self.peer[0], self.started)
+        self.held = ""  # (the tunnel's end releases it)
         ctx.stats.requests[(ctx.pool.name, backend.id)] += 1
         ctx.stats.handshake_seconds.observe(time.monotonic() - self.started)
         link.start(

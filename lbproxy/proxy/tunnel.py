@@ -191,8 +191,7 @@ class Link(Side, asyncio.Protocol):
 
     def finish(self) -> None:
         ctx = self.ctx
-        ctx.connections.discard(self)
-        ctx.pool.detach(self.backend, self)
+        ctx.tunnel_ended(self, self.backend, self.client_addr)
         self.flush_bytes()
         if ctx.access_log:
             log_connection(
