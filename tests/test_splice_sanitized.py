@@ -81,6 +81,7 @@ def test_the_engine_is_clean_under_asan_and_ubsan(tmp_path: Path) -> None:
         *("-k", "native or test_splice", "-W", "ignore::pytest.PytestUnknownMarkWarning"),
         "tests/contract/test_tunnel_contract.py",
         "tests/test_splice.py",
+        "tests/test_splice_handover.py",
     ]
     run = subprocess.run(
         [sys.executable, "-c", RUNNER, str(out), *args],
