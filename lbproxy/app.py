@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Literal, Protocol
 
 from lbproxy import __version__
-from lbproxy.admin import AdminServer
+from lbproxy.admin import AdminServer, UpgradeHook
 from lbproxy.config import load_config
 from lbproxy.config_types import Address, AdminConfig, Config, ListenerConfig
 from lbproxy.drain import Drainer, close_spread
@@ -33,6 +33,10 @@ from lbproxy.worker_role import WorkerRole
 from lbproxy.workers import WorkerLink
 
 Role = Literal["single", "supervisor", "worker"]
+NO_UPGRADE = (
+    "upgrade refused: a single process cannot hand its connections over; "
+    "run `lbproxy serve --workers 2` (or more) to upgrade without closing connections"
+)
 
 
 class BalancerView(Protocol):
@@ -86,6 +90,9 @@ class App:
         self.history = History()
         self._sampler: asyncio.Task[None] | None = None
         self.worker = WorkerRole(self, link) if link is not None else None
+        self.generation = 1  # (the supervisor's: one more per lbproxy upgrade)
+        self.drain_limit: float | None = None  # an old generation's bound on its drain
+        self.upgrade: UpgradeHook | None = None  # POST /api/upgrade (the supervisor's)
 
     # -- building ------------------------------------------------------------
     def _admin_config(self, config: Config) -> AdminConfig:
@@ -106,6 +113,8 @@ class App:
                 await self._add_listener(name, listener_config)
         self._sampler = asyncio.get_running_loop().create_task(self._sample())
         if self.role == "worker":
+            if self.worker is not None:
+                self.worker.listening()
             return
         for pool in self.pools.values():
             await self._start_health(pool)
@@ -118,7 +127,12 @@ class App:
             self._native_counts if view is None else view.native,
         )
         self.admin = AdminServer(
-            self._admin_config(config), lambda: self.pools, registry, self.history, self.info
+            self._admin_config(config),
+            lambda: self.pools,
+            registry,
+            self.history,
+            self.info,
+            upgrade=self.upgrade,
         )
         self.admin_address = await self.admin.start()
         log.info("admin API on http://%s", self.admin_address)
@@ -143,7 +157,7 @@ class App:
             "version": __version__,
             "pid": os.getpid(),
             "workers": workers,
-            "generation": 1,
+            "generation": self.generation,
             "started": self.started,
         }
 
@@ -169,7 +183,8 @@ class App:
             log_json=self.log_json,
             fds=self.fds,
         )
-        await listener.start()
+        inherited = None if self.worker is None else self.worker.inherited.pop(name, None)
+        await listener.start(inherited)
         self.listeners[name] = listener
 
     async def _start_health(self, pool: Pool) -> None:
@@ -260,6 +275,7 @@ class App:
                 self.admin.registry,
                 self.history,
                 self.info,
+                upgrade=self.upgrade,
             )
             self.admin_address = await self.admin.start()
         if self.watcher is not None:
@@ -300,6 +316,8 @@ class App:
             listener.finish_requests()  # idle keep-alive: close now; in flight: after the response
         pools = list(self.pools.values())
         drain = max((p.config.drain_timeout for p in pools), default=0.0)
+        if self.drain_limit is not None:
+            drain = min(drain, self.drain_limit)
         spread = max((p.config.close_spread for p in pools), default=0.0)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain
@@ -336,7 +354,12 @@ class App:
                 await self._sampler
             self._sampler = None
         await self.drainer.stop()
-        if self.link is not None:
+        if self.link is not None:  # (a last report: what this worker counted is not lost)
+            for listener in self.all_listeners():
+                listener.flush_bytes()
+            report = {"t": "stats", "stats": dump_stats(self.stats)}
+            report.update(listeners=self._listener_counts(), native=self._native_counts())
+            self.link.send(report)
             self.link.close()
         for checker in self.health.values():
             await checker.stop()
@@ -372,12 +395,13 @@ class App:
             # Ctrl-C or a hangup reach the whole process group: the supervisor turns them into
             # one SIGTERM (drain) or one reload order per worker
             loop.add_signal_handler(signal.SIGTERM, on_stop)
-            for sig in (signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
                 signal.signal(sig, signal.SIG_IGN)
         else:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, on_stop)
             loop.add_signal_handler(signal.SIGHUP, on_hup)
+            loop.add_signal_handler(signal.SIGUSR2, lambda: log.error(NO_UPGRADE))
         if not native_available() and os.environ.get("LBPROXY_SPLICE") != "0":
             log.warning(
                 "the native tunnel engine (lbproxy/_splice.c) is not built: "

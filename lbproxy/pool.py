@@ -273,6 +273,11 @@ class Pool:
             backend.active -= 1
             self._publish(backend)
 
+    def affinity_key(self, conn: Closable) -> bytes | None:
+        """The affinity key ``conn`` was attached with (it moves with it on an upgrade)."""
+        stuck = self._sticks.get(conn)
+        return None if stuck is None else stuck[0]
+
     def detach(self, backend: Backend, conn: Closable) -> None:
         if conn in backend.connections:
             backend.connections.discard(conn)

@@ -5,6 +5,7 @@ reordered: bytes the first engine held unsent, the frame position, half-closes, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
@@ -89,9 +90,7 @@ def read_exactly(engine: object, sock: socket.socket, n: int) -> bytes:
     return bytes(got)
 
 
-def transfer(
-    engine: object, src: socket.socket, data: bytes, dst: socket.socket, n: int
-) -> bytes:
+def transfer(engine: object, src: socket.socket, data: bytes, dst: socket.socket, n: int) -> bytes:
     """Send ``data`` from ``src`` while the engine forwards and ``dst`` reads ``n`` bytes."""
     src.setblocking(False)
     dst.setblocking(False)
@@ -101,14 +100,10 @@ def transfer(
     def done() -> bool:
         nonlocal view
         if view:
-            try:
+            with contextlib.suppress(BlockingIOError):
                 view = view[src.send(view[:65536]) :]
-            except BlockingIOError:
-                pass
-        try:
+        with contextlib.suppress(BlockingIOError):
             got.extend(dst.recv(1 << 20))
-        except BlockingIOError:
-            pass
         return len(got) >= n
 
     deadline = time.monotonic() + 20.0
