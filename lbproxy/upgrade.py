@@ -133,8 +133,7 @@ class Generations:
         old_procs = keeper.procs
         for old in old_procs:
             old.send({"t": "handover"})
-        keeper.procs = new
-        keeper.app.generation += 1
+        keeper.procs = new  # (generation + 1 shows once the re-executed supervisor answers)
         deadline = time.monotonic() + UPGRADE_TIMEOUT + KILL_MARGIN
         self.leaving += [(old, deadline) for old in old_procs]
         with contextlib.suppress(TimeoutError):
@@ -144,7 +143,7 @@ class Generations:
             int(self.last.get(f"handed:{o.proc.pid}", {}).get("tunnels", 0)) for o in old_procs
         )
         return 0, {
-            "generation": keeper.app.generation,
+            "generation": keeper.app.generation + 1,
             "workers": [w.proc.pid for w in new],
             "moved": moved,
             "seconds": round(time.monotonic() - started, 3),
@@ -246,7 +245,7 @@ class Generations:
                 }
             )
         state = Resume(
-            generation=keeper.app.generation,
+            generation=keeper.app.generation + 1,
             version=keeper.version,
             counts_fd=keeper.counts.fd,
             rows=keeper.counts.rows,
