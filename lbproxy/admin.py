@@ -24,6 +24,7 @@ from lbproxy.config_types import Address, AdminConfig
 from lbproxy.metrics import render
 from lbproxy.pool import Pool
 from lbproxy.stats import History
+from lbproxy.upgrade_state import NO_UPGRADE
 
 IDLE_TIMEOUT = 60.0  # a keep-alive connection with no request for this long is closed
 # beyond admin.max_connections: this many at a time get their request read and a 503;
@@ -278,11 +279,7 @@ class AdminServer:
             return error(403, "cross-origin request refused")
         hook = self._upgrade
         if hook is None:
-            return error(
-                409,
-                "upgrade refused: a single process cannot hand its connections over; "
-                "run `lbproxy serve --workers 2` (or more) to upgrade without closing them",
-            )
+            return error(409, NO_UPGRADE)
 
         async def run() -> Response:
             code, document = await hook()

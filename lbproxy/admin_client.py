@@ -171,9 +171,10 @@ def upgrade(admin_url: str, token: str = "") -> int:
         try:
             _, body = _call(admin_url, "GET", "/api/info", token, 2.0)
             if int(json.loads(body).get("generation", 0)) >= generation:
+                moved, took = document.get("moved", 0), document.get("handover_seconds", 0.0)
                 print(
-                    f"upgraded: generation {generation} serves ({document.get('moved', 0)} "
-                    f"tunnel(s) moved in {document.get('seconds', 0.0):.2f}s)"
+                    f"upgraded: generation {generation} serves ({moved} tunnel(s) handed over "
+                    f"in {took:.3f}s; {document.get('seconds', 0.0):.2f}s with the start)"
                 )
                 return 0
         except (AdminApiError, ValueError, TypeError, AttributeError):

@@ -182,8 +182,9 @@ def import_link(listeners: Mapping[str, Listener], meta: dict[str, Any], fds: li
         return False
     if link.where is Where.NATIVE:
         link.slot = slot
-        if link.reason.startswith("drained"):
-            link.resume_drain()
+        if link.reason.startswith("drained"):  # (it was going away: it goes on, grace again)
+            link.reason = ""
+            link.go_away()
     return True
 
 

@@ -139,14 +139,15 @@ class Generations:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(UPGRADE_TIMEOUT):
                 await asyncio.gather(*(self._handed(old) for old in old_procs))
-        moved = sum(
-            int(self.last.get(f"handed:{o.proc.pid}", {}).get("tunnels", 0)) for o in old_procs
-        )
+        handed = [self.last.pop(f"handed:{o.proc.pid}", {}) for o in old_procs]
+        moved = sum(int(h.get("tunnels", 0)) for h in handed)
+        handover = max((float(h.get("seconds", 0.0)) for h in handed), default=0.0)
         return 0, {
             "generation": keeper.app.generation + 1,
             "workers": [w.proc.pid for w in new],
             "moved": moved,
             "seconds": round(time.monotonic() - started, 3),
+            "handover_seconds": round(handover, 3),
             "exec": True,
         }
 

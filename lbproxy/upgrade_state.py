@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 log = logging.getLogger("lbproxy.upgrade")
+NO_UPGRADE = (
+    "upgrade refused: a single process cannot hand its connections over; "
+    "run `lbproxy serve --workers 2` (or more) to upgrade without closing them"
+)
 
 
 class Child(Protocol):

@@ -12,6 +12,7 @@ import time
 from collections.abc import Coroutine, Mapping
 from typing import Any, Protocol
 
+from lbproxy.drain import Drainer
 from lbproxy.handover import give, receive_listeners, take
 from lbproxy.handover_wire import WireError
 from lbproxy.pool import Backend, BackendState, Pool
@@ -28,7 +29,8 @@ log = logging.getLogger("lbproxy")
 class WorkerApp(Protocol):
     """What the worker role needs of its App."""
 
-    drain_limit: float | None
+    drain_limit: float
+    drainer: Drainer
 
     @property
     def pools(self) -> Mapping[str, Pool]: ...
@@ -83,6 +85,10 @@ class WorkerRole:
         if self._adopt is None:
             return
         taken = await take(self.app.listeners, self._adopt)
+        for pool in self.app.pools.values():  # (a drain that started before the upgrade)
+            for backend in pool.backends.values():
+                if backend.connections:
+                    self.app.drainer.resume(pool, backend)
         log.warning("upgrade: took over %d tunnel(s) from the previous generation", taken)
         self.link.send({"t": "took", "tunnels": taken})
 

@@ -87,6 +87,7 @@ def balancer(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Balance
     if mode == "broken":  # a copy of the package on PYTHONPATH, to break before an upgrade
         shutil.copytree(REPO / "lbproxy", tmp_path / "code" / "lbproxy")
         env["PYTHONPATH"] = str(tmp_path / "code")
+        env["PYTHONSAFEPATH"] = "1"  # (python -m: not the current directory's lbproxy first)
     one, two = Backend("u1").start(), Backend("u2").start()
     try:
         text, port, admin = proxy_config(

@@ -309,10 +309,6 @@ class Link(Side, asyncio.Protocol):
         # the peers get GRACE seconds to close their sides, as with Parting
         self.ctx.loop.call_later(GRACE, self._grace_over, slot)
 
-    def resume_drain(self) -> None:
-        """A draining tunnel taken over from the previous generation: its grace again."""
-        self._native_go_away()
-
     def _grace_over(self, slot: int) -> None:
         if self.where is Where.NATIVE and self.slot == slot:
             self.abort(self.reason)
