@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from bench.failover import failover
 from bench.procs import fd_count, poll_until, rss_bytes, take_sample
 from bench.scaling import workers_scaling
+from bench.upgrade import upgrade
 from bench.stage import (
     WS_PATH,
     Metrics,
@@ -179,12 +180,14 @@ SCENARIOS: dict[str, Callable[[Stage], ScenarioResult]] = {
     "workers_scaling": workers_scaling,
     "failover": failover,
     "ws_echo_small_limits": ws_echo_small_limits,
+    "upgrade": upgrade,
 }
 # Scenarios that only some targets take part in (the others: every target).
 SCENARIO_TARGETS: dict[str, tuple[str, ...]] = {
     "workers_scaling": ("lbproxy",),
     "failover": ("lbproxy", "nginx", "haproxy", "caddy"),  # two backends: no `direct`
     "ws_echo_small_limits": ("lbproxy",),
+    "upgrade": ("lbproxy",),
 }
 # Left out of `--quick` unless named with --scenarios (they would cost time, not coverage).
 QUICK_SKIP = ("ws_echo_small_limits",)
