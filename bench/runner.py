@@ -234,6 +234,7 @@ MAIN_METRIC = {
     "workers_scaling": "scaling",
     "failover": "recover_s",
     "ws_echo_small_limits": "msgs_per_s",
+    "upgrade": "handover_s",
 }
 HEADLINE_KEYS = (
     "p50_ms",
@@ -244,6 +245,10 @@ HEADLINE_KEYS = (
     "lost_echoes",
     "in_flight_at_kill",
     "limits_on",
+    "longest_pause_ms",
+    "moved",
+    "idle_dropped",
+    "echo_errors",
 )
 SCALING_KEYS = ("conn_per_s_1w", "conn_per_s_2w", "proxy_cpu_us_1w", "proxy_cpu_us_2w")
 

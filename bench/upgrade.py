@@ -82,6 +82,7 @@ def measure(stage: Stage, run: Launched) -> ScenarioResult:
         "handover_s": float(answer["handover_seconds"]),  # type: ignore[arg-type]
         "upgrade_s": float(answer["seconds"]),  # type: ignore[arg-type]
         "longest_pause_ms": num(res, "max_us") / 1000.0,
+        "p50_ms": num(res, "p50_us") / 1000.0,
         "p99_ms": num(res, "p99_us") / 1000.0,
         "moved": float(answer["moved"]),  # type: ignore[arg-type]
         "idle_open": float(opened),
