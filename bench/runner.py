@@ -29,7 +29,10 @@ from bench.scenarios import SCENARIOS, targets_for
 from bench.stage import Cdf, Launched, Metrics, ScenarioResult, Settings, Stage
 from bench.targets import Ports, ProxySpec, lbproxy_accepts, lbproxy_workers_spec, proxy_spec
 
-SELF_LAUNCHED = {"workers_scaling", "upgrade"}  # scenarios that start (and stop) the proxy themselves
+SELF_LAUNCHED = {
+    "workers_scaling",
+    "upgrade",
+}  # scenarios that start (and stop) the proxy themselves
 VARIANTS = {"failover": "failover", "ws_echo_small_limits": "limits"}  # config variant per scenario
 
 

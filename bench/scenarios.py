@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 from bench.failover import failover
 from bench.procs import fd_count, poll_until, rss_bytes, take_sample
 from bench.scaling import workers_scaling
-from bench.upgrade import upgrade
 from bench.stage import (
     WS_PATH,
     Metrics,
@@ -21,6 +20,7 @@ from bench.stage import (
     parse_result,
     timed,
 )
+from bench.upgrade import upgrade
 
 
 def http_rps(stage: Stage) -> ScenarioResult:

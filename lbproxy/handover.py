@@ -26,14 +26,21 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from lbproxy.handover_wire import WireError, recv_message, send_message
+from lbproxy.handover_wire import (
+    WireError,
+    acknowledge,
+    recv_message,
+    send_message,
+    send_paced,
+)
 from lbproxy.proxy.listener import Listener
 from lbproxy.proxy.tunnel import Link, WsLink
 from lbproxy.proxy.tunnel_rules import Where
 
 log = logging.getLogger("lbproxy.upgrade")
 
-BATCH = 100  # tunnels per message (2 descriptors each: under SCM_MAX_FD)
+BATCH = 25  # tunnels per message (each is frozen only while its batch moves)
+WINDOW = 2  # batches in flight at most (the receiver acknowledges each one)
 SETTLE = 1.0  # after the last move, how long to wait for handshakes that may yet move
 
 
@@ -99,30 +106,56 @@ async def give(listeners: Mapping[str, Listener], sock: socket.socket, deadline:
         listener.stop_accepting()  # (the successor holds the same sockets now)
     moved = 0
     last = time.monotonic()
+    pace = Pace()
     while time.monotonic() < deadline:
-        batch: list[dict[str, Any]] = []
-        sent: list[int] = []
-        for listener in listeners.values():
-            for link in _movable(listener)[: BATCH - len(batch)]:
-                meta, link_fds = export_link(listener, link)
-                batch.append(meta)
-                sent += link_fds
-        if batch:
-            try:
-                await loop.run_in_executor(
-                    None, send_message, sock, {"t": "tunnels", "tunnels": batch}, sent
-                )
-            finally:
-                for fd in sent:
-                    os.close(fd)
-            moved += len(batch)
+        found = [(lst, link) for lst in listeners.values() for link in _movable(lst)]
+        for at in range(0, len(found), BATCH):
+            moved += await _send_batch(sock, found[at : at + BATCH], pace)
+        if found:
             last = time.monotonic()
-            continue
-        if time.monotonic() - last > SETTLE or not _waiting(listeners):
+        elif time.monotonic() - last > SETTLE or not _waiting(listeners):
             break
-        await asyncio.sleep(0.05)
+        else:
+            await asyncio.sleep(0.05)
     await loop.run_in_executor(None, send_message, sock, {"t": "done"}, [])
     return moved
+
+
+class Pace:
+    """Batches sent and not acknowledged yet."""
+
+    def __init__(self) -> None:
+        self.unacked = 0
+
+    def acks_to_wait(self) -> int:
+        """After one more send: how many acknowledgements to read to stay within WINDOW."""
+        self.unacked += 1
+        wait = max(0, self.unacked - WINDOW + 1)
+        self.unacked -= wait
+        return wait
+
+
+async def _send_batch(sock: socket.socket, links: list[tuple[Listener, Link]], pace: Pace) -> int:
+    """Export ``links`` (those still in the engine) and send them as one message."""
+    batch: list[dict[str, Any]] = []
+    fds: list[int] = []
+    for listener, link in links:
+        if link.where is Where.NATIVE and link.slot >= 0:  # (not finished meanwhile)
+            meta, link_fds = export_link(listener, link)
+            batch.append(meta)
+            fds += link_fds
+    if not batch:
+        return 0
+    document = {"t": "tunnels", "tunnels": batch}
+    acks = pace.acks_to_wait()
+    try:
+        await asyncio.get_running_loop().run_in_executor(
+            None, send_paced, sock, document, fds, acks
+        )
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return len(batch)
 
 
 def _waiting(listeners: Mapping[str, Listener]) -> bool:
@@ -205,5 +238,6 @@ async def take(listeners: Mapping[str, Listener], sock: socket.socket) -> int:
         for meta in document.get("tunnels", []):
             mine = [next(it) for present in meta["sides"] if present]
             taken += import_link(listeners, meta, mine)
+        acknowledge(sock)
     sock.close()
     return taken

@@ -10,6 +10,7 @@ an executor thread, so the event loop keeps forwarding meanwhile.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -55,6 +56,23 @@ def send_message(sock: socket.socket, document: dict[str, Any], fds: list[int]) 
         sock.sendall(body)
     except OSError as exc:
         raise WireError(f"hand-over channel: {exc}") from exc
+
+
+def send_paced(sock: socket.socket, document: dict[str, Any], fds: list[int], acks: int) -> None:
+    """Send one message, then wait for ``acks`` one-byte acknowledgements (the receiver
+    sends one per message handled): what is in flight, hence frozen, stays bounded."""
+    send_message(sock, document, fds)
+    try:
+        if acks and len(_recv_exactly(sock, acks)) != acks:
+            raise WireError("hand-over channel: short acknowledgement")
+    except OSError as exc:
+        raise WireError(f"hand-over channel: {exc}") from exc
+
+
+def acknowledge(sock: socket.socket) -> None:
+    """One message handled (see send_paced); a sender already gone is no error here."""
+    with contextlib.suppress(OSError):
+        sock.send(b"\x01", socket.MSG_DONTWAIT)
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
