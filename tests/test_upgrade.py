@@ -302,3 +302,45 @@ def test_sigusr2_upgrades_too(balancer: Balancer) -> None:
     os.kill(balancer.lb.pid, signal.SIGUSR2)
     wait_until(lambda: _generation(balancer.admin) == 2, timeout=60, interval=0.2)
     balancer.upgraded(2, before)
+
+
+def _metric_total(admin: int, name: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{admin}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+async def test_counters_survive_and_each_access_log_line_is_written_once(
+    balancer: Balancer,
+) -> None:
+    """The balancer's counters do not go back to zero; a moved websocket's access-log line
+    comes once, when it really closes, and covers its whole life."""
+    conns = await _open(balancer.port, 20)
+    payload = "x" * 1000
+    for conn in conns:
+        await conn.send(payload)
+        assert await conn.recv() == payload
+    admin = balancer.admin
+    await await_until(lambda: _metric_total(admin, "lbproxy_connections_total{") >= 20)
+    await await_until(lambda: _metric_total(admin, "lbproxy_bytes_total{") >= 20 * 2000)
+    accepted = _metric_total(admin, "lbproxy_connections_total{")
+    before = _workers(admin)
+    done = await _in_thread(_upgrade, admin)
+    assert done.returncode == 0, done.stdout + done.stderr
+    balancer.upgraded(2, before)
+    assert _metric_total(admin, "lbproxy_connections_total{") >= accepted
+    for conn in conns:
+        await conn.send(payload)
+        assert await conn.recv() == payload
+        await conn.close()
+    output = balancer.lb.proc.output  # type: ignore[union-attr]
+
+    def lines() -> list[str]:
+        return [ln for ln in output().splitlines() if " public -> main/" in ln and " in=" in ln]
+
+    await await_until(lambda: len(lines()) >= 20, timeout=20)
+    await asyncio.sleep(1.0)  # (a second line for any of them would show by now)
+    logged = lines()
+    assert len(logged) == 20, logged
+    for line in logged:  # both exchanges counted: the one before the upgrade too
+        assert int(line.split(" in=")[1].split()[0]) >= 2 * 1000, line
+    await await_until(lambda: _metric_total(admin, "lbproxy_bytes_total{") >= 20 * 4000)
