@@ -26,6 +26,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from lbproxy.handover_http import export_http, idle_http, import_http, is_idle
 from lbproxy.handover_wire import (
     WireError,
     acknowledge,
@@ -33,6 +34,7 @@ from lbproxy.handover_wire import (
     send_message,
     send_paced,
 )
+from lbproxy.proxy.connection import HttpClient
 from lbproxy.proxy.listener import Listener
 from lbproxy.proxy.tunnel import Link, WsLink
 from lbproxy.proxy.tunnel_rules import Where
@@ -108,7 +110,10 @@ async def give(listeners: Mapping[str, Listener], sock: socket.socket, deadline:
     last = time.monotonic()
     pace = Pace()
     while time.monotonic() < deadline:
-        found = [(lst, link) for lst in listeners.values() for link in _movable(lst)]
+        found: list[tuple[Listener, Link | HttpClient]] = []
+        for lst in listeners.values():
+            found += [(lst, link) for link in _movable(lst)]
+            found += [(lst, conn) for conn in idle_http(lst)]
         for at in range(0, len(found), BATCH):
             moved += await _send_batch(sock, found[at : at + BATCH], pace)
         if found:
@@ -135,15 +140,22 @@ class Pace:
         return wait
 
 
-async def _send_batch(sock: socket.socket, links: list[tuple[Listener, Link]], pace: Pace) -> int:
+async def _send_batch(
+    sock: socket.socket, links: list[tuple[Listener, Link | HttpClient]], pace: Pace
+) -> int:
     """Export ``links`` (those still in the engine) and send them as one message."""
     batch: list[dict[str, Any]] = []
     fds: list[int] = []
-    for listener, link in links:
-        if link.where is Where.NATIVE and link.slot >= 0:  # (not finished meanwhile)
-            meta, link_fds = export_link(listener, link)
+    for listener, conn in links:
+        if isinstance(conn, HttpClient):
+            if is_idle(conn):  # (still idle)
+                meta, conn_fds = export_http(listener, conn)
+                batch.append(meta)
+                fds += conn_fds
+        elif conn.where is Where.NATIVE and conn.slot >= 0:  # (not finished meanwhile)
+            meta, conn_fds = export_link(listener, conn)
             batch.append(meta)
-            fds += link_fds
+            fds += conn_fds
     if not batch:
         return 0
     document = {"t": "tunnels", "tunnels": batch}
@@ -237,7 +249,10 @@ async def take(listeners: Mapping[str, Listener], sock: socket.socket) -> int:
         it = iter(fds)
         for meta in document.get("tunnels", []):
             mine = [next(it) for present in meta["sides"] if present]
-            taken += import_link(listeners, meta, mine)
+            if meta.get("kind") == "http":
+                taken += await import_http(dict(listeners), meta, mine[0])
+            else:
+                taken += import_link(listeners, meta, mine)
         acknowledge(sock)
     sock.close()
     return taken

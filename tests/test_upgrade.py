@@ -344,3 +344,38 @@ async def test_counters_survive_and_each_access_log_line_is_written_once(
     for line in logged:  # both exchanges counted: the one before the upgrade too
         assert int(line.split(" in=")[1].split()[0]) >= 2 * 1000, line
     await await_until(lambda: _metric_total(admin, "lbproxy_bytes_total{") >= 20 * 4000)
+
+
+def _get_on(sock: socket.socket) -> bytes:
+    """One keep-alive GET on ``sock``; the whole response (Content-Length)."""
+    sock.sendall(b"GET /whoami HTTP/1.1\r\nHost: lb\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, f"closed after {head!r}"
+        head += chunk
+    head, _, body = head.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return head + b"\r\n\r\n" + body + _recv_exactly(sock, length - len(body))
+
+
+async def test_an_idle_keepalive_connection_moves(balancer: Balancer) -> None:
+    """A keep-alive connection between two requests goes on in the new generation: its next
+    request on the same socket is answered (by a new worker)."""
+    socks = [socket.create_connection(("127.0.0.1", balancer.port), timeout=20) for _ in range(4)]
+    try:
+        for sock in socks:
+            assert _get_on(sock).startswith(b"HTTP/1.1 200")
+        done = await _in_thread(_upgrade, balancer.admin)
+        assert done.returncode == 0, done.stdout + done.stderr
+        for sock in socks:
+            answer = _get_on(sock)
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+            assert b"connection: close" not in answer.lower()
+    finally:
+        for sock in socks:
+            sock.close()
