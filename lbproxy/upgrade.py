@@ -10,7 +10,7 @@ The order makes every step before the point of no return undoable:
    crashes or stays silent: the new ones are stopped, the old generation never noticed;
    exit 1 with the reason);
 4. each old worker is told to hand over (handover.py): listening sockets, then tunnels;
-   then it leaves (what could not move drains as on SIGTERM, within UPGRADE_TIMEOUT);
+   then it leaves (what could not move drains as on SIGTERM, within upgrade_timeout);
 5. the answer goes out, then the supervisor re-executes itself with the new code (same
    PID: upgrade_state.py), keeping its workers and the shared count table.
 """
@@ -32,13 +32,14 @@ from lbproxy.pool_sync import add_stats, apply_snapshot, dump_stats, merge_stats
 from lbproxy.shared_counts import Columns, SharedCounts
 from lbproxy.stats import Stats
 from lbproxy.upgrade_state import AdoptedChild, Child, Resume, exec_self
-from lbproxy.worker_role import UPGRADE_TIMEOUT
 
 log = logging.getLogger("lbproxy.upgrade")
 
 START_TIMEOUT = 20.0  # a new worker has this long to load its snapshot and say ready
 PREFLIGHT_TIMEOUT = 30.0
-KILL_MARGIN = 5.0  # past UPGRADE_TIMEOUT (+ this), what is left of an old generation is killed
+KILL_MARGIN = (
+    5.0  # past admin.upgrade_timeout (+ this), what is left of an old generation is killed
+)
 EXEC_DELAY = 0.2  # the answer to POST /api/upgrade goes out before the re-exec
 
 
@@ -134,10 +135,11 @@ class Generations:
         for old in old_procs:
             old.send({"t": "handover"})
         keeper.procs = new  # (generation + 1 shows once the re-executed supervisor answers)
-        deadline = time.monotonic() + UPGRADE_TIMEOUT + KILL_MARGIN
+        timeout = keeper.app.config.admin.upgrade_timeout
+        deadline = time.monotonic() + timeout + KILL_MARGIN
         self.leaving += [(old, deadline) for old in old_procs]
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(UPGRADE_TIMEOUT):
+            async with asyncio.timeout(timeout):
                 await asyncio.gather(*(self._handed(old) for old in old_procs))
         handed = [self.last.pop(f"handed:{o.proc.pid}", {}) for o in old_procs]
         moved = sum(int(h.get("tunnels", 0)) for h in handed)

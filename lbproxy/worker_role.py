@@ -12,6 +12,7 @@ import time
 from collections.abc import Coroutine, Mapping
 from typing import Any, Protocol
 
+from lbproxy.config_types import Config
 from lbproxy.drain import Drainer
 from lbproxy.handover import give, receive_listeners, take
 from lbproxy.handover_wire import WireError
@@ -21,7 +22,6 @@ from lbproxy.proxy.listener import Listener
 from lbproxy.workers import WorkerLink
 
 FIRST_SNAPSHOT_TIMEOUT = 10.0  # a worker waits this long for its supervisor's first snapshot
-UPGRADE_TIMEOUT = 10.0  # what is left of an old generation after this is closed
 
 log = logging.getLogger("lbproxy")
 
@@ -31,6 +31,9 @@ class WorkerApp(Protocol):
 
     drain_limit: float
     drainer: Drainer
+
+    @property
+    def config(self) -> Config: ...
 
     @property
     def pools(self) -> Mapping[str, Pool]: ...
@@ -94,8 +97,9 @@ class WorkerRole:
 
     async def _hand_over(self) -> None:
         """The supervisor's order: everything that can move goes; then leave (what stays
-        leaves as on SIGTERM, within UPGRADE_TIMEOUT)."""
+        leaves as on SIGTERM, within admin.upgrade_timeout)."""
         fd = self.link.handover_fd
+        timeout = self.app.config.admin.upgrade_timeout
         started = time.monotonic()
         moved = 0
         if fd >= 0:
@@ -103,7 +107,7 @@ class WorkerRole:
             sock = socket.socket(fileno=fd)
             sock.setblocking(True)
             try:
-                moved = await give(self.app.listeners, sock, started + UPGRADE_TIMEOUT / 2)
+                moved = await give(self.app.listeners, sock, started + timeout / 2)
             except WireError as exc:
                 log.error("upgrade: hand-over failed: %s", exc)
             finally:
@@ -111,7 +115,7 @@ class WorkerRole:
         elapsed = time.monotonic() - started
         log.warning("upgrade: handed %d tunnel(s) over in %.3fs", moved, elapsed)
         self.link.send({"t": "handed", "tunnels": moved, "seconds": elapsed})
-        self.app.drain_limit = max(0.0, UPGRADE_TIMEOUT - elapsed - 1.0)
+        self.app.drain_limit = max(0.0, timeout - elapsed - 1.0)
         self.app.stopping.set()
 
     def _reload_soon(self, path: str) -> None:

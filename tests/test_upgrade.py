@@ -379,3 +379,20 @@ async def test_an_idle_keepalive_connection_moves(balancer: Balancer) -> None:
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_upgrade_timeout_is_validated(tmp_path: Path) -> None:
+    """admin.upgrade_timeout: a positive number of seconds (10 by default)."""
+    from lbproxy.config import load_config
+    from lbproxy.errors import ConfigError
+
+    text, _, _ = proxy_config([("b", "127.0.0.1:1")])
+    path = tmp_path / "lb.toml"
+    path.write_text(text)
+    assert load_config(str(path)).admin.upgrade_timeout == 10.0
+    path.write_text(text.replace("[admin]\n", "[admin]\nupgrade_timeout = 2.5\n"))
+    assert load_config(str(path)).admin.upgrade_timeout == 2.5
+    path.write_text(text.replace("[admin]\n", "[admin]\nupgrade_timeout = 0\n"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert any("admin.upgrade_timeout" in line for line in caught.value.problems)
