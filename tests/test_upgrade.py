@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -23,6 +24,7 @@ from websockets.protocol import State
 
 from tests.proxyconf import proxy_config
 from tests.support import REPO, Backend, Lbproxy, await_until, lbproxy_cmd, wait_until
+from tests.test_tls import self_signed
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -95,6 +97,10 @@ def balancer(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Balance
             mode="tcp" if mode == "tcp" else "http",
             pool={"drain_timeout": 4.0, "close_spread": 0.0},
         )
+        if mode == "tls":
+            self_signed(tmp_path)
+            tls = 'pool = "main"\ntls = { cert = "cert.pem", key = "key.pem" }\n'
+            text = text.replace('pool = "main"\n', tls, 1)
         lb = Lbproxy(text, tmp_path, "--workers", "2", env=env).start(wait_ports=(port, admin))
         try:
             wait_until(lambda: len(_workers(admin)) == 2, timeout=20)
@@ -396,3 +402,30 @@ def test_upgrade_timeout_is_validated(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(str(path))
     assert any("admin.upgrade_timeout" in line for line in caught.value.problems)
+
+
+@pytest.mark.parametrize("balancer", ["tls"], indirect=True)
+async def test_tls_tunnels_stay_then_get_their_1001(balancer: Balancer, tmp_path: Path) -> None:
+    """A TLS tunnel cannot move (its TLS state is the old process's): it keeps working in
+    the old generation up to drain_timeout (4 s here), then gets a 1001; new TLS
+    connections are served by the new generation on the same (moved) listening socket."""
+    context = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+    url = f"wss://127.0.0.1:{balancer.port}/echo"
+    old = await ws_connect(url, ssl=context)
+    await old.send("before")
+    assert await old.recv() == "before"
+    before = _workers(balancer.admin)
+    started = time.monotonic()
+    done = await _in_thread(_upgrade, balancer.admin)
+    assert done.returncode == 0, done.stdout + done.stderr
+    await old.send("still the old generation")
+    assert await asyncio.wait_for(old.recv(), 5) == "still the old generation"
+    fresh = await ws_connect(url, ssl=context)
+    await fresh.send("new")
+    assert await fresh.recv() == "new"
+    await await_until(lambda: old.state is State.CLOSED, timeout=20)
+    assert old.close_code == 1001 and time.monotonic() - started >= 3.0
+    balancer.upgraded(2, before)
+    await fresh.send("on")
+    assert await fresh.recv() == "on"
+    await fresh.close()
