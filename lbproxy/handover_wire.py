@@ -26,13 +26,16 @@ class WireError(Exception):
     """The channel broke or carried something that is not a message."""
 
 
+SCALAR = (int, float, str, bool, type(None))  # (left as they are: no call per field)
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, bytes):
         return {"b64": base64.b64encode(value).decode("ascii")}
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: v if type(v) in SCALAR else _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [v if type(v) in SCALAR else _plain(v) for v in value]
     return value
 
 
@@ -40,9 +43,9 @@ def _rich(value: Any) -> Any:
     if isinstance(value, dict):
         if len(value) == 1 and isinstance(value.get("b64"), str):
             return base64.b64decode(value["b64"])
-        return {k: _rich(v) for k, v in value.items()}
+        return {k: v if type(v) in SCALAR else _rich(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_rich(v) for v in value]
+        return [v if type(v) in SCALAR else _rich(v) for v in value]
     return value
 
 
