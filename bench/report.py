@@ -127,10 +127,11 @@ METHOD = """\
   has one); `on_killed` = clients on the killed backend at the kill; `reconnected` = 101s
   after the kill. `msgs_per_s`, p50/p99 and `proxy_cpu_us` (per echo) cover the run from the
   first all-echoing moment to the end, kill included.
-- `ws_echo_small_limits` (**lbproxy only**): `ws_echo_small` with the planned
-  `[pools.be.websocket]` pings, limits and message metrics on (values never reached), its
-  `proxy_cpu_us` beside the plain `ws_echo_small` run's; used only when `lbproxy check-config`
-  accepts those keys — otherwise the run uses the plain config and says so (`limits_on` = 0).
+- `ws_echo_small_limits` (**lbproxy only**): `ws_echo_small` with the
+  `[pools.be.websocket]` pings, message size and rate limits on (values never reached; the
+  message metrics are always on), its `proxy_cpu_us` beside the plain `ws_echo_small` run's;
+  used only when `lbproxy check-config` accepts those keys — otherwise the run uses the plain
+  config and says so (`limits_on` = 0).
 - Each timed scenario measures {duration:g} s after a {warmup:g} s warm-up; `--repeat N` reports
   the median of each metric over N runs.
 """

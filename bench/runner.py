@@ -122,7 +122,7 @@ def start_backend(
 def scenario_spec(
     target: str, scenario: str, run_dir: Path, ports: Ports
 ) -> tuple[ProxySpec, bool]:
-    """The proxy config for this pair, and whether the planned websocket limits are on (only
+    """The proxy config for this pair, and whether the websocket limits are on (only
     ``ws_echo_small_limits``, when lbproxy accepts the keys; else the plain config)."""
     variant = VARIANTS.get(scenario, "")
     spec = proxy_spec(target, run_dir, ports, bulk=scenario == "ws_echo_bulk", variant=variant)

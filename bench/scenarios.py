@@ -45,13 +45,13 @@ def ws_echo_small(stage: Stage) -> ScenarioResult:
 
 
 LIMITS_MISSING = (
-    "limits not implemented yet: same as ws_echo_small (lbproxy check-config rejects "
+    "limits off: same as ws_echo_small (lbproxy check-config rejects "
     "[pools.be.websocket]; this is a real run with the plain ws_echo_small config)"
 )
 
 
 def ws_echo_small_limits(stage: Stage) -> ScenarioResult:
-    """``ws_echo_small`` against lbproxy with the planned ``[pools.be.websocket]`` pings, limits and
+    """``ws_echo_small`` against lbproxy with the ``[pools.be.websocket]`` pings, limits and
     message metrics on (when lbproxy accepts those keys; otherwise the plain config, said in a
     note)."""
     result = ws_echo_small(stage)

@@ -93,7 +93,7 @@ class Stage:
     gen_cpus: str = "0"
     launch: Callable[[int], Launched] | None = None
     backend2: Child | None = None  # failover: the second backend (the one killed)
-    limits: bool = False  # ws_echo_small_limits: lbproxy runs with the planned websocket keys
+    limits: bool = False  # ws_echo_small_limits: lbproxy runs with the websocket keys
 
     def proxy_pids(self) -> list[int]:
         return tree_pids(self.proxy.pid) if self.proxy is not None else []

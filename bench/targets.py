@@ -54,8 +54,8 @@ timeout = 0.5
 rise = 2
 fall = 2
 passive_failures = 1            # and passive: one failed proxied connect marks it down"""
-# the planned [pools.NAME.websocket] keys for ws_echo_small_limits (pings, limits; message metrics
-# are always on once implemented): only used when `lbproxy check-config` accepts them (see
+# the [pools.NAME.websocket] keys for ws_echo_small_limits (pings, limits; message metrics
+# are always on): only used when `lbproxy check-config` accepts them (see
 # limits_supported).
 LBPROXY_LIMITS = """
 [pools.be.websocket]            # ws_echo_small_limits: pings and limits on, never reached
@@ -190,7 +190,7 @@ def proxy_spec(
 ) -> ProxySpec:
     """Write ``target``'s config for these ports into ``run_dir`` and return how to start it.
     ``variant``: "" (default, or "bulk" with ``bulk``), "failover" (two backends, health
-    checks; needs ``ports.backend2``) or "limits" (lbproxy with the planned websocket keys)."""
+    checks; needs ``ports.backend2``) or "limits" (lbproxy with the websocket keys)."""
     variant = variant or ("bulk" if bulk else "default")
     values = {
         "RUN": str(run_dir),

@@ -30,6 +30,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 enum { FWD = 0, DROP = 1, CLOSEONDATA = 2 };             /* tunnel_rules.Mode */
@@ -37,6 +38,8 @@ enum { WAIT_BOUNDARY = 0, PART = 1, CLOSE_FRAME = 2 };    /* tunnel_rules.GoAway
 #define NRULES 14 /* tunnel_rules.engine_rules(): 8 go-away entries, 3 x (client, backend) */
 #define MAX_CLOSE_FRAME 127
 enum { CLIENT = 0, BACKEND = 1 };
+enum { K_NONE = 0, K_DRAIN = 1, K_TOO_BIG = 2, K_RATE = 3, K_DEAD = 4, NKINDS = 5 }; /* CloseKind */
+enum { OP_STARTS = 1, OP_CONTINUES = 2, OP_DATA = 4 };                              /* ws_rules */
 #define MAX_EVENTS 128
 
 typedef struct {
@@ -60,12 +63,31 @@ typedef struct {
     int reason_errno;
     uint8_t hb[14];
     uint64_t skip;
+    /* ---- websocket policy state (ws_rules; plain fields, so a hand-over can export them) */
+    uint8_t chb[14];      /* client->backend: a frame header split across reads */
+    uint8_t chn;          /* its bytes so far (held back, not forwarded, while limits are on) */
+    uint8_t ws_close;     /* ws_rules.CloseKind lbproxy closes it for (0 = none yet) */
+    uint8_t pinged;       /* a ping went to the client in its current silence */
+    uint8_t want_ping;    /* inject a ping at the next backend->client frame boundary */
+    uint8_t climits;      /* the engine's limits were on when the tunnel started */
+    uint8_t first_close;  /* who sent the first close frame: 1 the client, 2 the backend */
+    uint8_t reported;     /* sweep() has reported its ws_close to Python */
+    uint64_t cskip;       /* payload bytes left of the current client frame */
+    uint64_t cmsg;        /* bytes of the client's current data message (all fragments) */
+    uint64_t tat;         /* message rate (GCRA): theoretical arrival time, ns */
+    uint64_t msgs[2];     /* data messages counted at their final frame: [CLIENT] client->
+                           * backend, [BACKEND] backend->client */
+    uint64_t heard;       /* the client's nread at the last sweep */
+    uint64_t heard_at;    /* sweep time (ns, CLOCK_MONOTONIC) the client was last heard */
 } Tun;
 
 typedef struct {
     PyObject *owner;
     PyObject *reason;
     uint64_t nin, nout;
+    uint64_t msgs_in, msgs_out; /* websocket data messages each way */
+    int ws_close;               /* ws_rules.CloseKind */
+    int first_close;            /* 1: the client sent the first close frame, 2: the backend */
 } Finished;
 
 typedef struct {
@@ -94,6 +116,14 @@ typedef struct {
     uint8_t rules[NRULES];
     uint8_t close_frame[MAX_CLOSE_FRAME];
     size_t close_len;
+    /* ---- websocket policy (ws_rules.engine_ws_setup, via ws_policy()) ---- */
+    uint8_t optab[16];       /* ws_rules.OPCODES: STARTS / CONTINUES / DATA per opcode */
+    uint8_t limits;          /* max_message or a message rate: decide headers before forwarding */
+    uint64_t ping_interval, ping_timeout, max_message, emission, tolerance; /* ns, bytes */
+    uint8_t wsframe[NKINDS][2][MAX_CLOSE_FRAME]; /* per CloseKind: to the client, the backend */
+    uint8_t wsflen[NKINDS][2];
+    uint8_t ping[MAX_CLOSE_FRAME];
+    size_t ping_len;
 } Engine;
 
 /* ---- helpers ------------------------------------------------------------ */
@@ -200,9 +230,25 @@ static int send_to(Tun *t, int i, const char *p, size_t n) {
 
 static int at_boundary(Tun *t) { return t->skip == 0 && t->hn == 0; }
 
+/* A websocket frame header's length (2-14 bytes) from its second byte. */
+static inline size_t header_len(uint8_t b1) {
+    uint8_t len7 = b1 & 0x7F;
+    return 2 + (len7 == 126 ? 2 : len7 == 127 ? 8 : 0) + ((b1 & 0x80) ? 4 : 0);
+}
+
+/* The payload length of the complete frame header at h (7-, 16- or 64-bit form). */
+static inline uint64_t payload_len(const uint8_t *h) {
+    uint8_t len7 = h[1] & 0x7F;
+    if (len7 < 126) return len7;
+    if (len7 == 126) return ((uint64_t)h[2] << 8) | h[3];
+    uint64_t size = 0;
+    for (int k = 2; k < 10; k++) size = (size << 8) | h[k];
+    return size;
+}
+
 /* Advance the backend->client frame cursor over p[0..n).  With stop, stop at the first
  * frame boundary reached and return the bytes consumed up to it. */
-static size_t ws_scan(Tun *t, const uint8_t *p, size_t n, int stop) {
+static size_t ws_scan(Engine *e, Tun *t, const uint8_t *p, size_t n, int stop) {
     size_t pos = 0;
     for (;;) {
         if (t->skip) {
@@ -212,20 +258,25 @@ static size_t ws_scan(Tun *t, const uint8_t *p, size_t n, int stop) {
             if (stop && t->skip == 0) return pos;
         }
         if (pos >= n) return pos;
-        while (t->hn < 2 && pos < n) t->hb[t->hn++] = p[pos++];
-        if (t->hn < 2) return pos;
-        uint8_t len7 = t->hb[1] & 0x7F;
-        size_t need = 2 + (len7 == 126 ? 2 : len7 == 127 ? 8 : 0) + ((t->hb[1] & 0x80) ? 4 : 0);
-        while (t->hn < need && pos < n) t->hb[t->hn++] = p[pos++];
-        if (t->hn < need) return pos;
-        uint64_t size = len7;
-        if (len7 == 126) size = ((uint64_t)t->hb[2] << 8) | t->hb[3];
-        else if (len7 == 127) {
-            size = 0;
-            for (int k = 2; k < 10; k++) size = (size << 8) | t->hb[k];
+        const uint8_t *h; /* the complete header: in the buffer, or gathered in hb */
+        if (!t->hn && n - pos >= 2 && n - pos >= header_len(p[pos + 1])) {
+            h = p + pos;
+            pos += header_len(p[pos + 1]);
+        } else {
+            while (t->hn < 2 && pos < n) t->hb[t->hn++] = p[pos++];
+            if (t->hn < 2) return pos;
+            size_t need = header_len(t->hb[1]);
+            while (t->hn < need && pos < n) t->hb[t->hn++] = p[pos++];
+            if (t->hn < need) return pos;
+            h = t->hb;
+            t->hn = 0;
         }
-        if ((t->hb[0] & 0x0F) == 0x8) t->saw_close = 1;
-        t->hn = 0;
+        uint64_t size = payload_len(h);
+        if ((h[0] & 0x0F) == 0x8) {
+            t->saw_close = 1;
+            if (!t->first_close) t->first_close = 2;
+        }
+        if ((h[0] & 0x80) && (e->optab[h[0] & 0x0F] & OP_DATA)) t->msgs[BACKEND]++;
         t->skip = size;
         if (stop && size == 0) return pos;
     }
@@ -240,10 +291,24 @@ static void go_away_now(Engine *e, Tun *t) {
         return;
     }
     t->going_away = 0;
-    if (act == CLOSE_FRAME &&
-        send_to(t, CLIENT, (const char *)e->close_frame, e->close_len) < 0) {
-        side_failed(e, t, CLIENT, errno);
-        return;
+    t->want_ping = 0;
+    if (act == CLOSE_FRAME) { /* the close frames of the kind (ws_rules.closes) */
+        int k = t->ws_close ? t->ws_close : K_DRAIN;
+        const char *cf = (const char *)e->wsframe[k][CLIENT];
+        size_t cl = e->wsflen[k][CLIENT];
+        if (k == K_DRAIN) { /* a drain's frame is the one the engine was made with */
+            cf = (const char *)e->close_frame;
+            cl = e->close_len;
+        }
+        if (cl && send_to(t, CLIENT, cf, cl) < 0) {
+            side_failed(e, t, CLIENT, errno);
+            return;
+        }
+        if (e->wsflen[k][BACKEND] &&
+            send_to(t, BACKEND, (const char *)e->wsframe[k][BACKEND], e->wsflen[k][BACKEND]) < 0) {
+            side_failed(e, t, BACKEND, errno);
+            return;
+        }
     }
     for (int i = 0; i < 2; i++) {
         t->s[i].mode = e->rules[8 + 2 * act + i];
@@ -257,6 +322,177 @@ static void side_failed(Engine *e, Tun *t, int i, int err) {
     s->failed = 1;
     close_fd(e, s);
     close_side(e, t, !i); /* the other side flushes what it has, then closes */
+}
+
+/* ---- websocket policy (ws_rules): client frames, limits, pings, dead peers ---- */
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* ws_rules.frame_verdict at a client frame header: K_NONE to forward the frame, else the
+ * CloseKind (K_TOO_BIG, K_RATE). */
+static int client_verdict(Engine *e, Tun *t, uint8_t op, uint64_t plen) {
+    uint8_t f = e->optab[op];
+    uint64_t total = plen;
+    if (f & OP_CONTINUES) total += t->cmsg;
+    if (e->max_message && (total > e->max_message || total < plen)) return K_TOO_BIG;
+    if ((f & OP_STARTS) && e->emission) { /* GCRA */
+        uint64_t now = now_ns();
+        uint64_t next = (t->tat > now ? t->tat : now) + e->emission;
+        if (next - now > e->tolerance) return K_RATE;
+        t->tat = next;
+    }
+    if (f & (OP_STARTS | OP_CONTINUES)) t->cmsg = total;
+    return K_NONE;
+}
+
+/* lbproxy closes a websocket for a refused client frame: nothing more of the client's goes
+ * on; the close frames (client, backend) go out at the backend->client boundary. */
+static void ws_refuse(Engine *e, Tun *t, int kind) {
+    if (!t->ws_close) t->ws_close = (uint8_t)kind; /* (a drain waiting for a boundary stays one) */
+    t->s[CLIENT].mode = DROP;
+    go_away_now(e, t);
+}
+
+static int to_backend(Engine *e, Tun *t, const char *p, size_t n) {
+    if (n && send_to(t, BACKEND, p, n) < 0) {
+        side_failed(e, t, BACKEND, errno);
+        return 0;
+    }
+    return 1;
+}
+
+/* Forward n client bytes to the backend, following the client's frames: count messages
+ * and, with limits on (t->climits), decide each header before any of it is forwarded (a
+ * header split across reads is held in chb).  A refused frame: only what precedes it is
+ * forwarded.  1 when reading may go on. */
+static int client_frames(Engine *e, Tun *t, const char *p, size_t n) {
+    const uint8_t *u = (const uint8_t *)p;
+    size_t pos = 0, hstart = 0;
+    size_t held = t->climits ? t->chn : 0; /* header bytes of earlier reads, not forwarded */
+    for (;;) {
+        if (t->cskip) {
+            uint64_t take = n - pos < t->cskip ? n - pos : t->cskip;
+            t->cskip -= take;
+            pos += take;
+        }
+        if (pos >= n) break;
+        const uint8_t *h; /* the complete header: in the buffer, or gathered in chb */
+        if (!t->chn && n - pos >= 2 && n - pos >= header_len(u[pos + 1])) {
+            hstart = pos;
+            h = u + pos;
+            pos += header_len(u[pos + 1]);
+        } else { /* split across reads */
+            if (!t->chn) hstart = pos;
+            while (t->chn < 2 && pos < n) t->chb[t->chn++] = u[pos++];
+            if (t->chn < 2) goto partial;
+            size_t need = header_len(t->chb[1]);
+            while (t->chn < need && pos < n) t->chb[t->chn++] = u[pos++];
+            if (t->chn < need) goto partial;
+            h = t->chb;
+            t->chn = 0;
+        }
+        uint64_t size = payload_len(h);
+        uint8_t b0 = h[0], op = b0 & 0x0F;
+        if (op == 0x8 && !t->first_close) t->first_close = 1;
+        if (t->climits) {
+            int kind = client_verdict(e, t, op, size);
+            if (kind) { /* forward what precedes the frame, then close */
+                if (!held && !to_backend(e, t, p, hstart)) return 0;
+                ws_refuse(e, t, kind);
+                return 0;
+            }
+            if (held) { /* the header began in an earlier read: its bytes go first */
+                if (!to_backend(e, t, (const char *)t->chb, held)) return 0;
+                held = 0;
+            }
+        }
+        if ((b0 & 0x80) && (e->optab[op] & OP_DATA)) { /* a message's final frame */
+            t->msgs[CLIENT]++;
+            t->cmsg = 0;
+        }
+        t->cskip = size;
+    }
+    return to_backend(e, t, p, n);
+partial:
+    if (!t->climits) return to_backend(e, t, p, n);
+    return to_backend(e, t, p, held ? 0 : hstart); /* the header's bytes wait for the rest */
+}
+
+/* The backend->client stream waits for a frame boundary (a drain's close frame, a ping):
+ * forward up to it, then act.  1 when reading may go on. */
+static int backend_to_boundary(Engine *e, Tun *t, size_t len) {
+    size_t k = at_boundary(t) ? 0 : ws_scan(e, t, (const uint8_t *)e->buf, len, 1);
+    if (k && send_to(t, CLIENT, e->buf, k) < 0) {
+        side_failed(e, t, CLIENT, errno);
+        return 0;
+    }
+    if (!at_boundary(t)) return 1;
+    if (t->going_away) { /* (what follows the boundary is not forwarded) */
+        go_away_now(e, t);
+        return 1;
+    }
+    t->want_ping = 0;
+    if (send_to(t, CLIENT, (const char *)e->ping, e->ping_len) < 0) {
+        side_failed(e, t, CLIENT, errno);
+        return 0;
+    }
+    if (k < len) {
+        ws_scan(e, t, (const uint8_t *)e->buf + k, len - k, 0);
+        if (send_to(t, CLIENT, e->buf + k, len - k) < 0) {
+            side_failed(e, t, CLIENT, errno);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The client was silent past ping_interval + ping_timeout: its TCP is closed now; the
+ * backend gets the 1001 if its stream is at a client frame boundary, and a FIN. */
+static void dead_peer(Engine *e, Tun *t) {
+    Side *c = &t->s[CLIENT];
+    t->ws_close = K_DEAD;
+    t->want_ping = 0;
+    c->failed = 1;
+    close_fd(e, c);
+    int boundary = t->cskip == 0 && (t->climits || t->chn == 0);
+    t->chn = 0;
+    if (boundary && e->wsflen[K_DEAD][BACKEND] &&
+        send_to(t, BACKEND, (const char *)e->wsframe[K_DEAD][BACKEND],
+                e->wsflen[K_DEAD][BACKEND]) < 0) {
+        side_failed(e, t, BACKEND, errno);
+        return;
+    }
+    t->s[BACKEND].mode = DROP;
+    do_shutdown(t, BACKEND);
+}
+
+/* One sweep tick for tunnel t (ws_rules.sweep_action); 1 when it was found dead. */
+static int ws_tick(Engine *e, Tun *t, uint64_t now) {
+    Side *c = &t->s[CLIENT];
+    if (c->nread != t->heard || !t->heard_at) { /* any byte from the client: alive */
+        t->heard = c->nread;
+        t->heard_at = now;
+        t->pinged = 0;
+        return 0;
+    }
+    uint64_t silent = now > t->heard_at ? now - t->heard_at : 0;
+    if (silent < e->ping_interval) return 0;
+    if (silent >= e->ping_interval + e->ping_timeout) {
+        dead_peer(e, t);
+        return 1;
+    }
+    if (t->pinged) return 0;
+    t->pinged = 1;
+    if (!at_boundary(t) || t->going_away) {
+        t->want_ping = 1; /* at the end of the frame in flight */
+        return 0;
+    }
+    if (send_to(t, CLIENT, (const char *)e->ping, e->ping_len) < 0) side_failed(e, t, CLIENT, errno);
+    return 0;
 }
 
 /* One read from side i and what follows from it; 1 when reading may go on. */
@@ -295,17 +531,10 @@ static int read_once(Engine *e, Tun *t, int i) {
         return 0;
     }
     size_t len = (size_t)n;
-    if (i == BACKEND && t->ws) {
-        if (t->going_away) {
-            len = at_boundary(t) ? 0 : ws_scan(t, (const uint8_t *)e->buf, len, 1);
-            if (len && send_to(t, CLIENT, e->buf, len) < 0) {
-                side_failed(e, t, CLIENT, errno);
-                return 0;
-            }
-            if (at_boundary(t)) go_away_now(e, t);
-            return 1;
-        }
-        ws_scan(t, (const uint8_t *)e->buf, len, 0);
+    if (t->ws) {
+        if (i == CLIENT) return client_frames(e, t, e->buf, len);
+        if (t->going_away | t->want_ping) return backend_to_boundary(e, t, len);
+        ws_scan(e, t, (const uint8_t *)e->buf, len, 0);
     }
     if (send_to(t, !i, e->buf, len) < 0) {
         side_failed(e, t, !i, errno);
@@ -486,6 +715,10 @@ static void settle(Engine *e, Tun *t, Py_ssize_t slot) {
         f->reason = reason_text(t);
         f->nin = t->s[CLIENT].nread;
         f->nout = t->s[BACKEND].nread;
+        f->msgs_in = t->msgs[CLIENT];
+        f->msgs_out = t->msgs[BACKEND];
+        f->ws_close = t->ws_close;
+        f->first_close = t->first_close;
         release_slot(e, slot);
         return;
     }
@@ -496,8 +729,10 @@ static void deliver_done(Engine *e) {
         Finished f = e->done[--e->ndone];
         PyObject *r = NULL;
         if (f.reason) {
-            r = PyObject_CallFunction(e->on_finish, "OOKK", f.owner, f.reason,
-                                      (unsigned long long)f.nin, (unsigned long long)f.nout);
+            r = PyObject_CallFunction(e->on_finish, "OOKKKKii", f.owner, f.reason,
+                                      (unsigned long long)f.nin, (unsigned long long)f.nout,
+                                      (unsigned long long)f.msgs_in,
+                                      (unsigned long long)f.msgs_out, f.ws_close, f.first_close);
         }
         if (!r) PyErr_WriteUnraisable(e->on_finish);
         Py_XDECREF(r);
@@ -626,6 +861,7 @@ static PyObject *Engine_add(Engine *e, PyObject *args) {
     t->skip = skip;
     memcpy(t->hb, partial.buf, (size_t)partial.len);
     t->hn = (uint8_t)partial.len;
+    t->climits = e->limits;
     PyBuffer_Release(&partial);
     t->gen = ++e->gen;
     Py_INCREF(owner);
@@ -702,7 +938,10 @@ static PyObject *Engine_go_away(Engine *e, PyObject *args) {
     if (!PyArg_ParseTuple(args, "nO", &slot, &owner)) return NULL;
     Tun *t = lookup(e, slot, owner);
     if (!t) return NULL;
-    if (t->s[CLIENT].mode == FWD && t->s[BACKEND].mode == FWD) go_away_now(e, t);
+    if (t->s[CLIENT].mode == FWD && t->s[BACKEND].mode == FWD) {
+        if (!t->ws_close) t->ws_close = K_DRAIN;
+        go_away_now(e, t);
+    }
     read_side(e, t, CLIENT); /* (sides now dropping input read even if backed up) */
     read_side(e, t, BACKEND);
     settle(e, t, slot);
@@ -827,6 +1066,7 @@ static PyObject *Engine_splice(Engine *e, PyObject *args) {
     t->skip = skip;
     memcpy(t->hb, partial.buf, (size_t)partial.len);
     t->hn = (uint8_t)partial.len;
+    t->climits = e->limits;
     t->s[BACKEND].nread = 0; /* counts start at the tunnel (the caller counted the head) */
     Py_INCREF(new_owner);
     Py_SETREF(t->owner, new_owner);
@@ -835,8 +1075,11 @@ static PyObject *Engine_splice(Engine *e, PyObject *args) {
     } else {
         if (to_client.len && send_to(t, CLIENT, to_client.buf, (size_t)to_client.len) < 0)
             side_failed(e, t, CLIENT, errno);
-        if (to_backend.len && send_to(t, BACKEND, to_backend.buf, (size_t)to_backend.len) < 0)
-            side_failed(e, t, BACKEND, errno);
+        if (to_backend.len) { /* (client frames that came with the upgrade request) */
+            if (t->ws) client_frames(e, t, to_backend.buf, (size_t)to_backend.len);
+            else if (send_to(t, BACKEND, to_backend.buf, (size_t)to_backend.len) < 0)
+                side_failed(e, t, BACKEND, errno);
+        }
         read_side(e, t, BACKEND); /* (input that came with or after the head) */
         read_side(e, t, CLIENT);
     }
@@ -897,6 +1140,93 @@ static PyObject *Engine_connected(Engine *e, PyObject *args) {
     return PyBool_FromLong(t->connected || !t->pending);
 }
 
+/* ws_policy((ping_interval, ping_timeout, max_message, emission, tolerance), opcodes,
+ * frames, ping): ws_rules.engine_ws_setup(); applies to the tunnels started after it. */
+static PyObject *Engine_ws_policy(Engine *e, PyObject *args) {
+    unsigned long long v[5];
+    const char *optab, *ping;
+    Py_ssize_t nop, nping;
+    PyObject *frames;
+    if (!PyArg_ParseTuple(args, "(KKKKK)y#O!y#", &v[0], &v[1], &v[2], &v[3], &v[4], &optab,
+                          &nop, &PyTuple_Type, &frames, &ping, &nping))
+        return NULL;
+    if (nop != 16 || PyTuple_GET_SIZE(frames) != 2 * NKINDS || nping < 2 ||
+        nping > MAX_CLOSE_FRAME || (v[3] && !v[4])) {
+        PyErr_SetString(PyExc_ValueError, "see ws_rules.engine_ws_setup()");
+        return NULL;
+    }
+    for (Py_ssize_t k = 0; k < 2 * NKINDS; k++) {
+        PyObject *f = PyTuple_GET_ITEM(frames, k);
+        if (!PyBytes_Check(f) || PyBytes_GET_SIZE(f) > MAX_CLOSE_FRAME) {
+            PyErr_SetString(PyExc_ValueError, "frames: bytes of at most 127");
+            return NULL;
+        }
+    }
+    for (Py_ssize_t k = 0; k < 2 * NKINDS; k++) {
+        PyObject *f = PyTuple_GET_ITEM(frames, k);
+        memcpy(e->wsframe[k / 2][k % 2], PyBytes_AS_STRING(f), (size_t)PyBytes_GET_SIZE(f));
+        e->wsflen[k / 2][k % 2] = (uint8_t)PyBytes_GET_SIZE(f);
+    }
+    e->ping_interval = v[0];
+    e->ping_timeout = v[1];
+    e->max_message = v[2];
+    e->emission = v[3];
+    e->tolerance = v[4];
+    e->limits = v[2] || v[3];
+    memcpy(e->optab, optab, 16);
+    memcpy(e->ping, ping, (size_t)nping);
+    e->ping_len = (size_t)nping;
+    Py_RETURN_NONE;
+}
+
+/* sweep(now_ns) -> [(owner, kind), ...]: one sweep per engine, from the listener's tick:
+ * pings silent clients and closes dead ones (ws_tick); returns the tunnels lbproxy closed
+ * itself since the last sweep (dead peers, refused frames: ws_rules.CloseKind), so that
+ * Python gives their peers the same grace as a drain's. */
+static PyObject *Engine_sweep(Engine *e, PyObject *arg) {
+    uint64_t now = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *closed = PyList_New(0);
+    if (!closed) return NULL;
+    for (Py_ssize_t slot = 0; slot < e->nslots; slot++) {
+        Tun *t = e->slots[slot];
+        if (!t || t->pending || !t->ws) continue;
+        int kind = 0;
+        PyObject *owner = t->owner;
+        Py_INCREF(owner);
+        if (t->ws_close > K_DRAIN) {
+            kind = t->reported ? 0 : t->ws_close;
+        } else if (e->ping_interval && t->s[CLIENT].fd >= 0 && t->s[CLIENT].mode == FWD &&
+                   t->s[BACKEND].mode == FWD) {
+            kind = ws_tick(e, t, now) ? K_DEAD : 0;
+        }
+        if (kind) t->reported = 1;
+        settle(e, t, slot);
+        PyObject *item = kind ? Py_BuildValue("(Oi)", owner, kind) : NULL;
+        Py_DECREF(owner);
+        if (kind && (!item || PyList_Append(closed, item) < 0)) {
+            Py_XDECREF(item);
+            Py_DECREF(closed);
+            deliver_done(e);
+            return NULL;
+        }
+        Py_XDECREF(item);
+    }
+    deliver_done(e);
+    return closed;
+}
+
+static PyObject *Engine_messages(Engine *e, PyObject *args) {
+    Py_ssize_t slot;
+    PyObject *owner;
+    if (!PyArg_ParseTuple(args, "nO", &slot, &owner)) return NULL;
+    Tun *t = lookup(e, slot, owner);
+    if (!t) return NULL;
+    return Py_BuildValue("KKii", (unsigned long long)t->msgs[CLIENT],
+                         (unsigned long long)t->msgs[BACKEND], (int)t->ws_close,
+                         (int)t->first_close);
+}
+
 /* ---- hand-over (`lbproxy upgrade`): freeze a tunnel here, rebuild it in another engine ---
  * export() takes a tunnel out of this engine: out of the epoll set, its two fds given to
  * the caller (-1 for a side already closed), its state as a dict; import_tunnel() rebuilds
@@ -906,7 +1236,11 @@ static PyObject *Engine_connected(Engine *e, PyObject *args) {
 #define TUN_STATE(X)                                                                       \
     X("ws", t->ws) X("saw_close", t->saw_close) X("going_away", t->going_away)             \
     X("skip", t->skip) X("reason_side", t->reason_side) X("reason_set", t->reason_set)     \
-    X("reason_errno", t->reason_errno)
+    X("reason_errno", t->reason_errno) X("ws_close", t->ws_close) X("pinged", t->pinged)     \
+    X("want_ping", t->want_ping) X("climits", t->climits) X("first_close", t->first_close)   \
+    X("reported", t->reported) X("cskip", t->cskip) X("cmsg", t->cmsg) X("tat", t->tat)     \
+    X("msgs_in", t->msgs[CLIENT]) X("msgs_out", t->msgs[BACKEND]) X("heard", t->heard)       \
+    X("heard_at", t->heard_at)
 #define SIDE_STATE(X)                                                                      \
     X("nread", s->nread) X("hup", s->hup) X("eof", s->eof) X("shut", s->shut)              \
     X("want_shut", s->want_shut) X("want_close", s->want_close) X("mode", s->mode)         \
@@ -957,6 +1291,7 @@ static PyObject *export_state(Tun *t) {
 #define PUT(key, field) if (put_int(d, key, (unsigned long long)(field)) < 0) goto fail;
     TUN_STATE(PUT)
     if (put_bytes(d, "hb", (const char *)t->hb, t->hn) < 0) goto fail;
+    if (put_bytes(d, "chb", (const char *)t->chb, t->chn) < 0) goto fail;
     for (int i = 0; i < 2; i++) {
         Side *s = &t->s[i];
         PyObject *sd = PyDict_New();
@@ -1055,6 +1390,13 @@ static int import_state(Tun *t, PyObject *state, int cfd, int bfd) {
     }
     memcpy(t->hb, p, (size_t)n);
     t->hn = (uint8_t)n;
+    if (get_bytes(state, "chb", &p, &n) < 0) return -1;
+    if (n > 13) {
+        PyErr_SetString(PyExc_ValueError, "bad client frame cursor");
+        return -1;
+    }
+    memcpy(t->chb, p, (size_t)n);
+    t->chn = (uint8_t)n;
     int fds[2] = {cfd, bfd};
     for (int i = 0; i < 2; i++) {
         PyObject *sd = PyDict_GetItemString(state, SIDE_KEYS[i]);
@@ -1133,6 +1475,12 @@ static PyMethodDef Engine_methods[] = {
     {"release", (PyCFunction)Engine_release, METH_VARARGS, "release(slot, owner) -> fd"},
     {"resume", (PyCFunction)Engine_resume, METH_VARARGS, "resume(slot, owner): read on"},
     {"connected", (PyCFunction)Engine_connected, METH_VARARGS, "connected(slot, owner) -> bool"},
+    {"ws_policy", (PyCFunction)Engine_ws_policy, METH_VARARGS,
+     "ws_policy(params, opcodes, frames, ping): see ws_rules.engine_ws_setup()"},
+    {"sweep", (PyCFunction)Engine_sweep, METH_O,
+     "sweep(now_ns) -> [(owner, close_kind)]: pings; the tunnels lbproxy closed"},
+    {"messages", (PyCFunction)Engine_messages, METH_VARARGS,
+     "messages(slot, owner) -> (in, out, close_kind, first_close)"},
     {"export", (PyCFunction)Engine_export, METH_VARARGS,
      "export(slot, owner) -> (client_fd, backend_fd, state): the tunnel leaves the engine"},
     {"import_tunnel", (PyCFunction)Engine_import, METH_VARARGS,

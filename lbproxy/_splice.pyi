@@ -4,7 +4,7 @@ from typing import Any
 class Engine:
     def __init__(
         self,
-        on_finish: Callable[[Any, str, int, int], None],
+        on_finish: Callable[[Any, str, int, int, int, int, int, int], None],
         on_data: Callable[[Any, bytes | None, int], None] | None = ...,
         bufsize: int = ...,
         *,
@@ -49,4 +49,14 @@ class Engine:
     def import_tunnel(
         self, owner: object, client_fd: int, backend_fd: int, state: dict[str, Any], /
     ) -> int: ...
+    def ws_policy(
+        self,
+        params: tuple[int, int, int, int, int],
+        opcodes: bytes,
+        frames: tuple[bytes, ...],
+        ping: bytes,
+        /,
+    ) -> None: ...
+    def sweep(self, now_ns: int, /) -> list[tuple[Any, int]]: ...
+    def messages(self, slot: int, owner: object, /) -> tuple[int, int, int, int]: ...
     def __len__(self) -> int: ...

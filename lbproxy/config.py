@@ -31,6 +31,7 @@ from lbproxy.config_types import (
     PoolConfig,
     RedisConfig,
     TlsConfig,
+    WebsocketConfig,
 )
 from lbproxy.errors import ConfigError
 
@@ -215,6 +216,21 @@ def _health(pool: Section) -> HealthConfig:
     )
 
 
+def _websocket(pool: Section) -> WebsocketConfig:
+    table = pool.table("websocket") or {}
+    s = Section(table, pool.key("websocket"), pool.problems, _keys(WebsocketConfig))
+    d = WebsocketConfig()
+    return WebsocketConfig(
+        ping_interval=s.number("ping_interval", d.ping_interval, zero_ok=True),
+        ping_timeout=s.number("ping_timeout", d.ping_timeout, zero_ok=False),
+        max_message=s.integer("max_message", d.max_message, 0),
+        max_messages_per_second=s.number(
+            "max_messages_per_second", d.max_messages_per_second, zero_ok=True
+        ),
+        burst=s.integer("burst", d.burst, 0),
+    )
+
+
 def _backends(pool: Section) -> tuple[BackendConfig, ...]:
     value = pool.data.get("backends", [])
     if not isinstance(value, list):
@@ -276,6 +292,7 @@ def _pool(name: str, table: Mapping[str, Any], problems: Problems) -> PoolConfig
         upstream_keepalive_timeout=s.number(
             "upstream_keepalive_timeout", d.upstream_keepalive_timeout, zero_ok=False
         ),
+        websocket=_websocket(s),
     )
 
 

@@ -72,6 +72,17 @@ class HealthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebsocketConfig:
+    """[pools.NAME.websocket] (SPEC 11; ws_rules applies it). 0 = off."""
+
+    ping_interval: float = 0.0  # client silent this long: a ping
+    ping_timeout: float = 10.0  # then silent this long more: dead (TCP closed, backend 1001)
+    max_message: int = 0  # bytes of one client message (all fragments): over -> 1009
+    max_messages_per_second: float = 0.0  # client data messages per connection: over -> 1008
+    burst: int = 0  # messages allowed at once above the rate (0 = one second's worth)
+
+
+@dataclass(frozen=True, slots=True)
 class BackendConfig:
     id: str
     address: Address
@@ -98,6 +109,7 @@ class PoolConfig:
     affinity_linger: float = 10.0  # seconds a key stays remembered after its last connection
     response_timeout: float = 30.0  # no response head within it: 504 (and a passive failure)
     upstream_keepalive_timeout: float = 4.0  # idle upstream connections closed after it
+    websocket: WebsocketConfig = field(default_factory=WebsocketConfig)
 
 
 @dataclass(frozen=True, slots=True)

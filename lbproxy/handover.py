@@ -36,8 +36,10 @@ from lbproxy.handover_wire import (
 )
 from lbproxy.proxy.connection import HttpClient
 from lbproxy.proxy.listener import Listener
-from lbproxy.proxy.tunnel import Link, WsLink
+from lbproxy.proxy.tunnel import Link
 from lbproxy.proxy.tunnel_rules import Where
+from lbproxy.proxy.ws_rules import CloseKind
+from lbproxy.proxy.wstunnel import WsLink
 
 log = logging.getLogger("lbproxy.upgrade")
 
@@ -82,7 +84,7 @@ def export_link(listener: Listener, link: Link) -> tuple[dict[str, Any], list[in
     link.slot = -1
     ctx.connections.discard(link)
     ctx.pool.detach(link.backend, link)
-    meta = {
+    meta: dict[str, Any] = {
         "listener": listener.name,
         "backend": link.backend.id,
         "key": key,
@@ -95,6 +97,9 @@ def export_link(listener: Listener, link: Link) -> tuple[dict[str, Any], list[in
         "sides": [cfd >= 0, bfd >= 0],
         "state": state,
     }
+    if isinstance(link, WsLink):  # (its message counts are flushed too: flush_bytes)
+        meta.update(msgs=list(link.flushed_msgs), ws_close=int(link.ws_close))
+        meta.update(first_close=link.first_close)
     return meta, [fd for fd in (cfd, bfd) if fd >= 0]
 
 
@@ -213,6 +218,13 @@ def import_link(listeners: Mapping[str, Listener], meta: dict[str, Any], fds: li
     link.nbytes = total_out - int(state["backend"]["nread"])
     link.flushed_in, link.flushed_out = total_in, total_out
     link.reason = str(meta["reason"])
+    if isinstance(link, WsLink) and "msgs" in meta:
+        msgs_in, msgs_out = (int(n) for n in meta["msgs"])
+        link.client.scan.messages = msgs_in - int(state.get("msgs_in", 0))
+        link.messages = msgs_out - int(state.get("msgs_out", 0))
+        link.flushed_msgs = (msgs_in, msgs_out)
+        link.ws_close = CloseKind(int(meta["ws_close"]))
+        link.first_close = int(meta["first_close"])
     ctx.connections.add(link)
     key = meta.get("key")
     ctx.pool.attach(backend, link, key if isinstance(key, bytes) else None)

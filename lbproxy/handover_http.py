@@ -54,7 +54,7 @@ def export_http(listener: Listener, conn: HttpClient) -> tuple[dict[str, Any], l
     conn.advance(DONE)
     conn.transport.set_protocol(_DETACHED)
     conn.transport.abort()  # (its fd; the copy keeps the connection open)
-    meta = {
+    meta: dict[str, Any] = {
         "kind": "http",
         "listener": listener.name,
         "started": conn.started,

@@ -140,6 +140,19 @@ class LbproxyCollector:
             stats.requests,
         )
         yield _counter(
+            "lbproxy_ws_messages_total",
+            "Websocket data messages, counted at their final frame; direction as for bytes.",
+            ["pool", "backend", "direction"],
+            stats.ws_messages,
+        )
+        yield _counter(
+            "lbproxy_ws_closes_total",
+            "Websockets closed, by reason (dead_peer, message_too_big, message_rate, drain, "
+            "client, backend).",
+            ["pool", "reason"],
+            stats.ws_closes,
+        )
+        yield _counter(
             "lbproxy_health_checks_total",
             "Active health checks run, by result (pass, fail).",
             ["pool", "backend", "result"],

@@ -20,7 +20,15 @@ from lbproxy.stats import Histogram, Stats
 
 Entry = tuple[str, str, int, str, str, int]  # id, address, weight, source, state, column
 SNAPSHOT_REASON = "by the supervisor"
-COUNTERS = ("connections_total", "rejected", "bytes", "upstream_errors", "requests")
+COUNTERS = (
+    "connections_total",
+    "rejected",
+    "bytes",
+    "upstream_errors",
+    "requests",
+    "ws_messages",
+    "ws_closes",
+)
 HISTOGRAMS = ("handshake_seconds", "health_check_seconds")
 
 

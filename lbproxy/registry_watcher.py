@@ -313,7 +313,7 @@ async def _close(client: Redis, pubsub: PubSub) -> None:
     """Close both connections; bounded, so a stuck socket cannot hang stop()."""
     with contextlib.suppress(Exception):
         async with asyncio.timeout(2.0):
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
     with contextlib.suppress(Exception):
         async with asyncio.timeout(2.0):
             await client.aclose()

@@ -72,6 +72,10 @@ class Stats:
         # (pool, backend, result) -> health checks run; result "pass" | "fail"
         self.health_checks: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.health_check_seconds = Histogram()
+        # (pool, backend, direction) -> websocket data messages (direction as for bytes)
+        self.ws_messages: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        # (pool, reason) -> websockets closed (ws_rules.close_reason)
+        self.ws_closes: defaultdict[tuple[str, str], int] = defaultdict(int)
 
 
 HISTORY_POINTS = 300  # five minutes of once-per-second samples

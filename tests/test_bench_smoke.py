@@ -371,8 +371,8 @@ def test_failover_config_needs_a_second_backend(tmp_path: Path) -> None:
 def test_limits_scenario_uses_the_limits_config_only_when_lbproxy_accepts_it(
     tmp_path: Path,
 ) -> None:
-    """ws_echo_small_limits: the planned [pools.be.websocket] keys when check-config takes them,
-    else the plain ws_echo_small config (and the pair says limits are off)."""
+    """ws_echo_small_limits: the [pools.be.websocket] keys when check-config takes them (this
+    lbproxy does), else the plain ws_echo_small config (and the pair says limits are off)."""
     spec, limits = scenario_spec("lbproxy", "ws_echo_small_limits", tmp_path, FAILOVER_PORTS)
     assert spec.config_path is not None
     limits_conf = tmp_path / "lbproxy-limits.toml"
@@ -384,6 +384,7 @@ def test_limits_scenario_uses_the_limits_config_only_when_lbproxy_accepts_it(
         check=False,
     )
     assert limits is (accepted.returncode == 0)
+    assert limits, accepted.stdout  # (SPEC 11 is implemented: the keys are accepted)
     assert spec.config_path.name == ("lbproxy-limits.toml" if limits else "lbproxy.toml")
     assert ("[pools.be.websocket]" in spec.config_path.read_text()) is limits
     plain, off = scenario_spec("lbproxy", "ws_echo_small", tmp_path, FAILOVER_PORTS)
@@ -478,4 +479,4 @@ def test_report_has_caddy_ratios_and_the_limits_note_table() -> None:
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table[2:]}
     assert rows["proxy_cpu_us ↓"].endswith("| 22 | 20 | 1.10 |"), rows
     assert rows["limits_on"].endswith("| 0 | — |  |"), rows
-    assert "limits not implemented yet: same as ws_echo_small" in LIMITS_MISSING
+    assert "limits off: same as ws_echo_small" in LIMITS_MISSING

@@ -20,6 +20,7 @@ from lbproxy.config_types import (
     HealthConfig,
     ListenerConfig,
     PoolConfig,
+    WebsocketConfig,
 )
 from lbproxy.errors import ConfigError
 
@@ -75,8 +76,9 @@ def test_documented_example_mentions_every_key_with_a_comment() -> None:
     keys = (
         _toml_keys(AdminConfig)
         | _toml_keys(ListenerConfig, "name", "tls")
-        | _toml_keys(PoolConfig, "name", "health", "backends")
+        | _toml_keys(PoolConfig, "name", "health", "backends", "websocket")
         | _toml_keys(HealthConfig)
+        | _toml_keys(WebsocketConfig)
         | {"url", "prefix"}
     )
     for key in keys:

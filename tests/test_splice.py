@@ -19,6 +19,7 @@ import pytest
 
 from lbproxy.proxy.splice import engine_class, make_engine
 from lbproxy.proxy.tunnel_rules import close_frame, engine_setup
+from lbproxy.proxy.ws_rules import WsPolicy, engine_ws_setup
 
 Engine = engine_class()
 pytestmark = pytest.mark.timeout(20)
@@ -158,6 +159,26 @@ def test_the_engine_wants_a_total_rules_table() -> None:
         with pytest.raises(ValueError):
             Engine(print, rules=rules, close_frame=b"\x88" * size)
     assert len(Engine(print, rules=rules, close_frame=frame_)) == 0
+
+
+def test_the_engine_checks_its_websocket_policy() -> None:
+    if Engine is None:
+        pytest.skip("engine not built")
+    rules, frame_ = engine_setup()
+    engine = Engine(print, rules=rules, close_frame=frame_)
+    params, opcodes, frames, ping = engine_ws_setup(WsPolicy(1.0, 1.0, 100, 0.01, 0.1), b"abcd")
+    engine.ws_policy(params, opcodes, frames, ping)  # (what splice.Splicer.set_policy gives)
+    bad = [
+        (params, opcodes[:-1], frames, ping),  # an opcode table of 15
+        (params, opcodes, frames[:-1], ping),  # a frame pair short
+        (params, opcodes, (b"x" * 128, *frames[1:]), ping),  # a frame too long
+        (params, opcodes, frames, b""),  # no ping
+        ((0, 0, 0, 1000, 0), opcodes, frames, ping),  # a rate with no tolerance
+    ]
+    for args in bad:
+        with pytest.raises(ValueError):
+            engine.ws_policy(*args)
+    assert engine.sweep(time.monotonic_ns()) == []  # (no tunnels: nothing to ping)
 
 
 def test_close_returns_counts_and_checks_the_owner(rig) -> None:

@@ -3,8 +3,9 @@
 The engine is compiled with ``-fsanitize=address,undefined`` (and ``-Werror`` on the
 project's warnings) into a temporary directory; a subprocess with the ASan runtime
 preloaded loads that build as ``lbproxy._splice`` and runs the native half of the
-tunnel contract suite plus the engine's own tests. Any memory error or undefined
-behaviour aborts the run (``-fno-sanitize-recover``), failing this test.
+tunnel contract suites (tunnel rules and the websocket policy) plus the engine's own
+tests. Any memory error or undefined behaviour aborts the run
+(``-fno-sanitize-recover``), failing this test.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def test_the_engine_is_clean_under_asan_and_ubsan(tmp_path: Path) -> None:
         *("-q", "-s", "-p", "no:cacheprovider", "-p", "no:xdist"),
         *("-k", "native or test_splice", "-W", "ignore::pytest.PytestUnknownMarkWarning"),
         "tests/contract/test_tunnel_contract.py",
+        "tests/contract/test_ws_policy_contract.py",  # (limits, pings, dead peers, messages)
         "tests/test_splice.py",
         "tests/test_splice_handover.py",
     ]

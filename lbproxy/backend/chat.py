@@ -24,9 +24,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from lbproxy.backend import chat_protocol as proto
 from lbproxy.backend.admission import admit
@@ -210,7 +210,7 @@ class ChatHub:
                 for room in self.rooms.values():
                     room.subscribed.clear()
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
             delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * (0.5 + rng.random() / 2)
             attempt = min(attempt + 1, 10)
             await asyncio.sleep(delay)

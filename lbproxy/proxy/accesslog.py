@@ -20,8 +20,10 @@ def log_connection(
     bytes_out: int,
     reason: str,
     status: int = 0,
+    messages: tuple[int, int] | None = None,
 ) -> None:
-    fields = {
+    """``messages``: a websocket's data messages (client -> backend, backend -> client)."""
+    fields: dict[str, object] = {
         "client": client,
         "listener": ctx.config.name,
         "pool": ctx.pool.name,
@@ -33,8 +35,12 @@ def log_connection(
     }
     if status:
         fields["status"] = status
+    shown = ""
+    if messages is not None:
+        fields["messages_in"], fields["messages_out"] = messages
+        shown = f" msgs_in={messages[0]} msgs_out={messages[1]}"
     access_log.info(
-        "%s %s -> %s/%s %.3fs in=%d out=%d %s%s",
+        "%s %s -> %s/%s %.3fs in=%d out=%d%s %s%s",
         client,
         ctx.config.name,
         ctx.pool.name,
@@ -42,6 +48,7 @@ def log_connection(
         duration,
         bytes_in,
         bytes_out,
+        shown,
         reason,
         f" status={status}" if status else "",
         extra={"fields": fields},

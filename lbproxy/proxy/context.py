@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 from lbproxy.balance import HashKeySpec, parse_hash_key
 from lbproxy.config_types import ListenerConfig
 from lbproxy.pool import Backend, Pool
+from lbproxy.proxy.ws_rules import WsPolicy, ws_policy
 from lbproxy.stats import Stats
 
 if TYPE_CHECKING:
@@ -121,6 +122,7 @@ class ListenerContext:
         "splicer",
         "stats",
         "trusted",
+        "ws_policy",
     )
 
     def __init__(
@@ -147,6 +149,7 @@ class ListenerContext:
         self.access_log = access_log.isEnabledFor(logging.INFO)
         self.key_cache: tuple[str, HashKeySpec] | None = None
         self.splicer: SplicerLike | None = None  # the listener's native engine, if any
+        self.ws_policy: WsPolicy = ws_policy(pool.config.websocket)  # (the listener updates it)
 
     def key_spec(self) -> HashKeySpec:
         """The parsed hash_key of the current pool config (re-parsed after a reload)."""

@@ -21,7 +21,7 @@ from lbproxy.proxy.native_upgrade import NativeUpgrade
 from lbproxy.proxy.retry import Answer, Facts, Failure, Retry, decide
 from lbproxy.proxy.routing import upstream_request
 from lbproxy.proxy.states import ClientState
-from lbproxy.proxy.tunnel import WsLink
+from lbproxy.proxy.wstunnel import WsLink
 
 if TYPE_CHECKING:
     from lbproxy.proxy.context import ListenerContext

@@ -20,6 +20,8 @@ from lbproxy.proxy.context import ListenerContext, Tracked
 from lbproxy.proxy.deadlines import idle_tick, sweep_tick
 from lbproxy.proxy.splice import Splicer
 from lbproxy.proxy.tcp_conn import TcpClient
+from lbproxy.proxy.ws_rules import ping_timeouts, ws_policy
+from lbproxy.proxy.wstunnel import ws_sweep
 from lbproxy.stats import Stats
 
 log = logging.getLogger("lbproxy.listener")
@@ -99,7 +101,9 @@ class Listener:
             config, pool, stats, asyncio.get_running_loop(), log_json=log_json
         )
         if config.tls is None:  # (TLS bytes must go through the SSL object: Python tunnel)
-            self.ctx.splicer = Splicer.create(self.ctx.loop)
+            self.ctx.splicer = splicer = Splicer.create(self.ctx.loop)
+            if splicer is not None:
+                splicer.set_policy(self.ctx.ws_policy)
         self.server: asyncio.Server | None = None
         self.address: Address | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -171,6 +175,9 @@ class Listener:
         if ctx.pool is not pool:
             ctx.idle.close_all()
             ctx.pool = pool
+        ctx.ws_policy = ws_policy(pool.config.websocket)  # (for the tunnels started from now)
+        if isinstance(ctx.splicer, Splicer):
+            ctx.splicer.set_policy(ctx.ws_policy)
 
     def stop_accepting(self) -> None:
         if self.server is not None:
@@ -219,9 +226,12 @@ class Listener:
                     config.body_timeout,
                     pool.response_timeout,
                     pool.upstream_keepalive_timeout,
+                    *ping_timeouts(self.ctx.ws_policy),
                 )
             )
             now = time.monotonic()
+            if self.ctx.ws_policy.swept:
+                ws_sweep(self.ctx, now)
             self._deadlines(now)
             self.ctx.idle.expire(now, self.ctx.pool.config.upstream_keepalive_timeout)
             if now >= next_idle:

@@ -28,7 +28,7 @@ from lbproxy.pool import BackendState
 from lbproxy.proxy.context import ListenerContext
 from lbproxy.proxy.http_upstream import Upstream
 from lbproxy.proxy.retry import Answer, Facts, Failure, Retry, decide, from_errno
-from lbproxy.proxy.tunnel import WsLink
+from lbproxy.proxy.wstunnel import WsLink
 
 if TYPE_CHECKING:
     from lbproxy.pool import Backend

@@ -1,13 +1,15 @@
 """Hand established tunnels to the native engine (``lbproxy._splice``).
 
-A tunnel starts as two asyncio transports (tunnel.Link / WsLink). Once the
+A tunnel starts as two asyncio transports (tunnel.Link / wstunnel.WsLink). Once the
 handshake is over and nothing is buffered, ``Splicer.offload`` duplicates both
 sockets into the engine's epoll set and closes the transports; from then on the
 engine forwards bytes in C (see _splice.c) and the Link object stays what the
 pool, the listener sweep and the drainer talk to: with ``where`` NATIVE it turns
 their calls (byte counts, go_away, abort) into engine calls, and the engine
 reports the end of the tunnel once. The engine is given the tunnel rules and the
-1001 frame once, when it is made (tunnel_rules.engine_setup). TLS listeners keep
+1001 frame once, when it is made (tunnel_rules.engine_setup), and the websocket policy
+of the listener's pool (ws_rules.engine_ws_setup: limits, pings, their frames) with
+``set_policy``; the listener's sweep calls ``sweep`` for the pings. TLS listeners keep
 the Python tunnel (the bytes must pass through the SSL object).
 ``LBPROXY_SPLICE=0`` turns the engine off.
 """
@@ -19,8 +21,10 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from lbproxy.proxy import native_upgrade
-from lbproxy.proxy.tunnel import Link, WsLink
+from lbproxy.proxy.tunnel import Link
 from lbproxy.proxy.tunnel_rules import Mode, Where, engine_setup
+from lbproxy.proxy.ws_rules import WsPolicy, engine_ws_setup
+from lbproxy.proxy.wstunnel import WsLink
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -78,7 +82,7 @@ def native_available() -> bool:
 
 def make_engine(
     engine_type: type[Engine],
-    on_finish: Callable[[Any, str, int, int], None],
+    on_finish: Callable[..., None],
     on_data: Callable[[Any, bytes | None, int], None] | None = None,
 ) -> Engine:
     """An engine that follows the tunnel rules (given to it here, once)."""
@@ -112,8 +116,19 @@ class Splicer:
         self.loop.remove_reader(self.fd)
 
     @staticmethod
-    def _finished(link: Any, reason: str, nin: int, nout: int) -> None:
-        link.native_finished(reason, nin, nout)
+    def _finished(link: Any, reason: str, nin: int, nout: int, *ws: int) -> None:
+        link.native_finished(reason, nin, nout, *ws)
+
+    def set_policy(self, policy: WsPolicy) -> None:
+        """The websocket rules of the tunnels started from now on (ws_rules)."""
+        params, opcodes, frames, ping = engine_ws_setup(policy, os.urandom(4))
+        self.engine.ws_policy(params, opcodes, frames, ping)
+
+    def sweep(self, now: float) -> None:
+        """Pings (one sweep per engine); the tunnels the engine closed itself (dead peers,
+        refused frames) get their GRACE."""
+        for link, kind in self.engine.sweep(int(now * 1e9)):
+            link.native_closed(kind)
 
     def offload(self, link: Link) -> bool:
         """Move ``link``'s two sockets into the engine; False when it has to stay in Python."""
@@ -138,6 +153,8 @@ class Splicer:
         ws = False
         partial, skip, saw_close = b"", 0, False
         if isinstance(link, WsLink):
+            if not link.client.scan.clean:  # (mid-frame: the Python scanner carries on)
+                return False
             ws = True
             partial, skip, saw_close = link.partial, link.skip, link.saw_close
         try:

@@ -32,14 +32,13 @@ from lbproxy.proxy.tunnel_rules import (
     check,
     go_away,
 )
-from lbproxy.proxy.wsframe import FrameScan
 
 if TYPE_CHECKING:
     from lbproxy.pool import Backend
     from lbproxy.proxy.context import ListenerContext
 
 GRACE = 5.0  # seconds a going-away peer gets to close its side before we close it
-__all__ = ["GOING_AWAY_FRAME", "GRACE", "ClientHalf", "Linger", "Link", "Parting", "WsLink"]
+__all__ = ["GOING_AWAY_FRAME", "GRACE", "ClientHalf", "Linger", "Link", "Parting"]
 
 
 class ClientHalf(Side, asyncio.Protocol):
@@ -204,6 +203,7 @@ class Link(Side, asyncio.Protocol):
                 self.client.nbytes,
                 self.nbytes,
                 self.reason,
+                messages=self.message_counts(),
             )
 
     def totals(self) -> tuple[int, int]:
@@ -273,13 +273,21 @@ class Link(Side, asyncio.Protocol):
             self._wait_boundary()
             return
         if action is GoAway.CLOSE_FRAME:
-            self.out.write(GOING_AWAY_FRAME)
+            self._close_frames()
         client_mode, backend_mode = AFTER[action]
         Parting.take_over(self.out, self, self.client, client_mode, GRACE)
         Parting.take_over(self.transport, self, self, backend_mode, GRACE)
 
     def _wait_boundary(self) -> None:
         raise AssertionError("a plain tunnel has no frames to wait for")
+
+    def _close_frames(self) -> None:
+        """The close frames of a go-away (wstunnel.WsLink: per ws_rules.CloseKind)."""
+        self.out.write(GOING_AWAY_FRAME)
+
+    def message_counts(self) -> tuple[int, int] | None:
+        """Websocket data messages (client -> backend, backend -> client); None: plain TCP."""
+        return None
 
     # -- the native engine holds the sockets (splice.py) ----------------------
     def native_started(self, slot: int) -> None:
@@ -288,8 +296,9 @@ class Link(Side, asyncio.Protocol):
         self.where = Where.NATIVE
         self.slot = slot
 
-    def native_finished(self, reason: str, nin: int, nout: int) -> None:
-        """Called by the engine once both sockets are closed (and by abort)."""
+    def native_finished(self, reason: str, nin: int, nout: int, *ws: int) -> None:
+        """Called by the engine once both sockets are closed (and by abort); ``ws``: the
+        websocket messages each way and ws_rules.CloseKind (wstunnel.WsLink takes them)."""
         check(WHERE_TRANSITIONS, self.where, Where.NATIVE_DONE)
         self.where = Where.NATIVE_DONE
         self.slot = -1
@@ -312,88 +321,3 @@ class Link(Side, asyncio.Protocol):
     def _grace_over(self, slot: int) -> None:
         if self.where is Where.NATIVE and self.slot == slot:
             self.abort(self.reason)
-
-
-class WsLink(Link, FrameScan):
-    """A websocket tunnel: follows backend frame boundaries to inject a 1001 close."""
-
-    __slots__ = ("draining", "partial", "saw_close", "skip")
-
-    ws = True
-
-    def __init__(
-        self,
-        ctx: ListenerContext,
-        backend: Backend,
-        transport: asyncio.Transport,
-        client_transport: asyncio.Transport,
-        client_addr: str,
-        started: float,
-    ) -> None:
-        super().__init__(ctx, backend, transport, client_transport, client_addr, started)
-        self.skip = 0
-        self.partial = b""
-        self.saw_close = False
-        self.draining = False  # go-away waits for the frame in flight to end
-
-    def start(
-        self, to_client: bytes, to_backend: bytes, head_len: int = 0, key: bytes | None = None
-    ) -> None:
-        """``to_client`` is the 101 response head (``head_len`` bytes) plus any first frames."""
-        if len(to_client) > head_len:
-            self.feed(to_client[head_len:])
-        super().start(to_client, to_backend, key=key)
-
-    def data_received(self, data: bytes) -> None:
-        n = len(data)
-        skip = self.skip
-        if n < skip:  # inside a frame (a split header has skip == 0)
-            self.nbytes += n
-            self.out.write(data)
-            self.skip = skip - n
-            return
-        # The common case: exactly one small unmasked non-close frame, at a boundary before
-        # and after (so never while draining, which is only ever between boundaries).
-        if (
-            skip == 0
-            and 1 < n < 127
-            and data[1] == n - 2
-            and data[0] & 0x0F != 0x8
-            and not self.partial
-        ):
-            self.nbytes += n
-            self.out.write(data)
-            return
-        if not self.draining:  # frame headers in this chunk
-            self.nbytes += n
-            self.out.write(data)
-            if n == skip:  # (it ends a frame exactly)
-                self.skip = 0
-            else:
-                self.feed(data)
-            return
-        self._drain_to_boundary(data)
-
-    def _drain_to_boundary(self, data: bytes) -> None:
-        """Draining: forward up to the end of the frame in flight, then apply the rule."""
-        k = self.to_boundary(data)
-        head = data if k < 0 else data[:k]
-        if head:
-            self.nbytes += len(head)
-            self.out.write(head)
-            self.feed(head)
-        if k >= 0:  # the boundary: decide again (what comes after it is not forwarded)
-            self.draining = False
-            self._go_away_now()
-
-    def go_away(self) -> None:
-        if self.reason.startswith("drained"):
-            return
-        self.reason = "drained (1001 going away)"
-        self._go_away()
-
-    def _go_away_action(self) -> GoAway:
-        return go_away(True, self.saw_close, self.at_boundary)
-
-    def _wait_boundary(self) -> None:
-        self.draining = True

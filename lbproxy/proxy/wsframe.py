@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from lbproxy.proxy.tunnel_rules import GOING_AWAY as GOING_AWAY
 from lbproxy.proxy.tunnel_rules import OPCODE_CLOSE
 from lbproxy.proxy.tunnel_rules import close_frame as close_frame
+from lbproxy.proxy.ws_rules import DATA, OPCODES
 
 
 class FrameScan:
@@ -32,6 +33,7 @@ class FrameScan:
     skip: int
     partial: bytes
     saw_close: bool
+    messages: int
 
     @property
     def at_boundary(self) -> bool:
@@ -73,15 +75,20 @@ class FrameScan:
                 self.partial = bytes(buf[pos:])
                 self.skip = 0
                 return
-            if buf[pos] & 0x0F == OPCODE_CLOSE:
+            b0 = buf[pos]
+            if b0 & 0x0F == OPCODE_CLOSE:
                 self.saw_close = True
+            elif b0 & 0x80 and OPCODES[b0 & 0x0F] & DATA:
+                self.messages += 1  # (data messages counted at their final frame)
             pos += length
         self.partial = b""
         self.skip = pos - n
 
 
-def _frame_length(buf: bytes, pos: int) -> int | None:
-    """Total length (header + payload) of the frame starting at ``pos``, None if incomplete."""
+def frame_header(buf: bytes, pos: int) -> tuple[int, int] | None:
+    """(header length, payload length) of the frame starting at ``pos``, None if its header
+    is incomplete (the 7-, 16- and 64-bit length forms; a masked frame's header has the
+    4-byte key: only the payload is masked)."""
     avail = len(buf) - pos
     if avail < 2:
         return None
@@ -100,15 +107,24 @@ def _frame_length(buf: bytes, pos: int) -> int | None:
         size = int.from_bytes(buf[pos + 2 : pos + 10], "big")
     if b1 & 0x80:
         header += 4
-    return header + size
+        if avail < header:
+            return None
+    return header, size
+
+
+def _frame_length(buf: bytes, pos: int) -> int | None:
+    """Total length (header + payload) of the frame starting at ``pos``, None if incomplete."""
+    found = frame_header(buf, pos)
+    return None if found is None else found[0] + found[1]
 
 
 class FrameCursor(FrameScan):
     """A standalone frame scanner."""
 
-    __slots__ = ("partial", "saw_close", "skip")
+    __slots__ = ("messages", "partial", "saw_close", "skip")
 
     def __init__(self) -> None:
         self.skip = 0
         self.partial = b""
         self.saw_close = False
+        self.messages = 0

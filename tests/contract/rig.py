@@ -17,12 +17,19 @@ from dataclasses import dataclass
 
 import uvloop
 
-from lbproxy.config_types import Address, BackendConfig, ListenerConfig, PoolConfig
+from lbproxy.config_types import (
+    Address,
+    BackendConfig,
+    ListenerConfig,
+    PoolConfig,
+    WebsocketConfig,
+)
 from lbproxy.pool import Pool
 from lbproxy.proxy.context import ListenerContext
 from lbproxy.proxy.splice import Splicer, engine_class
-from lbproxy.proxy.tunnel import Link, WsLink
+from lbproxy.proxy.tunnel import Link
 from lbproxy.proxy.tunnel_rules import Where
+from lbproxy.proxy.wstunnel import WsLink, ws_sweep
 from lbproxy.stats import Stats
 
 KINDS = ["native-asyncio", "native-uvloop", "python-asyncio", "python-uvloop"]
@@ -87,6 +94,12 @@ class Rig:
     def finished(self) -> bool:
         return self.link not in self.ctx.connections
 
+    async def sweeping(self, tick: float = 0.05) -> None:
+        """The listener's sweep, as far as pings go (run it as a task)."""
+        while True:
+            ws_sweep(self.ctx, time.monotonic())
+            await asyncio.sleep(tick)
+
     async def until(self, cond: Callable[[], object], timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
         while not cond():
@@ -94,15 +107,24 @@ class Rig:
             await asyncio.sleep(0.01)
 
 
-async def make_rig(kind: str, ws: bool = True, to_client: bytes = b"", head_len: int = 0) -> Rig:
-    """Both proxy-side sockets become asyncio transports, then a (Ws)Link starts on them."""
+async def make_rig(
+    kind: str,
+    ws: bool = True,
+    to_client: bytes = b"",
+    head_len: int = 0,
+    websocket: WebsocketConfig | None = None,
+) -> Rig:
+    """Both proxy-side sockets become asyncio transports, then a (Ws)Link starts on them
+    (``websocket``: the pool's [pools.NAME.websocket] table, ws_rules applies it)."""
     loop = asyncio.get_running_loop()
-    pool = Pool(PoolConfig("p", backends=(BackendConfig("b", Address("127.0.0.1", 1)),)))
+    backends = (BackendConfig("b", Address("127.0.0.1", 1)),)
+    pool = Pool(PoolConfig("p", backends=backends, websocket=websocket or WebsocketConfig()))
     ctx = ListenerContext(ListenerConfig("l", Address("127.0.0.1", 0), "p"), pool, Stats(), loop)
     if kind.startswith("native"):
         engine_type = engine_class()
         assert engine_type is not None, "the native engine is not built"
         ctx.splicer = Splicer(engine_type, loop)
+        ctx.splicer.set_policy(ctx.ws_policy)
     client_app, client_proxy = tcp_pair()
     backend_proxy, backend_app = tcp_pair()
     ct, _ = await loop.connect_accepted_socket(Holding, client_proxy)
