@@ -102,6 +102,10 @@ def exec_self(state: Resume, keep: list[int]) -> None:
         del args[at : at + 2]
     argv = [sys.executable, "-m", "lbproxy", *args, "--resume-fd", str(memfd)]
     log.warning("upgrade: re-executing the supervisor (pid %d) with the new code", os.getpid())
+    # until the new image has its handlers: a reload or another upgrade signal is ignored
+    # (an ignored signal stays ignored across exec; a caught one would kill it meanwhile)
+    for sig in (signal.SIGHUP, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stdout.flush()
