@@ -24,6 +24,11 @@ HIGHER_BETTER = {
     "worker_share_min",
 }
 LOWER_BETTER = {
+    "handover_s",
+    "upgrade_s",
+    "longest_pause_ms",
+    "idle_dropped",
+    "echo_errors",
     "p50_ms",
     "p99_ms",
     "proxy_cpu_us",

@@ -29,7 +29,10 @@ from bench.scenarios import SCENARIOS, targets_for
 from bench.stage import Cdf, Launched, Metrics, ScenarioResult, Settings, Stage
 from bench.targets import Ports, ProxySpec, lbproxy_accepts, lbproxy_workers_spec, proxy_spec
 
-SELF_LAUNCHED = {"workers_scaling"}  # scenarios that start (and stop) the proxy themselves
+SELF_LAUNCHED = {
+    "workers_scaling",
+    "upgrade",
+}  # scenarios that start (and stop) the proxy themselves
 # config variant per scenario
 VARIANTS = {
     "failover": "failover",
@@ -245,6 +248,7 @@ MAIN_METRIC = {
     "failover": "recover_s",
     "ws_echo_small_limits": "msgs_per_s",
     "ws_connect_rate_limits": "conn_per_s",
+    "upgrade": "handover_s",
 }
 HEADLINE_KEYS = (
     "p50_ms",
@@ -255,6 +259,10 @@ HEADLINE_KEYS = (
     "lost_echoes",
     "in_flight_at_kill",
     "limits_on",
+    "longest_pause_ms",
+    "moved",
+    "idle_dropped",
+    "echo_errors",
 )
 SCALING_KEYS = ("conn_per_s_1w", "conn_per_s_2w", "proxy_cpu_us_1w", "proxy_cpu_us_2w")
 

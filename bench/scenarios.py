@@ -20,6 +20,7 @@ from bench.stage import (
     parse_result,
     timed,
 )
+from bench.upgrade import upgrade
 
 
 def http_rps(stage: Stage) -> ScenarioResult:
@@ -186,6 +187,7 @@ SCENARIOS: dict[str, Callable[[Stage], ScenarioResult]] = {
     "failover": failover,
     "ws_echo_small_limits": ws_echo_small_limits,
     "ws_connect_rate_limits": ws_connect_rate_limits,
+    "upgrade": upgrade,
 }
 # Scenarios that only some targets take part in (the others: every target).
 SCENARIO_TARGETS: dict[str, tuple[str, ...]] = {
@@ -193,9 +195,10 @@ SCENARIO_TARGETS: dict[str, tuple[str, ...]] = {
     "failover": ("lbproxy", "nginx", "haproxy", "caddy"),  # two backends: no `direct`
     "ws_echo_small_limits": ("lbproxy",),
     "ws_connect_rate_limits": ("lbproxy",),
+    "upgrade": ("lbproxy",),
 }
 # Left out of `--quick` unless named with --scenarios (they would cost time, not coverage).
-QUICK_SKIP = ("ws_echo_small_limits", "ws_connect_rate_limits")
+QUICK_SKIP = ("ws_echo_small_limits", "ws_connect_rate_limits", "upgrade")
 
 
 def targets_for(scenario: str, targets: Sequence[str]) -> list[str]:

@@ -41,6 +41,8 @@ class Settings:
     failover_after: float = 5.0  # the run goes on this long after the kill (once recovered)
     failover_timeout: float = 30.0  # not every client echoing again by then: the pair fails
     failover_backoff_ms: float = 50.0  # reconnect backoff base (jittered, doubling, 1 s cap)
+    upgrade_idle: int = 9000  # upgrade: idle websockets handed over
+    upgrade_echo: int = 100  # upgrade: websockets echoing through the hand-over
 
 
 QUICK = Settings(
@@ -51,6 +53,7 @@ QUICK = Settings(
     failover_warmup=0.3,
     failover_after=0.5,
     failover_timeout=10.0,
+    upgrade_idle=1000,
 )
 FULL = Settings(duration=10.0)
 

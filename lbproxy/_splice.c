@@ -23,6 +23,7 @@
 #include <Python.h>
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdint.h>
@@ -1226,6 +1227,236 @@ static PyObject *Engine_messages(Engine *e, PyObject *args) {
                          (int)t->first_close);
 }
 
+/* ---- hand-over (`lbproxy upgrade`): freeze a tunnel here, rebuild it in another engine ---
+ * export() takes a tunnel out of this engine: out of the epoll set, its two fds given to
+ * the caller (-1 for a side already closed), its state as a dict; import_tunnel() rebuilds
+ * it (in another process, from the same fds passed with SCM_RIGHTS) and forwards on from
+ * exactly there: the bytes held unsent go out first, the frame cursor goes on counting.
+ * The fields that move are listed once, here: adding one is one line in one list. */
+#define TUN_STATE(X)                                                                       \
+    X("ws", t->ws) X("saw_close", t->saw_close) X("going_away", t->going_away)             \
+    X("skip", t->skip) X("reason_side", t->reason_side) X("reason_set", t->reason_set)     \
+    X("reason_errno", t->reason_errno) X("ws_close", t->ws_close) X("pinged", t->pinged)     \
+    X("want_ping", t->want_ping) X("climits", t->climits) X("first_close", t->first_close)   \
+    X("reported", t->reported) X("cskip", t->cskip) X("cmsg", t->cmsg) X("tat", t->tat)     \
+    X("msgs_in", t->msgs[CLIENT]) X("msgs_out", t->msgs[BACKEND]) X("heard", t->heard)       \
+    X("heard_at", t->heard_at)
+#define SIDE_STATE(X)                                                                      \
+    X("nread", s->nread) X("hup", s->hup) X("eof", s->eof) X("shut", s->shut)              \
+    X("want_shut", s->want_shut) X("want_close", s->want_close) X("mode", s->mode)         \
+    X("failed", s->failed)
+
+static const char *SIDE_KEYS[2] = {"client", "backend"};
+
+static int put_int(PyObject *d, const char *key, unsigned long long v) {
+    PyObject *o = PyLong_FromUnsignedLongLong(v);
+    int r = o ? PyDict_SetItemString(d, key, o) : -1;
+    Py_XDECREF(o);
+    return r;
+}
+
+static int put_bytes(PyObject *d, const char *key, const char *p, size_t n) {
+    PyObject *o = PyBytes_FromStringAndSize(p, (Py_ssize_t)n);
+    int r = o ? PyDict_SetItemString(d, key, o) : -1;
+    Py_XDECREF(o);
+    return r;
+}
+
+/* A missing key reads as 0 (a field the other generation does not know yet). */
+static int get_int(PyObject *d, const char *key, unsigned long long *v) {
+    PyObject *o = PyDict_GetItemString(d, key);
+    *v = 0;
+    if (!o) return 0;
+    *v = PyLong_AsUnsignedLongLong(o);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+static int get_bytes(PyObject *d, const char *key, const char **p, Py_ssize_t *n) {
+    PyObject *o = PyDict_GetItemString(d, key);
+    *p = "";
+    *n = 0;
+    if (!o) return 0;
+    if (!PyBytes_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "%s: bytes expected", key);
+        return -1;
+    }
+    *p = PyBytes_AS_STRING(o);
+    *n = PyBytes_GET_SIZE(o);
+    return 0;
+}
+
+static PyObject *export_state(Tun *t) {
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+#define PUT(key, field) if (put_int(d, key, (unsigned long long)(field)) < 0) goto fail;
+    TUN_STATE(PUT)
+    if (put_bytes(d, "hb", (const char *)t->hb, t->hn) < 0) goto fail;
+    if (put_bytes(d, "chb", (const char *)t->chb, t->chn) < 0) goto fail;
+    for (int i = 0; i < 2; i++) {
+        Side *s = &t->s[i];
+        PyObject *sd = PyDict_New();
+        if (!sd || PyDict_SetItemString(d, SIDE_KEYS[i], sd) < 0) {
+            Py_XDECREF(sd);
+            goto fail;
+        }
+        Py_DECREF(sd); /* (d holds it) */
+        PyObject *dd = d;
+        d = sd;
+        SIDE_STATE(PUT)
+        if (put_bytes(d, "pend", s->pend ? s->pend + s->poff : "", s->plen) < 0 ||
+            put_int(d, "open", s->fd >= 0) < 0) {
+            d = dd;
+            goto fail;
+        }
+        d = dd;
+    }
+#undef PUT
+    return d;
+fail:
+    Py_DECREF(d);
+    return NULL;
+}
+
+/* export(slot, owner) -> (client_fd, backend_fd, state): the tunnel leaves this engine;
+ * the caller owns both fds now (-1: that side was closed already). */
+static PyObject *Engine_export(Engine *e, PyObject *args) {
+    Py_ssize_t slot;
+    PyObject *owner;
+    if (!PyArg_ParseTuple(args, "nO", &slot, &owner)) return NULL;
+    Tun *t = lookup(e, slot, owner);
+    if (!t) return NULL;
+    if (t->pending) {
+        PyErr_SetString(PyExc_ValueError, "a connection still being set up does not move");
+        return NULL;
+    }
+    PyObject *state = export_state(t);
+    if (!state) return NULL;
+    int fds[2];
+    for (int i = 0; i < 2; i++) {
+        fds[i] = t->s[i].fd;
+        if (fds[i] >= 0) epoll_ctl(e->epfd, EPOLL_CTL_DEL, fds[i], NULL);
+        t->s[i].fd = -1;
+    }
+    PyObject *r = Py_BuildValue("iiN", fds[0], fds[1], state);
+    Py_DECREF(t->owner);
+    release_slot(e, slot);
+    return r;
+}
+
+static int import_side(Tun *t, int i, PyObject *sd, int fd) {
+    Side *s = &t->s[i];
+    unsigned long long v;
+    const char *p;
+    Py_ssize_t n;
+#define GET(key, field)                                                                    \
+    if (get_int(sd, key, &v) < 0) return -1;                                               \
+    field = v;
+    SIDE_STATE(GET)
+#undef GET
+    if (s->mode > CLOSEONDATA) {
+        PyErr_SetString(PyExc_ValueError, "bad side mode");
+        return -1;
+    }
+    if (get_bytes(sd, "pend", &p, &n) < 0) return -1;
+    if (n && append(s, p, (size_t)n) < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    s->fd = fd;
+    s->rd = fd >= 0; /* look at the socket once: what waits there was not read yet */
+    if (fd >= 0) { /* (O_NONBLOCK is the socket's, but make sure: reads must never wait) */
+        int fl = fcntl(fd, F_GETFL);
+        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int import_state(Tun *t, PyObject *state, int cfd, int bfd) {
+    unsigned long long v;
+    const char *p;
+    Py_ssize_t n;
+#define GET(key, field)                                                                    \
+    if (get_int(state, key, &v) < 0) return -1;                                            \
+    field = v;
+    TUN_STATE(GET)
+#undef GET
+    if (get_bytes(state, "hb", &p, &n) < 0) return -1;
+    if (n > 13 || (n && t->skip)) {
+        PyErr_SetString(PyExc_ValueError, "bad frame cursor");
+        return -1;
+    }
+    memcpy(t->hb, p, (size_t)n);
+    t->hn = (uint8_t)n;
+    if (get_bytes(state, "chb", &p, &n) < 0) return -1;
+    if (n > 13) {
+        PyErr_SetString(PyExc_ValueError, "bad client frame cursor");
+        return -1;
+    }
+    memcpy(t->chb, p, (size_t)n);
+    t->chn = (uint8_t)n;
+    int fds[2] = {cfd, bfd};
+    for (int i = 0; i < 2; i++) {
+        PyObject *sd = PyDict_GetItemString(state, SIDE_KEYS[i]);
+        if (!sd || !PyDict_Check(sd)) {
+            PyErr_Format(PyExc_ValueError, "state.%s missing", SIDE_KEYS[i]);
+            return -1;
+        }
+        if (import_side(t, i, sd, fds[i]) < 0) return -1;
+    }
+    return 0;
+}
+
+/* import_tunnel(owner, client_fd, backend_fd, state) -> slot: a tunnel exported by another
+ * engine goes on here (the engine owns the fds once this returns). */
+static PyObject *Engine_import(Engine *e, PyObject *args) {
+    PyObject *owner, *state;
+    int cfd, bfd;
+    if (!PyArg_ParseTuple(args, "OiiO!", &owner, &cfd, &bfd, &PyDict_Type, &state)) return NULL;
+    Py_ssize_t slot = alloc_slot(e);
+    Tun *t = slot < 0 ? NULL : PyMem_Calloc(1, sizeof(Tun));
+    if (!t) {
+        if (slot >= 0) e->freelist[e->nfree++] = slot;
+        return PyErr_NoMemory();
+    }
+    t->s[0].fd = t->s[1].fd = -1;
+    t->gen = ++e->gen;
+    Py_INCREF(owner);
+    t->owner = owner;
+    e->slots[slot] = t;
+    e->live++;
+    if (import_state(t, state, cfd, bfd) < 0) {
+        t->s[0].fd = t->s[1].fd = -1; /* the caller still owns (and closes) them */
+        Py_DECREF(t->owner);
+        release_slot(e, slot);
+        return NULL;
+    }
+    for (int i = 0; i < 2; i++) {
+        if (t->s[i].fd >= 0 && watch(e, t, slot, i) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            t->s[0].fd = t->s[1].fd = -1;
+            Py_DECREF(t->owner);
+            release_slot(e, slot);
+            return NULL;
+        }
+    }
+    for (int i = 0; i < 2; i++) { /* what was held unsent goes first, then input again */
+        if (t->s[i].fd >= 0 && t->s[i].plen) on_writable(e, t, i);
+    }
+    for (int i = 0; i < 2; i++) {
+        if (t->s[i].fd >= 0 && !t->s[i].plen && t->s[i].want_shut) do_shutdown(t, i);
+        if (t->s[i].fd >= 0 && !t->s[i].plen && t->s[i].want_close) close_fd(e, &t->s[i]);
+    }
+    read_side(e, t, BACKEND);
+    read_side(e, t, CLIENT);
+    PyObject *r = PyLong_FromSsize_t(slot);
+    settle(e, t, slot);
+    deliver_done(e);
+    return r;
+}
+
 static Py_ssize_t Engine_len(Engine *e) { return e->live; }
 
 static PyMethodDef Engine_methods[] = {
@@ -1250,6 +1481,10 @@ static PyMethodDef Engine_methods[] = {
      "sweep(now_ns) -> [(owner, close_kind)]: pings; the tunnels lbproxy closed"},
     {"messages", (PyCFunction)Engine_messages, METH_VARARGS,
      "messages(slot, owner) -> (in, out, close_kind, first_close)"},
+    {"export", (PyCFunction)Engine_export, METH_VARARGS,
+     "export(slot, owner) -> (client_fd, backend_fd, state): the tunnel leaves the engine"},
+    {"import_tunnel", (PyCFunction)Engine_import, METH_VARARGS,
+     "import_tunnel(owner, client_fd, backend_fd, state) -> slot"},
     {NULL, NULL, 0, NULL},
 };
 

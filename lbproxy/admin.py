@@ -12,7 +12,7 @@ import contextlib
 import hmac
 import importlib.resources
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -24,6 +24,7 @@ from lbproxy.config_types import Address, AdminConfig
 from lbproxy.metrics import render
 from lbproxy.pool import Pool
 from lbproxy.stats import History
+from lbproxy.upgrade_state import NO_UPGRADE
 
 IDLE_TIMEOUT = 60.0  # a keep-alive connection with no request for this long is closed
 # beyond admin.max_connections: this many at a time get their request read and a 503;
@@ -45,6 +46,17 @@ class Response:
     body: bytes
     content_type: str = JSON_TYPE
     headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """An answer that takes a while (POST /api/upgrade waits for the new generation)."""
+
+    make: Callable[[], Awaitable[Response]]
+
+
+UpgradeHook = Callable[[], Awaitable[tuple[int, dict[str, object]]]]
+UPGRADE_STATUS = {0: 200, 1: 500, 2: 422, 3: 409}  # ok, failed start, bad config, busy
 
 
 def json_response(status: int, value: object, *headers: tuple[str, str]) -> Response:
@@ -92,7 +104,10 @@ class AdminServer:
         registry: CollectorRegistry,
         history: History | None = None,
         info: Callable[[], dict[str, object]] | None = None,
+        *,
+        upgrade: UpgradeHook | None = None,
     ) -> None:
+        self._upgrade = upgrade
         self.history = history
         self._info = info
         self._config = config
@@ -136,7 +151,10 @@ class AdminServer:
                     request = await _read_request(conn, reader)
                 if request is None:
                     break
-                await _send(conn, writer, request.method, self.handle(request))
+                reply = self.handle(request)
+                if isinstance(reply, Deferred):
+                    reply = await reply.make()
+                await _send(conn, writer, request.method, reply)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     break
                 conn.start_next_cycle()
@@ -191,7 +209,7 @@ class AdminServer:
                 writer.close()
 
     # -- routing -------------------------------------------------------------
-    def handle(self, request: h11.Request) -> Response:
+    def handle(self, request: h11.Request) -> Response | Deferred:
         """Answer one request (the body has been read and ignored)."""
         method = request.method.decode("ascii", "replace")
         headers = {name.decode("latin-1"): value for name, value in request.headers}
@@ -200,6 +218,8 @@ class AdminServer:
             return error(*refused)
         path = urlsplit(request.target.decode("ascii", "replace")).path
         parts = [unquote(p) for p in path.strip("/").split("/")] if path != "/" else []
+        if parts == ["api", "upgrade"]:
+            return self._upgrade_route(method, headers)
         change = _change_route(parts)
         if change is not None:
             return self._change(method, headers, *change)
@@ -250,6 +270,25 @@ class AdminServer:
             status = 200
         result = {"pool": pool_name, "backend": backend_id, "state": backend.state.value}
         return json_response(status, result)
+
+    def _upgrade_route(self, method: str, headers: Mapping[str, bytes]) -> Response | Deferred:
+        """POST /api/upgrade: the next generation; answered once it has taken over."""
+        if method != "POST":
+            return error(405, f"method {method} not allowed", ("Allow", "POST"))
+        if not self._authorized(headers):
+            challenge = ("WWW-Authenticate", 'Bearer realm="lbproxy"')
+            return error(401, "unauthorized: a valid bearer token is required", challenge)
+        if not _same_origin(headers):
+            return error(403, "cross-origin request refused")
+        hook = self._upgrade
+        if hook is None:
+            return error(409, NO_UPGRADE)
+
+        async def run() -> Response:
+            code, document = await hook()
+            return json_response(UPGRADE_STATUS.get(code, 500), document)
+
+        return Deferred(run)
 
     def _authorized(self, headers: Mapping[str, bytes]) -> bool:
         token = self._config.token

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -45,7 +46,9 @@ def admin_host(url: str) -> str:
     return "localhost" if port is None else f"localhost:{port}"
 
 
-def _call(admin_url: str, method: str, path: str, token: str) -> tuple[int, bytes]:
+def _call(
+    admin_url: str, method: str, path: str, token: str, timeout: float = TIMEOUT
+) -> tuple[int, bytes]:
     """One request; returns (status, body) for 2xx, raises AdminApiError with the reason."""
     url = _base(admin_url) + path
     request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
@@ -56,11 +59,13 @@ def _call(admin_url: str, method: str, path: str, token: str) -> tuple[int, byte
     try:
         # (the admin API refuses what comes through a proxy: http_proxy & co. are ignored)
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(request, timeout=TIMEOUT) as response:
+        with opener.open(request, timeout=timeout) as response:
             return int(response.status), bytes(response.read())
     except urllib.error.HTTPError as exc:
         with exc:
             body = exc.read()
+        if exc.code == 422:  # (POST /api/upgrade: the configuration's problems, one a line)
+            raise AdminApiError(_error_text(body), 422) from None
         if exc.code == 401:
             raise AdminApiError(f"unauthorized: set --token or {TOKEN_ENV}", 401) from None
         message = f"admin API error: HTTP {exc.code}: {_error_text(body)}"
@@ -141,3 +146,38 @@ def drain(admin_url: str, pool: str, backend_id: str, token: str = "") -> int:
 def enable(admin_url: str, pool: str, backend_id: str, token: str = "") -> int:
     """Put one backend back in service through the admin API; return the exit code."""
     return _change(admin_url, pool, backend_id, "enable", token)
+
+
+UPGRADE_TIMEOUT = 120.0  # validation, the new workers' start and the hand-over
+RESTART_TIMEOUT = 30.0  # then the supervisor itself, re-executed, answering again
+
+
+def upgrade(admin_url: str, token: str = "") -> int:
+    """POST /api/upgrade and wait for the new generation to answer; the exit code: 0 done,
+    1 failed (the old generation serves on), 2 invalid configuration (nothing changed)."""
+    try:
+        _, body = _call(admin_url, "POST", "/api/upgrade", token, UPGRADE_TIMEOUT)
+        document = json.loads(body)
+        generation = int(document["generation"])
+    except AdminApiError as exc:
+        if exc.status == 422:
+            print(str(exc), file=sys.stderr)
+            return 2
+        return _fail(f"upgrade failed: {exc}")
+    except (ValueError, KeyError, TypeError):
+        return _fail(f"admin API at {admin_url} returned an unexpected document")
+    deadline = time.monotonic() + RESTART_TIMEOUT
+    while time.monotonic() < deadline:  # the supervisor re-executes itself: wait for it
+        try:
+            _, body = _call(admin_url, "GET", "/api/info", token, 2.0)
+            if int(json.loads(body).get("generation", 0)) >= generation:
+                moved, took = document.get("moved", 0), document.get("handover_seconds", 0.0)
+                print(
+                    f"upgraded: generation {generation} serves ({moved} tunnel(s) handed over "
+                    f"in {took:.3f}s; {document.get('seconds', 0.0):.2f}s with the start)"
+                )
+                return 0
+        except (AdminApiError, ValueError, TypeError, AttributeError):
+            pass
+        time.sleep(0.1)
+    return _fail(f"generation {generation} took over but the supervisor did not answer again")

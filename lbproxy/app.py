@@ -8,11 +8,12 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
-from typing import Literal, Protocol
+
+from prometheus_client import CollectorRegistry
 
 from lbproxy import __version__
-from lbproxy.admin import AdminServer
+from lbproxy.admin import AdminServer, UpgradeHook
+from lbproxy.app_types import BalancerView, Role
 from lbproxy.cluster import Cluster
 from lbproxy.config import load_config
 from lbproxy.config_types import Address, AdminConfig, Config, ListenerConfig
@@ -30,20 +31,9 @@ from lbproxy.proxy.tunnel import GRACE
 from lbproxy.registry_watcher import RegistryWatcher
 from lbproxy.shared_counts import SharedCounts
 from lbproxy.stats import SAMPLE_INTERVAL, History, Stats
+from lbproxy.upgrade_state import NO_UPGRADE
 from lbproxy.worker_role import WorkerRole
 from lbproxy.workers import WorkerLink
-
-Role = Literal["single", "supervisor", "worker"]
-
-
-class BalancerView(Protocol):
-    """What the supervisor knows of its workers (the admin API and /metrics read it)."""
-
-    def stats(self) -> Stats: ...
-    def listeners(self) -> Mapping[str, int]: ...
-    def native(self) -> Mapping[str, int]: ...
-    def workers(self) -> list[dict[str, int]]: ...
-
 
 log = logging.getLogger("lbproxy")
 
@@ -86,6 +76,9 @@ class App:
         self._sampler: asyncio.Task[None] | None = None
         self.worker = WorkerRole(self, link) if link is not None else None
         self.cluster = Cluster(lambda: self.pools, self.stats, role, counts)
+        self.generation = 1  # (the supervisor's: one more per lbproxy upgrade)
+        self.drain_limit = float("inf")  # (an old generation's bound on its drain)
+        self.upgrade: UpgradeHook | None = None  # POST /api/upgrade (the supervisor's)
 
     # -- building ------------------------------------------------------------
     def _admin_config(self, config: Config) -> AdminConfig:
@@ -107,6 +100,8 @@ class App:
                 await self._add_listener(name, listener_config)
         self._sampler = asyncio.get_running_loop().create_task(self._sample())
         if self.role == "worker":
+            if self.worker is not None:
+                self.worker.listening()
             return
         for pool in self.pools.values():
             await self._start_health(pool)
@@ -118,13 +113,15 @@ class App:
             self.watcher,
             self._native_counts if view is None else view.native,
         )
-        self.admin = AdminServer(
-            self._admin_config(config), lambda: self.pools, registry, self.history, self.info
-        )
+        self.admin = self._admin_server(config, registry)
         self.admin_address = await self.admin.start()
         log.info("admin API on http://%s", self.admin_address)
         if self.watcher is not None:
             self.watcher.set_own_addresses(self._own_addresses(config))
+
+    def _admin_server(self, config: Config, registry: CollectorRegistry) -> AdminServer:
+        args = (lambda: self.pools, registry, self.history, self.info)
+        return AdminServer(self._admin_config(config), *args, upgrade=self.upgrade)
 
     def _listener_counts(self) -> dict[str, int]:
         return {n: len(lst.connections) for n, lst in self.listeners.items()}
@@ -144,7 +141,7 @@ class App:
             "version": __version__,
             "pid": os.getpid(),
             "workers": workers,
-            "generation": 1,
+            "generation": self.generation,
             "started": self.started,
         }
 
@@ -171,7 +168,8 @@ class App:
             fds=self.fds,
             sharing=self.cluster,
         )
-        await listener.start()
+        inherited = None if self.worker is None else self.worker.inherited.pop(name, None)
+        await listener.start(inherited)
         self.listeners[name] = listener
 
     async def _start_health(self, pool: Pool) -> None:
@@ -257,13 +255,7 @@ class App:
             await self._sync_watcher(new)
         if self.admin is not None and self._admin_config(new) != self._admin_config(self.config):
             await self.admin.stop()
-            self.admin = AdminServer(
-                self._admin_config(new),
-                lambda: self.pools,
-                self.admin.registry,
-                self.history,
-                self.info,
-            )
+            self.admin = self._admin_server(new, self.admin.registry)
             self.admin_address = await self.admin.start()
         if self.watcher is not None:
             self.watcher.set_own_addresses(self._own_addresses(new))
@@ -303,6 +295,7 @@ class App:
             listener.finish_requests()  # idle keep-alive: close now; in flight: after the response
         pools = list(self.pools.values())
         drain = max((p.config.drain_timeout for p in pools), default=0.0)
+        drain = min(drain, self.drain_limit)
         spread = max((p.config.close_spread for p in pools), default=0.0)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain
@@ -324,13 +317,15 @@ class App:
             for listener in self.all_listeners():
                 listener.flush_bytes()
             if self.link is not None:
-                report = {"t": "stats", "stats": dump_stats(self.stats)}
-                report.update(listeners=self._listener_counts(), native=self._native_counts())
-                self.link.send(report)
+                self._report(self.link)
             else:
                 stats = self.stats if self.view is None else self.view.stats()
                 self.history.record(loop.time(), time.time(), backend_totals(self.pools, stats))
             await asyncio.sleep(SAMPLE_INTERVAL)
+
+    def _report(self, link: WorkerLink) -> None:
+        report = {"t": "stats", "stats": dump_stats(self.stats)}
+        link.send({**report, "listeners": self._listener_counts(), "native": self._native_counts()})
 
     async def stop(self) -> None:
         if self._sampler is not None:
@@ -340,7 +335,10 @@ class App:
             self._sampler = None
         await self.drainer.stop()
         await self.cluster.stop()
-        if self.link is not None:
+        if self.link is not None:  # (a last report: what this worker counted is not lost)
+            for listener in self.all_listeners():
+                listener.flush_bytes()
+            self._report(self.link)
             self.link.close()
         for checker in self.health.values():
             await checker.stop()
@@ -376,12 +374,13 @@ class App:
             # Ctrl-C or a hangup reach the whole process group: the supervisor turns them into
             # one SIGTERM (drain) or one reload order per worker
             loop.add_signal_handler(signal.SIGTERM, on_stop)
-            for sig in (signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
                 signal.signal(sig, signal.SIG_IGN)
         else:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, on_stop)
             loop.add_signal_handler(signal.SIGHUP, on_hup)
+            loop.add_signal_handler(signal.SIGUSR2, lambda: log.error(NO_UPGRADE))
         if not native_available() and os.environ.get("LBPROXY_SPLICE") != "0":
             log.warning(
                 "the native tunnel engine (lbproxy/_splice.c) is not built: "

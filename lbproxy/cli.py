@@ -97,6 +97,9 @@ class WorkerCount(click.ParamType):  # type: ignore[type-arg]
 @click.option("--control-fd", default=-1, hidden=True, type=int)
 @click.option("--counts", "counts_spec", default="", hidden=True)
 @click.option("--rows", default=0, hidden=True, type=int)
+@click.option("--handover-fd", default=-1, hidden=True, type=int)
+@click.option("--adopt-fd", default=-1, hidden=True, type=int)
+@click.option("--resume-fd", default=-1, hidden=True, type=int)
 def serve(
     config_path: str,
     workers: int,
@@ -106,16 +109,24 @@ def serve(
     control_fd: int,
     counts_spec: str,
     rows: int,
+    handover_fd: int,
+    adopt_fd: int,
+    resume_fd: int,
 ) -> None:
-    """Run the load balancer until SIGTERM/SIGINT (then drain and exit 0)."""
+    """Run the load balancer until SIGTERM/SIGINT (then drain and exit 0).
+
+    SIGHUP reloads the configuration; SIGUSR2 (or `lbproxy upgrade`) starts the lbproxy
+    code now installed without closing a connection (with --workers 2 or more)."""
     from lbproxy.logsetup import setup_logging
 
     config = _load_or_exit(config_path)
     setup_logging(log_level, log_format)
     if workers > 1 and worker_index < 0:
         from lbproxy.supervisor import Supervisor
+        from lbproxy.upgrade_state import read_resume
 
-        supervisor = Supervisor(config, config_path, workers, log_level, log_format)
+        resume = read_resume(resume_fd) if resume_fd >= 0 else None
+        supervisor = Supervisor(config, config_path, workers, log_level, log_format, resume)
         sys.exit(run_async(supervisor.run()))
     from lbproxy.app import App
 
@@ -126,13 +137,15 @@ def serve(
     from lbproxy.workers import WorkerLink
 
     counts_fd, row = (int(part) for part in counts_spec.split(":", 1))
+    link = WorkerLink(control_fd)
+    link.handover_fd, link.adopt_fd = handover_fd, adopt_fd
     app = App(
         config,
         reuse_port=True,
         log_json=log_format == "json",
         role="worker",
         counts=SharedCounts.attach(counts_fd, rows, row),
-        link=WorkerLink(control_fd),
+        link=link,
     )
     sys.exit(run_async(app.run(config_path)))
 
@@ -304,6 +317,19 @@ def enable(pool: str, backend_id: str, admin_url: str, token: str | None) -> Non
     from lbproxy import admin_client
 
     sys.exit(admin_client.enable(admin_url, pool, backend_id, _token(token)))
+
+
+@main.command()
+@click.option("--admin", "admin_url", default=DEFAULT_ADMIN, show_default=True)
+@token_option
+def upgrade(admin_url: str, token: str | None) -> None:
+    """Load the lbproxy code now installed without closing a connection (serve --workers 2+).
+
+    Exit 0 once the new generation serves, 1 if it failed to start (the old one serves on),
+    2 if the configuration is invalid (nothing changed)."""
+    from lbproxy import admin_client
+
+    sys.exit(admin_client.upgrade(admin_url, _token(token)))
 
 
 @main.command()

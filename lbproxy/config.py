@@ -129,8 +129,13 @@ def _admin(top: Section, problems: Problems) -> AdminConfig:
         section.bad("token", f"required when admin.listen ({listen}) is not a loopback address")
     allowed = _allowed_hosts(section)
     max_connections = section.integer("max_connections", defaults.max_connections, 1, 65536)
+    upgrade_timeout = section.number("upgrade_timeout", defaults.upgrade_timeout, zero_ok=False)
     return AdminConfig(
-        listen=listen, token=token, allowed_hosts=allowed, max_connections=max_connections
+        listen=listen,
+        token=token,
+        allowed_hosts=allowed,
+        max_connections=max_connections,
+        upgrade_timeout=upgrade_timeout,
     )
 
 

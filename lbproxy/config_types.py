@@ -28,6 +28,7 @@ class AdminConfig:
     token: str = ""
     allowed_hosts: tuple[str, ...] = ()  # Host names besides admin.listen/localhost (canonical)
     max_connections: int = 64  # open admin connections; beyond: 503 and close
+    upgrade_timeout: float = 10.0  # lbproxy upgrade: the old generation is gone after this
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,16 +52,21 @@ class Drainer:
         reason: str,
     ) -> None:
         if new is BackendState.DRAINING:
-            if backend not in self._tasks:
-                task = asyncio.get_running_loop().create_task(self._drain(pool, backend))
-                self._tasks[backend] = task
-                task.add_done_callback(self._forget)
+            self.resume(pool, backend)
         elif new is BackendState.UP:
             running = self._tasks.get(backend)
             if running is not None:
                 del self._tasks[backend]
                 running.cancel()
                 log.info("pool %s backend %s: drain cancelled (%s)", pool.name, backend.id, reason)
+
+    def resume(self, pool: Pool, backend: Backend) -> None:
+        """Run the drain schedule of a draining backend unless it runs (also for tunnels
+        taken over from the previous generation: their drain_timeout starts again here)."""
+        if backend.state is BackendState.DRAINING and backend not in self._tasks:
+            task = asyncio.get_running_loop().create_task(self._drain(pool, backend))
+            self._tasks[backend] = task
+            task.add_done_callback(self._forget)
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         for backend, running in list(self._tasks.items()):

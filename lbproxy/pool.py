@@ -1,9 +1,8 @@
 """Backends and their state: the one source of truth the balancer reads.
 
-Health checks, the Redis watcher, reloads and the admin API change a pool only
-through the named methods here (upsert/remove/mark_up/mark_down/drain/enable and
-the passive-failure hooks). Every state change is reported once to the pool's
-observers with its reason.
+Health checks, the Redis watcher, reloads and the admin API change a pool only through the
+named methods here (upsert/remove/mark_up/mark_down/drain/enable and the passive-failure
+hooks). Every state change is reported once to the pool's observers with its reason.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from lbproxy.shared_counts import NO_COLUMN, SharedCounts
 __all__ = ["Backend", "BackendState", "Closable", "Pool", "StateObserver"]
 
 log = logging.getLogger("lbproxy.pool")
-
 
 StateObserver = Callable[["Pool", Backend, BackendState | None, BackendState | None, str], None]
 """(pool, backend, old_state, new_state, reason); None for 'not in the pool'."""
@@ -276,6 +274,11 @@ class Pool:
             backend.leaving.add(conn)
             backend.active -= 1
             self._publish(backend)
+
+    def affinity_key(self, conn: Closable) -> bytes | None:
+        """The affinity key ``conn`` was attached with (it moves with it on an upgrade)."""
+        stuck = self._sticks.get(conn)
+        return None if stuck is None else stuck[0]
 
     def detach(self, backend: Backend, conn: Closable) -> None:
         if conn in backend.connections:

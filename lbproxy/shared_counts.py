@@ -94,6 +94,15 @@ class Columns:
         self._used.add(found)
         return found
 
+    def claim(self, column: int) -> None:
+        """A column given out before the supervisor re-executed itself (lbproxy upgrade)."""
+        if 0 < column < self._columns and column not in self._used:
+            if column in self._free:
+                self._free.remove(column)
+            self._free += range(self._next, column)
+            self._next = max(self._next, column + 1)
+            self._used.add(column)
+
     def release_unused(self, live: set[int], counts: SharedCounts) -> None:
         """Free the columns not in ``live`` (those of the supervisor's backends) whose
         count dropped to zero."""

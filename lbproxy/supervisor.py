@@ -30,6 +30,8 @@ from lbproxy.pool_sync import add_counts, add_stats, decode, encode, merge_stats
 from lbproxy.proxy.tunnel import GRACE
 from lbproxy.shared_counts import NO_COLUMN, Columns, SharedCounts
 from lbproxy.stats import Stats
+from lbproxy.upgrade import Generations
+from lbproxy.upgrade_state import AdoptedChild, Child, Resume
 from lbproxy.workers import MAX_LINE
 
 log = logging.getLogger("lbproxy.supervisor")
@@ -40,22 +42,44 @@ MAX_RESTARTS = 10  # per worker per minute: beyond that the supervisor gives up
 
 
 class WorkerProc:
-    """One worker process and the supervisor's end of its control socket."""
+    """One worker process, the supervisor's end of its control socket, and of its hand-over
+    channel to its successor (lbproxy upgrade: given to the next generation's worker)."""
 
-    def __init__(self, index: int, argv: list[str], counts_fd: int) -> None:
+    def __init__(
+        self, index: int, row: int, proc: Child, sock: socket.socket, successor: socket.socket
+    ) -> None:
         self.index = index
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fd = child.fileno()
-        argv = [*argv, "--control-fd", str(fd), "--counts", f"{counts_fd}:{index}"]
-        self.proc = subprocess.Popen(argv, pass_fds=(fd, counts_fd))
-        child.close()
-        self.sock = parent
+        self.row = row  # its row of the shared count table
+        self.proc = proc
+        self.sock = sock
+        self.successor = successor
+        self.ready = asyncio.Event()  # (a new generation's worker: its snapshot is loaded)
+        self.handed = asyncio.Event()  # (an old generation's worker: it has handed over)
         self.writer: asyncio.StreamWriter | None = None
         self.reader_task: asyncio.Task[None] | None = None
         self.stats: dict[str, Any] = {}
         self.listeners: dict[str, int] = {}
         self.native: dict[str, int] = {}
         self.sent_version = 0
+
+    @classmethod
+    def spawn(
+        cls, index: int, row: int, argv: list[str], counts_fd: int, adopt: int = -1
+    ) -> WorkerProc:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        successor, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = [child.fileno(), counts_fd, theirs.fileno()]
+        argv = [*argv, "--control-fd", str(fds[0]), "--counts", f"{counts_fd}:{row}"]
+        argv += ["--handover-fd", str(fds[2])]
+        if adopt >= 0:
+            argv += ["--adopt-fd", str(adopt)]
+            fds.append(adopt)
+        try:
+            proc = subprocess.Popen(argv, pass_fds=fds)
+        finally:
+            child.close()
+            theirs.close()
+        return cls(index, row, proc, parent, successor)
 
     def send(self, message: Mapping[str, Any]) -> None:
         if self.writer is not None and not self.writer.is_closing():
@@ -68,23 +92,36 @@ class WorkerProc:
             self.writer.close()
         else:
             self.sock.close()
+        self.successor.close()
 
 
 class Supervisor:
     """The BalancerView of the supervisor's App, and the workers' keeper."""
 
     def __init__(
-        self, config: Config, path: str, count: int, log_level: str, log_format: str
+        self,
+        config: Config,
+        path: str,
+        count: int,
+        log_level: str,
+        log_format: str,
+        resume: Resume | None = None,
     ) -> None:
         self.path = path
         self.count = count
         self._argv = [sys.executable, "-m", "lbproxy", "serve", "--config", path]
         self._argv += ["--log-level", log_level, "--log-format", log_format]
-        self.counts = SharedCounts.create(rows=count)
+        if resume is None:  # two rows per worker: an upgrade's two generations count apart
+            self.counts = SharedCounts.create(rows=2 * count)
+        else:
+            self.counts = SharedCounts.attach(resume.counts_fd, resume.rows, -1)
         self.columns = Columns(self.counts.columns)
+        self.resume = resume
+        self.generations = Generations(self)
         self.app = App(
             config, log_json=log_format == "json", role="supervisor", counts=self.counts, view=self
         )
+        self.app.upgrade = self.generations.upgrade
         self.procs: list[WorkerProc] = []
         self.retired = Stats()  # counters of workers that died (the totals never go back)
         self.version = 0
@@ -96,7 +133,8 @@ class Supervisor:
 
     # -- BalancerView ---------------------------------------------------------------
     def stats(self) -> Stats:
-        return merge_stats([self.app.stats, self.retired, *(w.stats for w in self.procs)])
+        leaving = [w.stats for w, _ in self.generations.leaving]
+        return merge_stats([self.app.stats, self.retired, *leaving, *(w.stats for w in self.procs)])
 
     def listeners(self) -> dict[str, int]:
         total = {name: 0 for name in self.app.config.listeners}
@@ -114,7 +152,7 @@ class Supervisor:
         return [
             {
                 "pid": w.proc.pid,
-                "connections": self.counts.row_total(w.index),
+                "connections": self.counts.row_total(w.row),
                 "accepted": sum(n for _, n in w.stats.get("connections_total", ())),
             }
             for w in self.procs
@@ -130,6 +168,15 @@ class Supervisor:
                 self.counts.columns - 1,
             )
         return column
+
+    def snapshot_message(self) -> dict[str, Any]:
+        """The current pools (a new worker's first snapshot, the state across a re-exec)."""
+        return {"t": "snapshot", "version": self.version, "pools": self._last or {}}
+
+    def adopt_worker(self, index: int, row: int, pid: int, control: int, successor: int) -> Any:
+        """A worker started by this supervisor's previous image (lbproxy upgrade)."""
+        sock = socket.socket(fileno=control)
+        return WorkerProc(index, row, AdoptedChild(pid), sock, socket.socket(fileno=successor))
 
     def push(self) -> None:
         """Send the pools to every worker that has not seen this state yet."""
@@ -170,13 +217,17 @@ class Supervisor:
                 pool.subscribe(self._on_state)
 
     # -- workers ----------------------------------------------------------------
-    async def _spawn(self, index: int) -> WorkerProc:
-        argv = [*self._argv, "--worker-index", str(index), "--rows", str(self.count)]
-        worker = WorkerProc(index, argv, self.counts.fd)
-        reader, worker.writer = await asyncio.open_unix_connection(sock=worker.sock, limit=MAX_LINE)
-        worker.reader_task = asyncio.get_running_loop().create_task(self._read(worker, reader))
+    async def _spawn(self, index: int, row: int, adopt: int = -1) -> WorkerProc:
+        argv = [*self._argv, "--worker-index", str(index), "--rows", str(self.counts.rows)]
+        worker = WorkerProc.spawn(index, row, argv, self.counts.fd, adopt)
+        await self.connect(worker)
         self._push_soon()  # its first snapshot (sent_version 0), once it is in self.procs
         return worker
+
+    async def connect(self, worker: WorkerProc) -> None:
+        """Read ``worker``'s control socket."""
+        reader, worker.writer = await asyncio.open_unix_connection(sock=worker.sock, limit=MAX_LINE)
+        worker.reader_task = asyncio.get_running_loop().create_task(self._read(worker, reader))
 
     async def _read(self, worker: WorkerProc, reader: asyncio.StreamReader) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -189,6 +240,8 @@ class Supervisor:
                     worker.stats = message.get("stats", {})
                     worker.listeners = message.get("listeners", {})
                     worker.native = message.get("native", {})
+                elif kind in ("ready", "handed", "took"):
+                    self.generations.heard(worker, kind, message)
                 elif kind == "resync":  # e.g. after its reload: send it the snapshot again
                     worker.sent_version = 0
                     self._push_soon()
@@ -209,6 +262,7 @@ class Supervisor:
                     pool.forget_if_done(backend)
             self.push()
             await self._reap()
+            self.generations.reap_leaving()
             await asyncio.sleep(PUSH_INTERVAL)
 
     async def _reap(self) -> None:
@@ -217,7 +271,7 @@ class Supervisor:
             code = worker.proc.poll()
             if code is None:
                 continue
-            self.counts.zero_row(worker.index)
+            self.counts.zero_row(worker.row)
             add_stats(self.retired, worker.stats)
             worker.stats = {}
             worker.close()
@@ -229,7 +283,7 @@ class Supervisor:
                 self.app.stopping.set()
                 return
             log.error("worker %d (pid %d) exited with %s; replacing it", i, worker.proc.pid, code)
-            self.procs[i] = await self._spawn(i)
+            self.procs[i] = await self._spawn(i, worker.row)
 
     async def _reload(self) -> None:
         """SIGHUP: validate once here; then every worker applies the same file."""
@@ -261,7 +315,10 @@ class Supervisor:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         await self.app.start()
-        self.procs = [await self._spawn(i) for i in range(self.count)]
+        if self.resume is not None:
+            await self.generations.resumed(self.resume)
+        else:
+            self.procs = [await self._spawn(i, i) for i in range(self.count)]
         pids = ", ".join(str(w.proc.pid) for w in self.procs)
         log.warning("supervisor %d: %d workers (%s)", os.getpid(), self.count, pids)
         signals = 0
@@ -284,6 +341,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_stop)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
+        loop.add_signal_handler(signal.SIGUSR2, self.generations.on_signal)
         tick = loop.create_task(self._tick())
         try:
             await self.app.stopping.wait()
@@ -292,6 +350,7 @@ class Supervisor:
             tick.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await tick
+            await self.generations.stop()
             await self._stop_workers()
             await self.app.stop()
             self.counts.close()

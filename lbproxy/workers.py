@@ -36,6 +36,9 @@ class WorkerLink:
         self.on_snapshot: Callable[[Mapping[str, list[Entry]]], None] = _ignore
         self.on_reload: Callable[[str], None] = _ignore
         self.on_lost: Callable[[], None] = _ignore
+        self.on_handover: Callable[[], None] = _ignore
+        self.handover_fd = -1  # to this worker's successor (lbproxy upgrade)
+        self.adopt_fd = -1  # from this worker's predecessor (a new generation's worker)
         self._loaded = asyncio.Event()
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
@@ -83,3 +86,5 @@ class WorkerLink:
                 self._loaded.set()
         elif kind == "reload":
             self.on_reload(str(message.get("path", "")))
+        elif kind == "handover":
+            self.on_handover()

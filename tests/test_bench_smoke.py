@@ -394,7 +394,9 @@ def test_limits_scenario_uses_the_limits_config_only_when_lbproxy_accepts_it(
 
 def test_quick_default_leaves_out_the_limits_scenario() -> None:
     assert parse_args(["--quick"]).scenarios == [
-        s for s in SCENARIOS if s not in ("ws_echo_small_limits", "ws_connect_rate_limits")
+        s
+        for s in SCENARIOS
+        if s not in ("ws_echo_small_limits", "ws_connect_rate_limits", "upgrade")
     ]
     assert parse_args([]).scenarios == list(SCENARIOS)
     named = parse_args(["--quick", "--scenarios", "ws_echo_small_limits"])

@@ -15,12 +15,14 @@ within the host's hard limits.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,7 +128,7 @@ def test_image_proxies_a_websocket_and_drains_on_stop(image: str, tmp_path: Path
         "run", "-d", "--name", name, "--network", "host", *ulimits(),
         "-e", f"LBPROXY_HEALTHZ=http://127.0.0.1:{admin}/healthz",
         "-v", f"{tmp_path / 'lbproxy.toml'}:/etc/lbproxy/lbproxy.toml:ro",
-        image,
+        image, "serve", "--config", "/etc/lbproxy/lbproxy.toml", "--workers", "2",
     )  # fmt: skip
     try:
         wait_until(lambda: port_open(port) and port_open(admin), timeout=30)
@@ -146,7 +148,8 @@ def test_image_proxies_a_websocket_and_drains_on_stop(image: str, tmp_path: Path
 
 
 def test_image_upgrade_keeps_websockets(image: str, tmp_path: Path) -> None:
-    """`lbproxy upgrade` works inside the image (lbproxy is PID 1, exec form)."""
+    """`lbproxy upgrade` works inside the image (lbproxy is PID 1, exec form; upgrades need
+    a supervisor: --workers 2): the websocket stays open, PID 1 stays, generation 2."""
     has_upgrade = podman("run", "--rm", *ulimits(), image, "upgrade", "--help", check=False)
     if has_upgrade.returncode != 0:
         pytest.skip("this lbproxy has no `upgrade` command yet (a planned command)")
@@ -170,6 +173,8 @@ def test_image_upgrade_keeps_websockets(image: str, tmp_path: Path) -> None:
             podman("exec", name, "lbproxy", "upgrade", "--admin", admin_url, timeout=60)
             ws.send("after")
             assert ws.recv(timeout=10) == "after"
+            info = json.loads(urllib.request.urlopen(f"{admin_url}/api/info", timeout=5).read())
+            assert info["generation"] == 2 and info["pid"] == 1
         running = podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip()
         assert running == "true"
     finally:

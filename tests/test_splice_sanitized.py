@@ -83,6 +83,7 @@ def test_the_engine_is_clean_under_asan_and_ubsan(tmp_path: Path) -> None:
         "tests/contract/test_tunnel_contract.py",
         "tests/contract/test_ws_policy_contract.py",  # (limits, pings, dead peers, messages)
         "tests/test_splice.py",
+        "tests/test_splice_handover.py",
     ]
     run = subprocess.run(
         [sys.executable, "-c", RUNNER, str(out), *args],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -147,20 +148,26 @@ class Listener:
 
         return admit
 
-    async def start(self) -> Address:
+    async def start(self, sock: socket.socket | None = None) -> Address:
+        """Bind and listen, or listen on ``sock`` (the predecessor's socket, on an upgrade)."""
         loop = asyncio.get_running_loop()
         bind = self.config.bind
-        self.server = await loop.create_server(
-            self._factory(),
-            bind.host,
-            bind.port,
-            backlog=4096,
-            reuse_address=True,
-            reuse_port=self.reuse_port or None,
-            ssl=_ssl_context(self.config),
-        )
-        sock = self.server.sockets[0].getsockname()
-        self.address = Address(bind.host, int(sock[1]))
+        if sock is not None:
+            self.server = await loop.create_server(
+                self._factory(), sock=sock, backlog=4096, ssl=_ssl_context(self.config)
+            )
+        else:
+            self.server = await loop.create_server(
+                self._factory(),
+                bind.host,
+                bind.port,
+                backlog=4096,
+                reuse_address=True,
+                reuse_port=self.reuse_port or None,
+                ssl=_ssl_context(self.config),
+            )
+        bound = self.server.sockets[0].getsockname()
+        self.address = Address(bind.host, int(bound[1]))
         self.ctx.port = self.address.port
         self._sweeper = loop.create_task(self._sweep())
         log.info(
