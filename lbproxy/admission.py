@@ -91,6 +91,18 @@ class Admission:
         shared.submit(self.name, ip, config, own, settle)
         return None
 
+    def adopt(self, ip: str) -> None:
+        """A counted connection of ``ip`` moved in from the previous generation (lbproxy
+        upgrade): counted open here, nothing decided; its old worker released it."""
+        table = self._table()
+        if table is not None:
+            table.adopt(self.name, ip, self.loop.time())
+            return
+        opened = self.local.opened(ip)
+        shared = self._shared_limits()
+        if shared is not None and self.config.connections_per_ip:
+            shared.set_count(self.name, ip, opened)
+
     def closed(self, ip: str) -> None:
         """A counted connection of ``ip`` ended."""
         table = self._table()

@@ -82,8 +82,7 @@ def export_link(listener: Listener, link: Link) -> tuple[dict[str, Any], list[in
     cfd, bfd, state = splicer.engine.export(link.slot, link)
     link.where = Where.NATIVE_DONE  # (no finish(): it goes on elsewhere)
     link.slot = -1
-    ctx.connections.discard(link)
-    ctx.pool.detach(link.backend, link)
+    ctx.tunnel_ended(link, link.backend, link.client_addr)  # (its count moves with it)
     meta: dict[str, Any] = {
         "listener": listener.name,
         "backend": link.backend.id,
@@ -226,6 +225,8 @@ def import_link(listeners: Mapping[str, Listener], meta: dict[str, Any], fds: li
         link.ws_close = CloseKind(int(meta["ws_close"]))
         link.first_close = int(meta["first_close"])
     ctx.connections.add(link)
+    if ctx.limits is not None:  # (counted as its predecessor did: tunnel_ended releases it)
+        ctx.limits.adopt(link.client_addr)
     key = meta.get("key")
     ctx.pool.attach(backend, link, key if isinstance(key, bytes) else None)
     link.native_started(-1)  # (the engine may report its end from inside import_tunnel)

@@ -14,6 +14,7 @@ import os
 import socket
 from typing import Any
 
+from lbproxy.proxy.admit import release
 from lbproxy.proxy.connection import HttpClient
 from lbproxy.proxy.listener import Listener
 from lbproxy.proxy.splice import Detached
@@ -47,6 +48,8 @@ def export_http(listener: Listener, conn: HttpClient) -> tuple[dict[str, Any], l
     sock = conn.transport.get_extra_info("socket")
     fd = os.dup(sock.fileno())
     listener.connections.discard(conn)
+    held = conn.held
+    release(conn)  # (the admission count moves with it: adopted by the successor)
     conn.disarm()
     if conn.timer is not None:
         conn.timer.cancel()
@@ -62,6 +65,7 @@ def export_http(listener: Listener, conn: HttpClient) -> tuple[dict[str, Any], l
         "in": conn.nbytes_in,
         "out": conn.nbytes_out,
         "sides": [True],
+        "held": held,
     }
     return meta, [fd]
 
@@ -73,13 +77,22 @@ async def import_http(listeners: dict[str, Listener], meta: dict[str, Any], fd: 
         os.close(fd)
         return False
     ctx = listener.ctx
+    held = str(meta.get("held", ""))
+    if held and ctx.limits is not None:
+        ctx.limits.adopt(held)  # (admitted before: counted here, not decided again)
+
+    def moved() -> HttpClient:
+        conn = HttpClient(ctx)
+        conn.held = held if ctx.limits is not None else ""
+        return conn
+
     sock = socket.socket(fileno=fd)
     try:
-        _, conn = await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: HttpClient(ctx), sock=sock
-        )
+        _, conn = await asyncio.get_running_loop().connect_accepted_socket(moved, sock=sock)
     except OSError:
         sock.close()
+        if held and ctx.limits is not None:
+            ctx.limits.closed(held)
         return False
     ctx.stats.connections_total[ctx.config.name] -= 1  # (the old generation counted it)
     conn.started = float(meta["started"])

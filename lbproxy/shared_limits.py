@@ -91,6 +91,19 @@ class SharedLimits:
             self.counts.pack_into(self._map, at + HEAD.size, *mine)
             return ADMIT
 
+    def adopt(self, listener: str, ip: str, now: float) -> None:
+        """Count a connection open in this worker's row without deciding (it moved here)."""
+        key = key_of(listener, ip)
+        with self._locked():
+            at, found = self._find(key, now)
+            if at < 0:
+                return
+            mine = list(self._open(at)) if found else [0] * self.rows
+            tat = HEAD.unpack_from(self._map, at)[1] if found else now
+            mine[self.row] += 1
+            HEAD.pack_into(self._map, at, key, tat)
+            self.counts.pack_into(self._map, at + HEAD.size, *mine)
+
     def closed(self, listener: str, ip: str) -> None:
         key = key_of(listener, ip)
         with self._locked():

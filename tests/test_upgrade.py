@@ -429,3 +429,67 @@ async def test_tls_tunnels_stay_then_get_their_1001(balancer: Balancer, tmp_path
     await fresh.send("on")
     assert await fresh.recv() == "on"
     await fresh.close()
+
+
+def _ws_from(port: int, source: str) -> socket.socket:
+    """A websocket (raw socket) opened from the client address ``source``."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET /echo HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        head += chunk
+    if not head.startswith(b"HTTP/1.1 101"):
+        sock.close()
+        raise ConnectionRefusedError(head.split(b"\r\n", 1)[0].decode())
+    return sock
+
+
+def _admitted(port: int, source: str) -> bool:
+    try:
+        _ws_from(port, source).close()
+    except (ConnectionRefusedError, ConnectionResetError):
+        return False
+    return True
+
+
+def test_admission_counts_move_with_their_connections(tmp_path: Path) -> None:
+    """connections_per_ip holds across an upgrade: the moved websockets and keep-alive
+    connection are still counted (the limit refuses the next one), and released once."""
+    one = Backend("a1").start()
+    held: list[socket.socket] = []
+    try:
+        text, port, admin = proxy_config(
+            [(one.id, one.address)], extra="\n[listeners.public.limits]\nconnections_per_ip = 3\n"
+        )
+        lb = Lbproxy(text, tmp_path, "--workers", "2").start(wait_ports=(port, admin))
+        try:
+            wait_until(lambda: len(_workers(admin)) == 2, timeout=20)
+            held += [_ws_from(port, "127.0.0.21") for _ in range(2)]
+            keep = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.21", 0))
+            held.append(keep)
+            assert _get_on(keep).startswith(b"HTTP/1.1 200")
+            assert not _admitted(port, "127.0.0.21")
+            before = _workers(admin)
+            done = _upgrade(admin)
+            assert done.returncode == 0, done.stdout + done.stderr
+            Balancer(lb, port, admin, [one]).upgraded(2, before)
+            assert _get_on(keep).startswith(b"HTTP/1.1 200")  # (moved, still counted)
+            assert not _admitted(port, "127.0.0.21")
+            assert _admitted(port, "127.0.0.22")
+            held.pop(0).close()
+            wait_until(lambda: _admitted(port, "127.0.0.21"), timeout=10, interval=0.2)
+        finally:
+            lb.stop()
+    finally:
+        for s in held:
+            s.close()
+        one.stop()

@@ -106,7 +106,7 @@ class HttpClient(asyncio.Protocol):
             return
         ctx.connections.add(self)
         self.timer = ctx.loop.call_later(ctx.config.handshake_timeout, self._head_timeout)
-        if ctx.limits is not None:
+        if ctx.limits is not None and not self.held:  # (held: moved here, admitted before)
             admit_peer(self, ctx.limits)
 
     def data_received(self, data: bytes) -> None:
