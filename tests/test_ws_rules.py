@@ -54,6 +54,16 @@ def test_gcra_lets_a_burst_through_then_the_rate() -> None:
     assert gcra(tat, 10.0 + 0.021, 0.02, 0.4)[0]  # one more after one emission interval
 
 
+@pytest.mark.parametrize("now", [0.5, 10.0, 1234.5678, 98765.4321, 3.7e6])
+def test_gcra_burst_is_exact_at_any_clock_reading(now: float) -> None:
+    """Sums of float emissions round: the burst-th message at once must still pass."""
+    tat, allowed = 0.0, 0
+    for _ in range(100):
+        ok, tat = gcra(tat, now, 0.02, 20 * 0.02)
+        allowed += ok
+    assert allowed == 20
+
+
 def test_policy_from_config_and_burst_default() -> None:
     policy = ws_policy(WebsocketConfig(max_messages_per_second=50, burst=0))
     assert policy.emission == pytest.approx(0.02) and policy.tolerance == pytest.approx(1.0)
