@@ -32,6 +32,7 @@ from lbproxy.proxy.states import CLIENT_TRANSITIONS, ClientState, check
 from lbproxy.proxy.tunnel import Linger
 
 HEAD, CONNECTING, FORWARD, DONE = ClientState
+KEEPALIVE, BODY, RESPONSE = Wait.KEEPALIVE, Wait.BODY, Wait.RESPONSE  # (globals: see tunnel.py)
 
 
 class HttpClient(asyncio.Protocol):
@@ -94,9 +95,8 @@ class HttpClient(asyncio.Protocol):
 
     # -- asyncio callbacks ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)
         ctx = self.ctx
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # (a stream transport; no cast call)
         self.started = time.monotonic()
         ctx.stats.connections_total[ctx.config.name] += 1
         peer = transport.get_extra_info("peername")
@@ -261,29 +261,29 @@ class HttpClient(asyncio.Protocol):
             self.wait_mark = self.nbytes_in
             self.wait_since = now
             timeout = self.ctx.config.body_timeout
-            self.arm(Wait.BODY, next_body_check(now, now, timeout))
+            self.arm(BODY, next_body_check(now, now, timeout))
         else:
-            self.arm(Wait.RESPONSE, now + self.ctx.pool.config.response_timeout)
+            self.arm(RESPONSE, now + self.ctx.pool.config.response_timeout)
 
     def response_started(self) -> None:
         """The final response head (or 101) arrived: no response deadline now (its entry
         stays in ctx.deadlines until overwritten or swept: no pop on the hot path)."""
-        if self.wait is Wait.RESPONSE:
+        if self.wait is RESPONSE:
             self.wait = None
 
     def deadline_passed(self, now: float) -> None:
         wait = self.wait
         self.disarm()  # (wait None: an entry left behind, nothing to do)
         exchange = self.exchange
-        if wait is Wait.KEEPALIVE:
+        if wait is KEEPALIVE:
             if self.state is HEAD and not self.buf:
                 self.advance(DONE)
                 self._log(f"idle for {self.ctx.config.keepalive_timeout:g}s between requests")
                 self.transport.close()
-        elif wait is Wait.BODY:
+        elif wait is BODY:
             if self.state is FORWARD and exchange is not None and exchange.tracker is not None:
                 self._body_deadline(exchange, now)
-        elif wait is Wait.RESPONSE and exchange is not None:
+        elif wait is RESPONSE and exchange is not None:
             exchange.response_timeout()
 
     def _body_deadline(self, exchange: Exchange, now: float) -> None:
@@ -297,7 +297,7 @@ class HttpClient(asyncio.Protocol):
             else:
                 self.reject(408, "request body not received in time")
             return
-        self.arm(Wait.BODY, next_body_check(now, self.wait_since, timeout))
+        self.arm(BODY, next_body_check(now, self.wait_since, timeout))
 
     # -- the exchange's end ------------------------------------------------------
     def request_done(self, close: bool) -> None:
@@ -310,13 +310,14 @@ class HttpClient(asyncio.Protocol):
         if self.buf:
             self._try_head()
         else:
-            self.arm(Wait.KEEPALIVE, time.monotonic() + self.ctx.config.keepalive_timeout)
+            self.arm(KEEPALIVE, time.monotonic() + self.ctx.config.keepalive_timeout)
             self.transport.resume_reading()
 
     def handed_over(self) -> None:
         """The exchange made this connection a websocket tunnel: this protocol is done."""
         ctx = self.ctx
         self.advance(DONE)
+        self.exchange = None  # (no reference cycle left for the garbage collector)
         self.disarm()
         ctx.connections.discard(self)
         ctx.stats.handshake_seconds.observe(time.monotonic() - self.started)

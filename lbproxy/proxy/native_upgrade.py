@@ -20,19 +20,23 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from lbproxy.http1 import MAX_HEAD, add_response_headers
 from lbproxy.http1.lanes import switching_protocols
 from lbproxy.pool import BackendState
 from lbproxy.proxy.context import ListenerContext
+from lbproxy.proxy.deadlines import Wait
 from lbproxy.proxy.http_upstream import Upstream
+from lbproxy.proxy.native_tunnel import Cursor, NativeTunnel
 from lbproxy.proxy.retry import Answer, Facts, Failure, Retry, decide, from_errno
-from lbproxy.proxy.tunnel import WsLink
 
 if TYPE_CHECKING:
     from lbproxy.pool import Backend
     from lbproxy.proxy.types import ConnectionSide, SplicerLike, UpgradeClient
+
+RESPONSE = Wait.RESPONSE  # (an Enum member as a global: see tunnel.py)
 
 
 class NativeUpgrade:
@@ -90,7 +94,8 @@ class NativeUpgrade:
             self.slot = slot
             self.backend = backend
             self.timer = ctx.loop.call_later(pool.config.connect_timeout, self._timeout, slot)
-            self.conn.wait_for(False)  # the request is out: the response deadline starts
+            # the request is out: the response deadline starts
+            self.conn.arm(RESPONSE, time.monotonic() + pool.config.response_timeout)
             return True
 
     def _failed(self, backend: Backend, failure: Failure, answered: bool = False) -> bool:
@@ -175,7 +180,10 @@ class NativeUpgrade:
     def _got(self, backend: Backend, data: bytes) -> None:
         buf = self.resp
         if not buf:
-            self._cancel_timer()
+            timer = self.timer
+            if timer is not None:
+                timer.cancel()
+                self.timer = None
         buf += data
         end = buf.find(b"\r\n\r\n") + 4
         if end < 4:
@@ -193,7 +201,8 @@ class NativeUpgrade:
         if sock is None:
             self._hand_over(backend)
             return
-        self.ctx.pool.connect_succeeded(backend)
+        if backend.failures:
+            self.ctx.pool.connect_succeeded(backend)
         self._splice(backend, sock, whole, end)
 
     def _splice(self, backend: Backend, sock: socket.socket, whole: bytes, end: int) -> None:
@@ -206,15 +215,15 @@ class NativeUpgrade:
         if client.set_cookie is not None:
             head = add_response_headers(whole[:end], [client.set_cookie])
             to_client, head_len = head + whole[end:], len(head)
-        link = WsLink(ctx, backend, self.splicer.gone, transport, conn.ip, conn.started)
-        link.skip = 0
-        link.partial = b""
-        link.saw_close = False
-        if len(to_client) > head_len:
-            link.feed(to_client[head_len:])
+        tunnel = NativeTunnel(ctx, backend, conn.ip, conn.started)
+        partial, skip, saw_close = b"", 0, False  # the frame cursor, at a boundary
+        if len(to_client) > head_len:  # (frames sent with the 101: where they leave it)
+            cursor = Cursor()
+            cursor.feed(to_client[head_len:])
+            partial, skip, saw_close = cursor.partial, cursor.skip, cursor.saw_close
         to_backend = bytes(conn.buf)
-        link.client.nbytes = conn.nbytes_in  # (the buffered client bytes are part of it)
-        link.nbytes = len(to_client)
+        tunnel.nbytes_in = conn.nbytes_in  # (the buffered client bytes are part of it)
+        tunnel.nbytes = len(to_client)
         slot = self.slot
         try:
             cfd = os.dup(sock.fileno())
@@ -223,28 +232,19 @@ class NativeUpgrade:
             return
         self.slot = -1
         client.tunnel_started(backend)
-        link.native_started(slot)  # (before splice(): the engine may report its end at once)
-        ctx.connections.add(link)
-        ctx.pool.attach(backend, link, client.key)
+        tunnel.native_started(slot)  # (before splice(): the engine may report its end at once)
+        ctx.connections.add(tunnel)
+        ctx.pool.attach(backend, tunnel, client.key)
         engine = self.splicer.engine
         try:
             engine.splice(
-                slot,
-                self,
-                link,
-                cfd,
-                to_client,
-                to_backend,
-                True,
-                link.partial,
-                link.skip,
-                link.saw_close,
+                slot, self, tunnel, cfd, to_client, to_backend, True, partial, skip, saw_close
             )
         except (KeyError, ValueError, MemoryError):  # (cannot happen while the engine holds it)
             os.close(cfd)
-            link.slot = -1
-            ctx.connections.discard(link)
-            ctx.pool.detach(backend, link)
+            tunnel.slot = -1
+            ctx.connections.discard(tunnel)
+            ctx.pool.detach(backend, tunnel)
             conn.close_now()
             return
         # the client's transport closes its own fd; the engine has the duplicate

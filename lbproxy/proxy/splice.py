@@ -19,15 +19,14 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from lbproxy.proxy import native_upgrade
+from lbproxy.proxy.native_tunnel import NativeTunnel
 from lbproxy.proxy.tunnel import Link, WsLink
-from lbproxy.proxy.tunnel_rules import Mode, Where, engine_setup
+from lbproxy.proxy.tunnel_rules import FORWARD, PYTHON, engine_setup
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from lbproxy._splice import Engine
-    from lbproxy.pool import Backend
-    from lbproxy.proxy.context import ListenerContext
 
 
 class Gone(asyncio.Transport):
@@ -93,7 +92,10 @@ class Splicer:
 
     def __init__(self, engine_type: type[Engine], loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.engine = make_engine(engine_type, self._finished, native_upgrade.NativeUpgrade.on_data)
+        # (the engine calls the two report methods itself: no Python hop in between)
+        self.engine = make_engine(
+            engine_type, NativeTunnel.native_finished, native_upgrade.NativeUpgrade.on_data
+        )
         self.fd = self.engine.fileno()
         self.detached = Detached()
         self.gone = Gone()
@@ -111,17 +113,13 @@ class Splicer:
         """Stop watching the engine (its remaining sockets close with it)."""
         self.loop.remove_reader(self.fd)
 
-    @staticmethod
-    def _finished(link: Any, reason: str, nin: int, nout: int) -> None:
-        link.native_finished(reason, nin, nout)
-
     def offload(self, link: Link) -> bool:
         """Move ``link``'s two sockets into the engine; False when it has to stay in Python."""
         backend, client = link.transport, link.out
         if (
-            link.where is not Where.PYTHON
-            or link.mode is not Mode.FORWARD
-            or link.client.mode is not Mode.FORWARD
+            link.where is not PYTHON
+            or link.mode is not FORWARD
+            or link.client.mode is not FORWARD
             or link.eof
             or link.client.eof
             or link.lost
@@ -162,19 +160,3 @@ class Splicer:
         client.abort()
         link.native_started(slot)
         return True
-
-    def native_ws_link(
-        self,
-        ctx: ListenerContext,
-        backend: Backend,
-        client_transport: asyncio.Transport,
-        client_addr: str,
-        started: float,
-        slot: int,
-    ) -> WsLink:
-        """The Link for a websocket whose backend socket the engine already holds (``slot``,
-        from ``engine.connect``): call before ``engine.splice``, which may report its end
-        at once. Its frame cursor starts at a boundary (``feed`` it the first frames)."""
-        link = WsLink(ctx, backend, self.gone, client_transport, client_addr, started)
-        link.native_started(slot)
-        return link

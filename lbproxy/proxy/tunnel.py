@@ -15,21 +15,19 @@ Link stays in charge when the engine forwards the sockets (``where`` is NATIVE).
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import TYPE_CHECKING
 
-from lbproxy.proxy.accesslog import log_connection
 from lbproxy.proxy.connect import HIGH_WATER
+from lbproxy.proxy.native_tunnel import GRACE, NativeTunnel
 from lbproxy.proxy.parting import Linger, Parting
 from lbproxy.proxy.tunnel_rules import (
     AFTER,
+    CLOSED,
+    FORWARD,
     GOING_AWAY_FRAME,
-    WHERE_TRANSITIONS,
+    PYTHON,
     GoAway,
-    Mode,
     Side,
-    Where,
-    check,
     go_away,
 )
 from lbproxy.proxy.wsframe import FrameScan
@@ -38,7 +36,6 @@ if TYPE_CHECKING:
     from lbproxy.pool import Backend
     from lbproxy.proxy.context import ListenerContext
 
-GRACE = 5.0  # seconds a going-away peer gets to close its side before we close it
 __all__ = ["GOING_AWAY_FRAME", "GRACE", "ClientHalf", "Linger", "Link", "Parting", "WsLink"]
 
 
@@ -53,7 +50,7 @@ class ClientHalf(Side, asyncio.Protocol):
         self.out: asyncio.Transport = link.transport
         self.nbytes = 0
         self.eof = False
-        self.mode = Mode.FORWARD  # (this side's Side state)
+        self.mode = FORWARD  # (this side's Side state)
 
     def data_received(self, data: bytes) -> None:
         self.nbytes += len(data)
@@ -69,7 +66,7 @@ class ClientHalf(Side, asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.move(Mode.CLOSED)
+        self.move(CLOSED)
         self.link.side_lost(self, "client closed" if exc is None else f"client error: {exc}")
 
     def pause_writing(self) -> None:
@@ -79,27 +76,12 @@ class ClientHalf(Side, asyncio.Protocol):
         self.out.resume_reading()
 
 
-class Link(Side, asyncio.Protocol):
+class Link(NativeTunnel, asyncio.Protocol):
     """Backend side of a tunnel and owner of the proxied connection (what the pool tracks
-    for draining and the listener for idle sweeps)."""
+    for draining and the listener for idle sweeps); a NativeTunnel once the engine has its
+    sockets (``where`` NATIVE: the byte counts, go-away, abort and end are NativeTunnel's)."""
 
-    __slots__ = (
-        "backend",
-        "client",
-        "client_addr",
-        "ctx",
-        "eof",
-        "flushed_in",
-        "flushed_out",
-        "lost",
-        "nbytes",
-        "out",
-        "reason",
-        "slot",
-        "started",
-        "transport",
-        "where",
-    )
+    __slots__ = ("client", "eof", "lost", "out", "transport")
 
     ws = False  # (WsLink: True) what the go-away rule is told
 
@@ -112,22 +94,12 @@ class Link(Side, asyncio.Protocol):
         client_addr: str,
         started: float,
     ) -> None:
-        self.ctx = ctx
-        self.backend = backend
+        NativeTunnel.__init__(self, ctx, backend, client_addr, started)
         self.transport = transport
         self.out: asyncio.Transport = client_transport
-        self.client_addr = client_addr
-        self.started = started
-        self.nbytes = 0
         self.eof = False
         self.lost = 0
-        self.flushed_in = 0
-        self.flushed_out = 0
-        self.reason = ""
-        self.slot = -1  # the native engine's slot once offloaded
-        self.where = Where.PYTHON
-        self.mode = Mode.FORWARD  # the backend side's Side state (the client's: self.client)
-        self.client = ClientHalf(self, client_transport)
+        self.client = ClientHalf(self, client_transport)  # (self.mode: the backend side's)
 
     # -- wiring ------------------------------------------------------------
     def start(
@@ -171,7 +143,7 @@ class Link(Side, asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.move(Mode.CLOSED)
+        self.move(CLOSED)
         self.side_lost(self, "backend closed" if exc is None else f"backend error: {exc}")
 
     def pause_writing(self) -> None:
@@ -190,67 +162,20 @@ class Link(Side, asyncio.Protocol):
         else:
             self.finish()
 
-    def finish(self) -> None:
-        ctx = self.ctx
-        ctx.connections.discard(self)
-        ctx.pool.detach(self.backend, self)
-        self.flush_bytes()
-        if ctx.access_log:
-            log_connection(
-                ctx,
-                self.client_addr,
-                self.backend,
-                time.monotonic() - self.started,
-                self.client.nbytes,
-                self.nbytes,
-                self.reason,
-            )
-
-    def totals(self) -> tuple[int, int]:
-        """Bytes (client -> backend, backend -> client) so far."""
-        splicer = self.ctx.splicer
-        if self.where is not Where.NATIVE or splicer is None:
-            return self.client.nbytes, self.nbytes
-        nin, nout = splicer.engine.counts(self.slot, self)
-        return self.client.nbytes + nin, self.nbytes + nout
-
-    def flush_bytes(self) -> None:
-        """Move byte counts into the shared counters (at close and from the periodic sweep)."""
-        stats = self.ctx.stats
-        pool, backend = self.ctx.pool.name, self.backend.id
-        total_in, total_out = self.totals()
-        delta_in = total_in - self.flushed_in
-        delta_out = total_out - self.flushed_out
-        if delta_in:
-            stats.bytes[(pool, backend, "in")] += delta_in
-            self.flushed_in = total_in
-        if delta_out:
-            stats.bytes[(pool, backend, "out")] += delta_out
-            self.flushed_out = total_out
+    def counted(self) -> tuple[int, int]:
+        return self.nbytes_in + self.client.nbytes, self.nbytes
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         return self.ctx.loop
 
-    def activity(self) -> int:
-        total_in, total_out = self.totals()
-        return total_in + total_out
-
     def abort(self, reason: str) -> None:
-        if self.where is Where.PYTHON:
-            self.reason = reason
-            self.transport.close()
-            self.out.close()
-            return
-        splicer = self.ctx.splicer
-        if self.where is Where.NATIVE_DONE or splicer is None:
+        if self.where is not PYTHON:
+            NativeTunnel.abort(self, reason)
             return
         self.reason = reason
-        nin, nout = splicer.engine.close(self.slot, self)
-        self.native_finished(reason, nin, nout)
-
-    def finish_request(self) -> None:
-        pass  # (a tunnel: the drain decides)
+        self.transport.close()
+        self.out.close()
 
     def go_away(self) -> None:
         """Drain: plain TCP half-closes both sides (FIN) and lets the peers finish."""
@@ -258,9 +183,9 @@ class Link(Side, asyncio.Protocol):
         self._go_away()
 
     def _go_away(self) -> None:
-        if self.where is not Where.PYTHON:
+        if self.where is not PYTHON:
             self._native_go_away()
-        elif self.mode is Mode.FORWARD and self.client.mode is Mode.FORWARD:
+        elif self.mode is FORWARD and self.client.mode is FORWARD:
             self._go_away_now()
 
     def _go_away_action(self) -> GoAway:
@@ -283,35 +208,17 @@ class Link(Side, asyncio.Protocol):
 
     # -- the native engine holds the sockets (splice.py) ----------------------
     def native_started(self, slot: int) -> None:
-        """The engine now forwards this tunnel's sockets under ``slot``."""
-        check(WHERE_TRANSITIONS, self.where, Where.NATIVE)
-        self.where = Where.NATIVE
-        self.slot = slot
+        """The engine now forwards this tunnel's sockets: the transports (closed, or about
+        to be) are let go, so a native tunnel holds no uvloop transport in Python."""
+        NativeTunnel.native_started(self, slot)
+        splicer = self.ctx.splicer
+        if splicer is not None:
+            client = self.client
+            self.transport = self.out = client.transport = client.out = splicer.gone
 
-    def native_finished(self, reason: str, nin: int, nout: int) -> None:
-        """Called by the engine once both sockets are closed (and by abort)."""
-        check(WHERE_TRANSITIONS, self.where, Where.NATIVE_DONE)
-        self.where = Where.NATIVE_DONE
-        self.slot = -1
-        self.client.nbytes += nin
-        self.nbytes += nout
-        if not self.reason:
-            self.reason = reason
+    def ended(self) -> None:
         self.lost = 2
         self.finish()
-
-    def _native_go_away(self) -> None:
-        splicer = self.ctx.splicer
-        if self.where is not Where.NATIVE or splicer is None:
-            return
-        slot = self.slot
-        splicer.engine.go_away(slot, self)
-        # the peers get GRACE seconds to close their sides, as with Parting
-        self.ctx.loop.call_later(GRACE, self._grace_over, slot)
-
-    def _grace_over(self, slot: int) -> None:
-        if self.where is Where.NATIVE and self.slot == slot:
-            self.abort(self.reason)
 
 
 class WsLink(Link, FrameScan):
@@ -386,11 +293,7 @@ class WsLink(Link, FrameScan):
             self.draining = False
             self._go_away_now()
 
-    def go_away(self) -> None:
-        if self.reason.startswith("drained"):
-            return
-        self.reason = "drained (1001 going away)"
-        self._go_away()
+    go_away = NativeTunnel.go_away  # (the websocket drain, not Link's plain one)
 
     def _go_away_action(self) -> GoAway:
         return go_away(True, self.saw_close, self.at_boundary)
