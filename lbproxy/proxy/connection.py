@@ -2,7 +2,7 @@
 
 States (states.CLIENT_TRANSITIONS): HEAD -> CONNECTING (the exchange picks/connects) ->
 FORWARD (body and/or response) -> HEAD again, or -> DONE (tunnelled, or closed). The
-connection owns the transport, head parsing and timer, the deadlines the listener's sweep
+connection owns the transport, head parsing, the deadlines the listener's sweep
 checks, keep-alive and closing; each request is an ``Exchange`` (exchange.py)."""
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from lbproxy.proxy.states import CLIENT_TRANSITIONS, ClientState, check
 from lbproxy.proxy.tunnel import Linger
 
 HEAD, CONNECTING, FORWARD, DONE = ClientState
-KEEPALIVE, BODY, RESPONSE = Wait.KEEPALIVE, Wait.BODY, Wait.RESPONSE  # (globals: see tunnel.py)
+# (Enum members as globals: see tunnel_rules)
+WAIT_HEAD, KEEPALIVE, BODY, RESPONSE = Wait.HEAD, Wait.KEEPALIVE, Wait.BODY, Wait.RESPONSE
 
 
 class HttpClient(asyncio.Protocol):
@@ -54,7 +55,6 @@ class HttpClient(asyncio.Protocol):
         "state",
         "status",
         "suffix_bytes",
-        "timer",
         "transport",
         "wait",
         "wait_mark",
@@ -67,7 +67,6 @@ class HttpClient(asyncio.Protocol):
         self.buf = bytearray()
         self.state: ClientState = HEAD
         self.ip, self.port = "", 0
-        self.timer: asyncio.TimerHandle | None = None  # the request head's (handshake_timeout)
         self.exchange: Exchange | None = None  # the request in flight
         self.last_backend: Backend | None = None
         self.logged = self.closing = False
@@ -106,7 +105,7 @@ class HttpClient(asyncio.Protocol):
             self.reject(503, "too many connections")
             return
         ctx.connections.add(self)
-        self.timer = ctx.loop.call_later(ctx.config.handshake_timeout, self._head_timeout)
+        self.arm(WAIT_HEAD, self.started + ctx.config.handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
         self.nbytes_in += len(data)
@@ -142,7 +141,6 @@ class HttpClient(asyncio.Protocol):
         self.advance(DONE)
         self.ctx.connections.discard(self)
         self.disarm()
-        self._cancel_timer()
         exchange = self.exchange
         if exchange is not None:
             exchange.abandon(lost=True, drop_upstream=prev is not DONE)
@@ -160,30 +158,16 @@ class HttpClient(asyncio.Protocol):
             exchange.upstream.transport.resume_reading()
 
     # -- request head --------------------------------------------------------
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _head_timeout(self) -> None:
-        self.timer = None
-        if self.state is HEAD:
-            self.reject(408, "request head not received in time")
-
     def _try_head(self) -> None:
         try:
             parsed = parse_request_head(self.buf)
         except HttpError as exc:
             self.reject(exc.status, exc.reason)
             return
-        if parsed is None:
-            self.disarm()  # (a keep-alive wait ends: the handshake timeout applies)
-            if self.timer is None:
-                self.timer = self.ctx.loop.call_later(
-                    self.ctx.config.handshake_timeout, self._head_timeout
-                )
+        if parsed is None:  # (a keep-alive wait ends: the handshake timeout applies)
+            if self.wait is not WAIT_HEAD:
+                self.arm(WAIT_HEAD, time.monotonic() + self.ctx.config.handshake_timeout)
             return
-        self._cancel_timer()
         head, used = parsed
         del self.buf[:used]
         self._dispatch(head)
@@ -215,8 +199,8 @@ class HttpClient(asyncio.Protocol):
 
     def _begin(self, head: RequestHead, quick: bytes | None, key: bytes | None) -> Exchange:
         """A new request: its exchange."""
-        self.wait = None  # (the keep-alive entry stays in ctx.deadlines until overwritten)
-        self._cancel_timer()
+        self.wait = None  # (the head's or keep-alive's entry stays in ctx.deadlines until
+        # overwritten or swept: no pop per request)
         self.requests += 1
         exchange = self.exchange = Exchange(self, self.ctx, head, quick, key)
         return exchange
@@ -275,7 +259,10 @@ class HttpClient(asyncio.Protocol):
         wait = self.wait
         self.disarm()  # (wait None: an entry left behind, nothing to do)
         exchange = self.exchange
-        if wait is KEEPALIVE:
+        if wait is WAIT_HEAD:
+            if self.state is HEAD:
+                self.reject(408, "request head not received in time")
+        elif wait is KEEPALIVE:
             if self.state is HEAD and not self.buf:
                 self.advance(DONE)
                 self._log(f"idle for {self.ctx.config.keepalive_timeout:g}s between requests")
@@ -362,7 +349,6 @@ class HttpClient(asyncio.Protocol):
         ctx = self.ctx
         ctx.stats.rejected[(ctx.config.name, str(status))] += 1
         self.disarm()
-        self._cancel_timer()
         exchange = self.exchange
         if exchange is not None:
             exchange.abandon(lost=False, drop_upstream=True)

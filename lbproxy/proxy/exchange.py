@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from lbproxy.proxy.types import ConnectionSide
 
 CONNECTING, FORWARD = ClientState.CONNECTING, ClientState.FORWARD
-BODY, RESPONSE = Wait.BODY, Wait.RESPONSE  # (Enum members as globals: see tunnel.py)
+BODY, RESPONSE = Wait.BODY, Wait.RESPONSE  # (Enum members as globals: see tunnel_rules.py)
 REPLAY_LIMIT = 65536  # request body bytes held for a resend while on a reused connection
 
 
@@ -314,7 +314,7 @@ class Exchange:
         """The response deadline passed (the connection's sweep entry)."""
         native = self.native
         if native is not None and native.pending:
-            native.response_timeout()
+            native.deadline_passed()
         elif self.conn.state is FORWARD and self.backend is not None and self.upstream is not None:
             answered = self.conn.nbytes_out > self.mark_out
             self._failure(self.backend, Failure.RESPONSE_TIMEOUT, answered)

@@ -17,7 +17,6 @@ connection through ``types.ConnectionSide`` (public members), and is the engine'
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import time
@@ -36,13 +35,13 @@ if TYPE_CHECKING:
     from lbproxy.pool import Backend
     from lbproxy.proxy.types import ConnectionSide, SplicerLike, UpgradeClient
 
-RESPONSE = Wait.RESPONSE  # (an Enum member as a global: see tunnel.py)
+RESPONSE = Wait.RESPONSE  # (an Enum member as a global: see tunnel_rules.py)
 
 
 class NativeUpgrade:
     """One websocket upgrade request on the native engine (attempts until an outcome)."""
 
-    __slots__ = ("backend", "client", "conn", "ctx", "resp", "slot", "splicer", "timer")
+    __slots__ = ("answer_by", "backend", "client", "conn", "ctx", "resp", "slot", "splicer")
 
     def __init__(
         self,
@@ -58,7 +57,7 @@ class NativeUpgrade:
         self.slot = -1
         self.backend: Backend | None = None
         self.resp = bytearray()  # the backend's answer so far
-        self.timer: asyncio.TimerHandle | None = None  # connect_timeout of the attempt
+        self.answer_by = 0.0  # the attempt's response deadline (its connect one: the sweep's)
 
     @property
     def pending(self) -> bool:
@@ -93,9 +92,12 @@ class NativeUpgrade:
                 continue
             self.slot = slot
             self.backend = backend
-            self.timer = ctx.loop.call_later(pool.config.connect_timeout, self._timeout, slot)
-            # the request is out: the response deadline starts
-            self.conn.arm(RESPONSE, time.monotonic() + pool.config.response_timeout)
+            # the request is out: the sweep checks the connect deadline first (no timer per
+            # connection), then the response's (``deadline_passed``)
+            now = time.monotonic()
+            config = pool.config
+            self.answer_by = now + config.response_timeout
+            self.conn.arm(RESPONSE, min(now + config.connect_timeout, self.answer_by))
             return True
 
     def _failed(self, backend: Backend, failure: Failure, answered: bool = False) -> bool:
@@ -123,37 +125,28 @@ class NativeUpgrade:
             self.conn.close_now()
         return False
 
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
     def close(self) -> None:
         """Close a backend connection still being set up (client gone or rejected)."""
-        self._cancel_timer()
         if self.slot >= 0:
             self.splicer.engine.close(self.slot, self)
             self.slot = -1
 
-    def _timeout(self, slot: int) -> None:
-        """connect_timeout passed: give up on a connection that is not established yet."""
-        if self.slot != slot:
+    def deadline_passed(self) -> None:
+        """The attempt's deadline passed (the listener's sweep, through the exchange): before
+        ``answer_by`` it is connect_timeout's, after it response_timeout's. Either way a
+        passive failure; another backend while attempts remain, else 504."""
+        backend = self.backend
+        slot = self.slot
+        if slot < 0 or backend is None:
             return
-        self.timer = None
-        backend = self.backend
-        assert backend is not None
-        if self.splicer.engine.connected(slot, self):
-            return  # connected: the answer may take its time (as on the Python path)
-        self.splicer.engine.close(slot, self)
-        self.slot = -1
-        if self._failed(backend, Failure.CONNECT_TIMEOUT):
-            self.attempt(None)
-
-    def response_timeout(self) -> None:
-        """response_timeout passed with no (complete) answer from the backend the engine
-        holds: a passive failure; another backend while attempts remain, else 504."""
-        backend = self.backend
-        if self.slot < 0 or backend is None:
+        if time.monotonic() < self.answer_by:  # connect_timeout
+            if self.resp or self.splicer.engine.connected(slot, self):
+                # connected: the answer may take its time (as on the Python path)
+                self.conn.arm(RESPONSE, self.answer_by)
+                return
+            self.close()
+            if self._failed(backend, Failure.CONNECT_TIMEOUT):
+                self.attempt(None)
             return
         self.close()
         self.resp = bytearray()  # (part of a head at most: nothing reached the client)
@@ -170,7 +163,6 @@ class NativeUpgrade:
             self._got(backend, data)
             return
         self.slot = -1  # the engine has closed and released it
-        self._cancel_timer()
         if self.resp:  # the answer had begun: nothing can be retried
             self._failed(backend, Failure.CLOSED, answered=True)
             return
@@ -179,11 +171,6 @@ class NativeUpgrade:
 
     def _got(self, backend: Backend, data: bytes) -> None:
         buf = self.resp
-        if not buf:
-            timer = self.timer
-            if timer is not None:
-                timer.cancel()
-                self.timer = None
         buf += data
         end = buf.find(b"\r\n\r\n") + 4
         if end < 4:
@@ -255,6 +242,7 @@ class NativeUpgrade:
         """Give the backend socket and the bytes read so far to a Python Upstream."""
         fd = self.splicer.engine.release(self.slot, self)
         self.slot = -1
+        self.conn.arm(RESPONSE, self.answer_by)  # (past the connect deadline: the response's)
         sock = socket.socket(fileno=fd)
         data = bytes(self.resp)
         self.resp = bytearray()

@@ -70,9 +70,22 @@ async def test_bad_heads_get_their_status(data: bytes, status: bytes) -> None:
 async def test_slow_head_gets_408() -> None:
     rig = Rig({9001: "accept"}, listener={"handshake_timeout": 0.05})
     client, out = rig.client()
+    due = rig.ctx.deadlines[client]  # (armed at the accept: no timer per connection)
     client.data_received(b"GET / HTTP/1.1\r\n")
-    await until(lambda: out.out)
+    assert rig.ctx.deadlines[client] == due  # (more bytes of the head do not extend it)
+    assert not out.out
+    client.deadline_passed(due)  # (what the listener's sweep does once it is due)
     assert out.out.startswith(b"HTTP/1.1 408")
+    assert client not in rig.ctx.deadlines
+
+
+async def test_head_deadline_is_gone_once_the_head_is_in() -> None:
+    rig = Rig({9001: "accept"}, listener={"handshake_timeout": 0.05})
+    client, out = rig.client()
+    due = rig.ctx.deadlines[client]
+    client.data_received(GET)
+    client.deadline_passed(due + 1.0)  # (the entry left behind, or the response's)
+    assert not out.out.startswith(b"HTTP/1.1 408")
 
 
 async def test_no_backend_up_gets_503() -> None:
