@@ -280,7 +280,8 @@ class Pool:
                 backend.leaving.discard(conn)
             else:
                 backend.active -= 1
-                self._publish(backend)
+                if self.counts is not None:  # (_publish, inlined: once a request)
+                    self.counts.set(backend.column, backend.active)
             stuck = self._sticks.pop(conn, None)
             if stuck is not None:
                 self._affinity.closed(stuck[0], stuck[1], self._clock())

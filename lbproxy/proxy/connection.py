@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import cast
 
 from lbproxy.errors import HttpError
 from lbproxy.http1 import MAX_HEAD, RequestHead, error_response, parse_request_head
@@ -193,7 +192,7 @@ class HttpClient(asyncio.Protocol):
                 return False
             self._dispatch(parsed[0], backend)
             return True
-        upstream = cast(Upstream, transport.get_protocol())
+        upstream: Upstream = transport.get_protocol()  # type: ignore[assignment]
         self._begin(QUICK_GET, data, key).send_quick(backend, upstream, data, now)
         return True
 
@@ -293,7 +292,9 @@ class HttpClient(asyncio.Protocol):
         if close or self.closing:
             self._close_after_response()
             return
-        self.advance(HEAD)
+        if HEAD not in CLIENT_TRANSITIONS[self.state]:  # (advance() inlined: once a request)
+            check(CLIENT_TRANSITIONS, self.state, HEAD)
+        self.state = HEAD
         if self.buf:
             self._try_head()
         else:
