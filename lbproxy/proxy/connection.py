@@ -111,10 +111,12 @@ class HttpClient(asyncio.Protocol):
         state = self.state
         if state is HEAD:
             if not self.buf and len(data) <= QUICK_LIMIT:
-                if quick_request(data):
-                    if self._quick(data):
+                # (an Upgrade header line: quick_request never takes it, skip its match;
+                # find, not "in": on bytes "in" first tries the needle as an int, an exception)
+                if data.find(b"\r\nUpgrade: websocket\r\n") >= 0 or not quick_request(data):
+                    if quick_websocket(data) and self._quick_websocket(data):
                         return
-                elif quick_websocket(data) and self._quick_websocket(data):
+                elif self._quick(data):
                     return
             self.buf += data
             self._try_head()
