@@ -50,6 +50,7 @@ class HttpClient(asyncio.Protocol):
         "nbytes_out",
         "port",
         "requests",
+        "spare",
         "started",
         "state",
         "status",
@@ -67,6 +68,7 @@ class HttpClient(asyncio.Protocol):
         self.state: ClientState = HEAD
         self.ip, self.port = "", 0
         self.exchange: Exchange | None = None  # the request in flight
+        self.spare: Exchange | None = None  # a finished one, for the next request to reuse
         self.last_backend: Backend | None = None
         self.logged = self.closing = False
         self.started = 0.0
@@ -111,8 +113,7 @@ class HttpClient(asyncio.Protocol):
         state = self.state
         if state is HEAD:
             if not self.buf and len(data) <= QUICK_LIMIT:
-                # (an Upgrade header line: quick_request never takes it, skip its match;
-                # find, not "in": on bytes "in" first tries the needle as an int, an exception)
+                # (quick_request never takes an Upgrade line; find: "in" on bytes raises inside)
                 if data.find(b"\r\nUpgrade: websocket\r\n") >= 0 or not quick_request(data):
                     if quick_websocket(data) and self._quick_websocket(data):
                         return
@@ -142,6 +143,7 @@ class HttpClient(asyncio.Protocol):
         self.advance(DONE)
         self.ctx.connections.discard(self)
         self.disarm()
+        self.spare = None  # (it refers back to this connection: no cycle left behind)
         exchange = self.exchange
         if exchange is not None:
             exchange.abandon(lost=True, drop_upstream=prev is not DONE)
@@ -203,7 +205,13 @@ class HttpClient(asyncio.Protocol):
         self.wait = None  # (the head's or keep-alive's entry stays in ctx.deadlines until
         # overwritten or swept: no pop per request)
         self.requests += 1
-        exchange = self.exchange = Exchange(self, self.ctx, head, quick, key)
+        exchange = self.spare
+        if exchange is None:
+            exchange = Exchange(self, self.ctx, head, quick, key)
+        else:  # (no object per keep-alive request)
+            self.spare = None
+            exchange.renew(head, quick, key)
+        self.exchange = exchange
         return exchange
 
     def suffix(self) -> bytes:
@@ -290,7 +298,10 @@ class HttpClient(asyncio.Protocol):
     # -- the exchange's end ------------------------------------------------------
     def request_done(self, close: bool) -> None:
         """The exchange's response is out: the next request, or close (``close``)."""
+        done = self.exchange
         self.exchange = None
+        if done is not None and done.task is None and done.native is None:
+            self.spare = done  # (nothing refers to it any more: the next request's)
         if close or self.closing:
             self._close_after_response()
             return
@@ -307,7 +318,7 @@ class HttpClient(asyncio.Protocol):
         """The exchange made this connection a websocket tunnel: this protocol is done."""
         ctx = self.ctx
         self.advance(DONE)
-        self.exchange = None  # (no reference cycle left for the garbage collector)
+        self.exchange = self.spare = None  # (no reference cycle left for the collector)
         self.disarm()
         ctx.connections.discard(self)
         ctx.stats.handshake_seconds.observe(time.monotonic() - self.started)

@@ -1,8 +1,7 @@
 """http mode (L7), one request (uvicorn's ``RequestResponseCycle``): route, pick, connect
-(connect.py, or a ``NativeUpgrade`` on the engine), forward, retry (``retry.decide``),
-response. Its connection (connection.py) owns the transport, head, deadlines, keep-alive;
-the Upstream sees the exchange as a ``types.ClientSide``, a native upgrade as an
-``types.UpgradeClient``."""
+(connect.py, or a ``NativeUpgrade`` on the engine), forward, retry (``retry.decide``), response.
+Its connection (connection.py) owns the transport, head, deadlines, keep-alive; the Upstream
+sees the exchange as a ``types.ClientSide``, a native upgrade as an ``types.UpgradeClient``."""
 
 from __future__ import annotations
 
@@ -69,6 +68,14 @@ class Exchange:
     ) -> None:
         self.conn = conn
         self.ctx = ctx
+        # what the upstream calls on every response, bound once (no extra call per chunk)
+        self.transport = conn.transport
+        self.write = conn.write
+        self.response_started = conn.response_started
+        self.renew(head, quick, key)
+
+    def renew(self, head: RequestHead, quick: bytes | None, key: bytes | None) -> None:
+        """Be a new request (also the connection's next one, reusing a finished exchange)."""
         self.head = head
         self.quick = quick  # (the fast lane: the request's bytes, parsed only if resent)
         self.key = key
@@ -84,10 +91,6 @@ class Exchange:
         self.task: asyncio.Task[None] | None = None
         self.mark_in = self.mark_out = 0
         self.status = 0
-        # what the upstream calls on every response, bound once (no extra call per chunk)
-        self.transport = conn.transport
-        self.write = conn.write
-        self.response_started = conn.response_started
 
     # -- route and connect -----------------------------------------------------
     def route(self, picked: Backend | None) -> None:

@@ -103,7 +103,8 @@ class Upstream(asyncio.Protocol):
         elif state is HEAD:
             if not self.got_response:
                 self.got_response = True
-                self.ctx.pool.connect_succeeded(self.backend)
+                if self.backend.failures:  # (no call per request when there is none)
+                    self.ctx.pool.connect_succeeded(self.backend)
             if self.websocket and not self.buf and self._quick_switch(data):
                 return
             if (

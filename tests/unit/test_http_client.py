@@ -54,6 +54,22 @@ async def test_keepalive_reuses_the_upstream_connection() -> None:
     assert bytes(out.out) == OK + OK
 
 
+async def test_a_keepalive_request_reuses_the_finished_exchange_afresh() -> None:
+    rig = Rig({9001: "accept"})
+    client, out = rig.client()
+    client.data_received(GET)
+    await until(lambda: rig.loop.upstreams and rig.loop.upstreams[0].out)
+    first = client.exchange
+    assert first is not None and not first.reused  # (a new connection to the backend)
+    rig.loop.upstreams[0].protocol.data_received(OK)
+    assert client.exchange is None and first.status == 200
+    client.data_received(GET)  # the fast lane, on the kept-alive upstream connection
+    assert client.exchange is first  # no new object per keep-alive request ...
+    assert first.status == 0 and first.reused and first.tried == frozenset()  # ... afresh
+    rig.loop.upstreams[0].protocol.data_received(OK)
+    assert bytes(out.out) == OK + OK
+
+
 @pytest.mark.parametrize(
     ("data", "status"),
     [(b"BAD\r\n\r\n", b"400"), (b"GET / HTTP/1.1\r\nX: " + b"a" * (MAX_HEAD + 10), b"431")],
