@@ -99,31 +99,24 @@ class NativeTunnel(Side):
         self.nbytes += nout
         if not self.reason:
             self.reason = reason
-        self.ended()
-
-    def ended(self) -> None:
-        """Both sides are closed: out of the listener and the pool, counts, access log."""
         self.finish()
 
     def finish(self) -> None:
+        """Both sides are closed: out of the listener and the pool, counts, access log."""
         ctx = self.ctx
         ctx.connections.discard(self)
         ctx.pool.detach(self.backend, self)
         self.flush_bytes()
         if ctx.access_log:
-            nin, nout = self.counted()
+            nin, nout = self.totals()
             started, reason = self.started, self.reason
             elapsed = time.monotonic() - started
             log_connection(ctx, self.client_addr, self.backend, elapsed, nin, nout, reason)
 
     # -- byte counts ------------------------------------------------------------
-    def counted(self) -> tuple[int, int]:
-        """Bytes (client -> backend, backend -> client) counted in Python."""
-        return self.nbytes_in, self.nbytes
-
     def totals(self) -> tuple[int, int]:
         """Bytes (client -> backend, backend -> client) so far."""
-        nin, nout = self.counted()
+        nin, nout = self.nbytes_in, self.nbytes  # (counted in Python; Link adds its client's)
         splicer = self.ctx.splicer
         if self.where is not NATIVE or splicer is None:
             return nin, nout

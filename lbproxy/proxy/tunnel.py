@@ -162,8 +162,9 @@ class Link(NativeTunnel, asyncio.Protocol):
         else:
             self.finish()
 
-    def counted(self) -> tuple[int, int]:
-        return self.nbytes_in + self.client.nbytes, self.nbytes
+    def totals(self) -> tuple[int, int]:
+        nin, nout = NativeTunnel.totals(self)
+        return nin + self.client.nbytes, nout
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -216,9 +217,9 @@ class Link(NativeTunnel, asyncio.Protocol):
             client = self.client
             self.transport = self.out = client.transport = client.out = splicer.gone
 
-    def ended(self) -> None:
-        self.lost = 2
-        self.finish()
+    def finish(self) -> None:
+        self.lost = 2  # (both sides are gone, whichever way it ended)
+        NativeTunnel.finish(self)
 
 
 class WsLink(Link, FrameScan):
