@@ -300,11 +300,11 @@ class HttpClient(asyncio.Protocol):
         """The exchange's response is out: the next request, or close (``close``)."""
         done = self.exchange
         self.exchange = None
-        if done is not None and done.task is None and done.native is None:
-            self.spare = done  # (nothing refers to it any more: the next request's)
         if close or self.closing:
             self._close_after_response()
             return
+        if done is not None and done.task is None and done.native is None:
+            self.spare = done  # (nothing refers to it any more: the next request's)
         if HEAD not in CLIENT_TRANSITIONS[self.state]:  # (advance() inlined: once a request)
             check(CLIENT_TRANSITIONS, self.state, HEAD)
         self.state = HEAD
