@@ -36,10 +36,10 @@ from lbproxy.handover_wire import (
 )
 from lbproxy.proxy.connection import HttpClient
 from lbproxy.proxy.listener import Listener
+from lbproxy.proxy.native_tunnel import NativeTunnel
 from lbproxy.proxy.tunnel import Link
 from lbproxy.proxy.tunnel_rules import Where
 from lbproxy.proxy.ws_rules import CloseKind
-from lbproxy.proxy.wstunnel import WsLink
 
 log = logging.getLogger("lbproxy.upgrade")
 
@@ -54,23 +54,23 @@ class Listeners(Protocol):
 
 
 # -- the old worker ------------------------------------------------------------------
-def _movable(listener: Listener) -> list[Link]:
+def _movable(listener: Listener) -> list[NativeTunnel]:
     """The tunnels of ``listener`` that can move now (Python ones moved into the engine)."""
     splicer = listener.ctx.splicer
     if splicer is None:
         return []
-    found: list[Link] = []
+    found: list[NativeTunnel] = []
     for conn in listener.connections:
-        if not isinstance(conn, Link):
+        if not isinstance(conn, NativeTunnel):
             continue
-        if conn.where is Where.PYTHON and not splicer.offload(conn):
+        if conn.where is Where.PYTHON and not (isinstance(conn, Link) and splicer.offload(conn)):
             continue
         if conn.where is Where.NATIVE and conn.slot >= 0:
             found.append(conn)
     return found
 
 
-def export_link(listener: Listener, link: Link) -> tuple[dict[str, Any], list[int]]:
+def export_link(listener: Listener, link: NativeTunnel) -> tuple[dict[str, Any], list[int]]:
     """Freeze ``link``: its descriptors and everything its successor needs; it leaves
     this worker without counting a close."""
     ctx = listener.ctx
@@ -92,11 +92,11 @@ def export_link(listener: Listener, link: Link) -> tuple[dict[str, Any], list[in
         "in": total_in,
         "out": total_out,
         "reason": link.reason,
-        "ws": isinstance(link, WsLink),
+        "ws": link.ws,
         "sides": [cfd >= 0, bfd >= 0],
         "state": state,
     }
-    if isinstance(link, WsLink):  # (its message counts are flushed too: flush_bytes)
+    if link.ws:  # (its message counts are flushed too: flush_bytes)
         meta.update(msgs=list(link.flushed_msgs), ws_close=int(link.ws_close))
         meta.update(first_close=link.first_close)
     return meta, [fd for fd in (cfd, bfd) if fd >= 0]
@@ -114,7 +114,7 @@ async def give(listeners: Mapping[str, Listener], sock: socket.socket, deadline:
     last = time.monotonic()
     pace = Pace()
     while time.monotonic() < deadline:
-        found: list[tuple[Listener, Link | HttpClient]] = []
+        found: list[tuple[Listener, NativeTunnel | HttpClient]] = []
         for lst in listeners.values():
             found += [(lst, link) for link in _movable(lst)]
             found += [(lst, conn) for conn in idle_http(lst)]
@@ -145,7 +145,7 @@ class Pace:
 
 
 async def _send_batch(
-    sock: socket.socket, links: list[tuple[Listener, Link | HttpClient]], pace: Pace
+    sock: socket.socket, links: list[tuple[Listener, NativeTunnel | HttpClient]], pace: Pace
 ) -> int:
     """Export ``links`` (those still in the engine) and send them as one message."""
     batch: list[dict[str, Any]] = []
@@ -177,7 +177,8 @@ async def _send_batch(
 def _waiting(listeners: Mapping[str, Listener]) -> bool:
     """Whether connections that may still become movable tunnels remain (plain listeners)."""
     return any(
-        lst.ctx.splicer is not None and any(not isinstance(c, Link) for c in lst.connections)
+        lst.ctx.splicer is not None
+        and any(not isinstance(c, NativeTunnel) for c in lst.connections)
         for lst in listeners.values()
     )
 
@@ -210,16 +211,16 @@ def import_link(listeners: Mapping[str, Listener], meta: dict[str, Any], fds: li
     it = iter(fds)
     cfd, bfd = (next(it) if present else -1 for present in meta["sides"])
     state: dict[str, Any] = meta["state"]
-    cls = WsLink if meta["ws"] else Link
-    link = cls(ctx, backend, splicer.gone, splicer.gone, str(meta["client"]), meta["started"])
+    # (a bare NativeTunnel: the engine forwards it here from the start)
+    link = NativeTunnel(ctx, backend, str(meta["client"]), meta["started"], bool(meta["ws"]))
     total_in, total_out = int(meta["in"]), int(meta["out"])
-    link.client.nbytes = total_in - int(state["client"]["nread"])
+    link.nbytes_in = total_in - int(state["client"]["nread"])
     link.nbytes = total_out - int(state["backend"]["nread"])
     link.flushed_in, link.flushed_out = total_in, total_out
     link.reason = str(meta["reason"])
-    if isinstance(link, WsLink) and "msgs" in meta:
+    if link.ws and "msgs" in meta:
         msgs_in, msgs_out = (int(n) for n in meta["msgs"])
-        link.client.scan.messages = msgs_in - int(state.get("msgs_in", 0))
+        link.msgs_in = msgs_in - int(state.get("msgs_in", 0))
         link.messages = msgs_out - int(state.get("msgs_out", 0))
         link.flushed_msgs = (msgs_in, msgs_out)
         link.ws_close = CloseKind(int(meta["ws_close"]))

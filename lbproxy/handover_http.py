@@ -50,10 +50,7 @@ def export_http(listener: Listener, conn: HttpClient) -> tuple[dict[str, Any], l
     listener.connections.discard(conn)
     held = conn.held
     release(conn)  # (the admission count moves with it: adopted by the successor)
-    conn.disarm()
-    if conn.timer is not None:
-        conn.timer.cancel()
-        conn.timer = None
+    conn.disarm()  # (the head deadline too: the sweep's, no timer)
     conn.advance(DONE)
     conn.transport.set_protocol(_DETACHED)
     conn.transport.abort()  # (its fd; the copy keeps the connection open)

@@ -276,3 +276,34 @@ def test_out_of_fds_is_503_and_not_held_against_the_backend(tmp_path: Path, engi
             c.close()
         proc.stop()
         server.close()
+
+
+def test_backend_that_never_completes_the_connect_is_retried_elsewhere(lb) -> None:
+    """connect_timeout (on the engine: a sweep deadline, no timer per connection): a backend
+    whose accept queue is full drops the SYN, so the connect hangs; the upgrade goes to
+    the other backend after connect_timeout, and works."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)  # never accepted: one queued connection fills it
+    fillers = []
+    for _ in range(3):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(hole.getsockname())
+        fillers.append(f)
+    good = TcpServer(echo_after([SWITCH]))
+    port = lb(
+        [("hole", f"127.0.0.1:{hole.getsockname()[1]}"), ("good", f"127.0.0.1:{good.port}")],
+        retries=1,
+        connect_timeout=0.5,
+    )
+    for _ in range(2):  # round-robin starts anywhere: one of the two tries the hole first
+        start = time.monotonic()
+        head, echoed = ws_roundtrip(port)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert echoed.endswith(b"hello through the tunnel")
+        assert time.monotonic() - start < 8.0
+    for f in fillers:
+        f.close()
+    hole.close()
+    good.close()

@@ -46,7 +46,8 @@ def _fields(head: bytes, pos: int, bad: int) -> tuple[Headers, Headers]:
 
 def _split_start_line(head: bytes, bad: int) -> tuple[bytes, int]:
     """(start line, position of the first header line), refusing NUL, VT and FF anywhere."""
-    if b"\x00" in head or b"\x0b" in head or b"\x0c" in head:
+    # (find, not "in": bytes.__contains__ first tries the needle as an int, an exception)
+    if head.find(b"\x00") >= 0 or head.find(b"\x0b") >= 0 or head.find(b"\x0c") >= 0:
         raise HttpError(bad, "forbidden control character (NUL, VT or FF) in head")
     eol = head.find(b"\r\n")
     return head[:eol], eol + 2

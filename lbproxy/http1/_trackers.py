@@ -132,7 +132,7 @@ class ChunkedTracker:
         return pos + newline + 1
 
     def _end_of_line(self, line: bytes) -> None:
-        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+        if not line.endswith(b"\r\n") or line.find(b"\r", 0, len(line) - 2) >= 0:
             raise self._fail("line not ended by CRLF")
         if self._state == _TRAILER:
             self._trailer_line(line)

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import re
 
-from lbproxy.http1._common import LANE_HOST, valid_host
+from lbproxy.http1._common import LANE_HOST
 
 # A request line for GET, then header lines whose names are tokens other than the
 # ones that change framing, connection handling or forwarding (those go to the full
 # parser), then the blank line. Values: any byte but controls (HTAB allowed).
-_NAME = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
-_TEXT = rb"[^\x00-\x08\x0a-\x1f\x7f]*"  # a field value: no controls but HTAB
+# (possessive: a name never holds ":", a value never CR or LF, so giving back characters
+# can never make a match; sre then does not keep the positions to backtrack to)
+_NAME = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]++"
+_TEXT = rb"[^\x00-\x08\x0a-\x1f\x7f]*+"  # a field value: no controls but HTAB
 # (alternatives factored by prefix: sre tries them one by one on every header line)
 _FORBIDDEN_REST = (
     rb"t(?:e|railer|ransfer-encoding)|keep-alive|proxy-connection"
@@ -42,6 +44,7 @@ _SWITCHING = re.compile(
     rb"HTTP/1\.1 101(?: " + _TEXT + rb")?\r\n(?:" + _NAME + rb":" + _TEXT + rb"\r\n)*\r\n"
 )
 _VALUE = rb"[ \t]*+" + LANE_HOST + rb"[ \t]*+"  # a valid, non-empty Host
+_HOST_VALUE = re.compile(_VALUE)
 _QUICK_REQUEST = re.compile(
     rb"GET /[\x21-\x7e]* HTTP/1\.1\r\n"
     rb"(?:" + _HEADER + rb")*"
@@ -85,16 +88,20 @@ def quick_websocket(head: bytes) -> bool:
         low.count(b"\r\nhost:") == 1
         and low.count(b"\r\nupgrade:") == 1
         and low.count(b"\r\nconnection:") == 1
-        and b"\r\nupgrade: websocket\r\n" in low
-        and b"\r\nconnection: upgrade\r\n" in low
-        and b"\r\nhost: " in low
+        # (find, not "in": bytes.__contains__ first tries the needle as an int, which
+        # raises and clears a TypeError each time)
+        and low.find(b"\r\nupgrade: websocket\r\n") >= 0
+        and low.find(b"\r\nconnection: upgrade\r\n") >= 0
+        and low.find(b"\r\nhost: ") >= 0
         and _host_ok(head, low)
     )
 
 
 def _host_ok(head: bytes, low: bytes) -> bool:
+    """The Host value is one the lanes take (as quick_request's: a reg-name and a port;
+    IP literals and the rest go to the parser, which checks them with valid_host)."""
     start = low.index(b"\r\nhost:") + 7
-    return valid_host(head[start : head.index(b"\r\n", start)].strip(b" \t"))
+    return _HOST_VALUE.fullmatch(head, start, head.index(b"\r\n", start)) is not None
 
 
 def switching_protocols(head: bytes) -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from typing import cast
 
 from lbproxy.errors import HttpError
 from lbproxy.http1 import MAX_HEAD, RequestHead, error_response, parse_request_head
@@ -31,6 +30,8 @@ from lbproxy.proxy.states import CLIENT_TRANSITIONS, ClientState, check
 from lbproxy.proxy.tunnel import Linger
 
 HEAD, CONNECTING, FORWARD, DONE = ClientState
+# (Enum members as globals: see tunnel_rules)
+WAIT_HEAD, KEEPALIVE, BODY, RESPONSE = Wait.HEAD, Wait.KEEPALIVE, Wait.BODY, Wait.RESPONSE
 
 
 class HttpClient(asyncio.Protocol):
@@ -50,11 +51,11 @@ class HttpClient(asyncio.Protocol):
         "nbytes_out",
         "port",
         "requests",
+        "spare",
         "started",
         "state",
         "status",
         "suffix_bytes",
-        "timer",
         "transport",
         "wait",
         "wait_mark",
@@ -67,16 +68,15 @@ class HttpClient(asyncio.Protocol):
         self.buf = bytearray()
         self.state: ClientState = HEAD
         self.ip, self.port, self.held, self.defer = "", 0, "", 0  # (held, defer: admit.py)
-        self.timer: asyncio.TimerHandle | None = None  # the request head's (handshake_timeout)
         self.exchange: Exchange | None = None  # the request in flight
+        self.spare: Exchange | None = None  # a finished one, for the next request to reuse
         self.last_backend: Backend | None = None
         self.logged = self.closing = False
         self.started = 0.0
         self.requests = self.status = 0
         self.suffix_bytes = b""
         self.nbytes_in = self.nbytes_out = 0
-        # the deadline this connection waits on (in ctx.deadlines; the listener's sweep checks)
-        self.wait: Wait | None = None
+        self.wait: Wait | None = None  # its deadline's kind (in ctx.deadlines: the sweep's)
         self.wait_mark = 0  # (a streaming body: nbytes_in when last looked at, and since when)
         self.wait_since = 0.0
 
@@ -94,9 +94,8 @@ class HttpClient(asyncio.Protocol):
         self.transport.pause_reading()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)
         ctx = self.ctx
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # (a stream transport; no cast call)
         self.started = time.monotonic()
         ctx.stats.connections_total[ctx.config.name] += 1
         peer = transport.get_extra_info("peername")
@@ -105,7 +104,7 @@ class HttpClient(asyncio.Protocol):
             self.reject(503, "too many connections")
             return
         ctx.connections.add(self)
-        self.timer = ctx.loop.call_later(ctx.config.handshake_timeout, self._head_timeout)
+        self.arm(WAIT_HEAD, self.started + ctx.config.handshake_timeout)
         if ctx.limits is not None and not self.held:  # (held: moved here, admitted before)
             admit_peer(self, ctx.limits)
 
@@ -114,10 +113,11 @@ class HttpClient(asyncio.Protocol):
         state = self.state
         if state is HEAD:
             if not self.buf and len(data) <= QUICK_LIMIT and not self.defer:
-                if quick_request(data):
-                    if self._quick(data):
+                # (quick_request never takes an Upgrade line; find: "in" on bytes raises inside)
+                if data.find(b"\r\nUpgrade: websocket\r\n") >= 0 or not quick_request(data):
+                    if quick_websocket(data) and self._quick_websocket(data):
                         return
-                elif quick_websocket(data) and self._quick_websocket(data):
+                elif self._quick(data):
                     return
             self.buf += data
             self.try_head()
@@ -143,7 +143,7 @@ class HttpClient(asyncio.Protocol):
         self.advance(DONE)
         self.ctx.connections.discard(self)
         self.disarm()
-        self._cancel_timer()
+        self.spare = None  # (it refers back to this connection: no cycle left behind)
         exchange = self.exchange
         if exchange is not None:
             exchange.abandon(lost=True, drop_upstream=prev is not DONE)
@@ -161,30 +161,16 @@ class HttpClient(asyncio.Protocol):
         if exchange is not None and exchange.upstream is not None:
             exchange.upstream.transport.resume_reading()
 
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _head_timeout(self) -> None:
-        self.timer = None
-        if self.state is HEAD:
-            self.reject(408, "request head not received in time")
-
     def try_head(self) -> None:
         try:
             parsed = parse_request_head(self.buf)
         except HttpError as exc:
             self.reject(exc.status, exc.reason)
             return
-        if parsed is None:
-            self.disarm()  # (a keep-alive wait ends: the handshake timeout applies)
-            if self.timer is None:
-                self.timer = self.ctx.loop.call_later(
-                    self.ctx.config.handshake_timeout, self._head_timeout
-                )
+        if parsed is None:  # (a keep-alive wait ends: the handshake timeout applies)
+            if self.wait is not WAIT_HEAD:
+                self.arm(WAIT_HEAD, time.monotonic() + self.ctx.config.handshake_timeout)
             return
-        self._cancel_timer()
         head, used = parsed
         if self.defer and admit_head(self, head, used):
             return
@@ -212,16 +198,21 @@ class HttpClient(asyncio.Protocol):
                 return False
             self.dispatch(parsed[0], backend)
             return True
-        upstream = cast(Upstream, transport.get_protocol())
+        upstream: Upstream = transport.get_protocol()  # type: ignore[assignment]
         self._begin(QUICK_GET, data, key).send_quick(backend, upstream, data, now)
         return True
 
     def _begin(self, head: RequestHead, quick: bytes | None, key: bytes | None) -> Exchange:
         """A new request: its exchange."""
-        self.wait = None  # (the keep-alive entry stays in ctx.deadlines until overwritten)
-        self._cancel_timer()
+        self.wait = None  # (its entry stays in ctx.deadlines until overwritten: no pop)
         self.requests += 1
-        exchange = self.exchange = Exchange(self, self.ctx, head, quick, key)
+        exchange = self.spare
+        if exchange is None:
+            exchange = Exchange(self, self.ctx, head, quick, key)
+        else:  # (no object per keep-alive request)
+            self.spare = None
+            exchange.renew(head, quick, key)
+        self.exchange = exchange
         return exchange
 
     def suffix(self) -> bytes:
@@ -263,28 +254,31 @@ class HttpClient(asyncio.Protocol):
             self.wait_mark = self.nbytes_in
             self.wait_since = now
             timeout = self.ctx.config.body_timeout
-            self.arm(Wait.BODY, next_body_check(now, now, timeout))
+            self.arm(BODY, next_body_check(now, now, timeout))
         else:
-            self.arm(Wait.RESPONSE, now + self.ctx.pool.config.response_timeout)
+            self.arm(RESPONSE, now + self.ctx.pool.config.response_timeout)
 
     def response_started(self) -> None:
         """The final response head (or 101): no response deadline (the entry stays: no pop)."""
-        if self.wait is Wait.RESPONSE:
+        if self.wait is RESPONSE:
             self.wait = None
 
     def deadline_passed(self, now: float) -> None:
         wait = self.wait
         self.disarm()  # (wait None: an entry left behind, nothing to do)
         exchange = self.exchange
-        if wait is Wait.KEEPALIVE:
+        if wait is WAIT_HEAD:
+            if self.state is HEAD:
+                self.reject(408, "request head not received in time")
+        elif wait is KEEPALIVE:
             if self.state is HEAD and not self.buf:
                 self.advance(DONE)
                 self._log(f"idle for {self.ctx.config.keepalive_timeout:g}s between requests")
                 self.transport.close()
-        elif wait is Wait.BODY:
+        elif wait is BODY:
             if self.state is FORWARD and exchange is not None and exchange.tracker is not None:
                 self._body_deadline(exchange, now)
-        elif wait is Wait.RESPONSE and exchange is not None:
+        elif wait is RESPONSE and exchange is not None:
             exchange.response_timeout()
 
     def _body_deadline(self, exchange: Exchange, now: float) -> None:
@@ -298,25 +292,31 @@ class HttpClient(asyncio.Protocol):
             else:
                 self.reject(408, "request body not received in time")
             return
-        self.arm(Wait.BODY, next_body_check(now, self.wait_since, timeout))
+        self.arm(BODY, next_body_check(now, self.wait_since, timeout))
 
     def request_done(self, close: bool) -> None:
         """The exchange's response is out: the next request, or close (``close``)."""
+        done = self.exchange
         self.exchange = None
         if close or self.closing:
             self._close_after_response()
             return
-        self.advance(HEAD)
+        if done is not None and done.task is None and done.native is None:
+            self.spare = done  # (nothing refers to it any more: the next request's)
+        if HEAD not in CLIENT_TRANSITIONS[self.state]:  # (advance() inlined: once a request)
+            check(CLIENT_TRANSITIONS, self.state, HEAD)
+        self.state = HEAD
         if self.buf:
             self.try_head()
         else:
-            self.arm(Wait.KEEPALIVE, time.monotonic() + self.ctx.config.keepalive_timeout)
+            self.arm(KEEPALIVE, time.monotonic() + self.ctx.config.keepalive_timeout)
             self.transport.resume_reading()
 
     def handed_over(self) -> None:
         """The exchange made this connection a websocket tunnel: this protocol is done."""
         ctx = self.ctx
         self.advance(DONE)
+        self.exchange = self.spare = None  # (no reference cycle left for the collector)
         self.disarm()
         self.held = ""  # (the tunnel's end releases it)
         ctx.connections.discard(self)
@@ -363,7 +363,6 @@ class HttpClient(asyncio.Protocol):
         ctx = self.ctx
         ctx.stats.rejected[(ctx.config.name, reason or str(status))] += 1
         self.disarm()
-        self._cancel_timer()
         exchange = self.exchange
         if exchange is not None:
             exchange.abandon(lost=False, drop_upstream=True)

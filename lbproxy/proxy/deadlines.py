@@ -20,6 +20,7 @@ BODY_CHECKS = 4  # a streaming request body is looked at this many times per bod
 class Wait(enum.Enum):
     """What a client connection with a deadline is waiting for."""
 
+    HEAD = "head"  # a request head (from the accept, or its first bytes): handshake_timeout
     KEEPALIVE = "keepalive"  # the next request on an idle connection: keepalive_timeout
     BODY = "body"  # more of the request body: body_timeout without a byte -> 408
     RESPONSE = "response"  # the backend's response head: response_timeout -> 504 / retry

@@ -1,8 +1,7 @@
 """http mode (L7), one request (uvicorn's ``RequestResponseCycle``): route, pick, connect
-(connect.py, or a ``NativeUpgrade`` on the engine), forward, retry (``retry.decide``),
-response. Its connection (connection.py) owns the transport, head, deadlines, keep-alive;
-the Upstream sees the exchange as a ``types.ClientSide``, a native upgrade as an
-``types.UpgradeClient``."""
+(connect.py, or a ``NativeUpgrade`` on the engine), forward, retry (``retry.decide``), response.
+Its connection (connection.py) owns the transport, head, deadlines, keep-alive; the Upstream
+sees the exchange as a ``types.ClientSide``, a native upgrade as an ``types.UpgradeClient``."""
 
 from __future__ import annotations
 
@@ -25,9 +24,10 @@ from lbproxy.proxy.wstunnel import WsLink
 
 if TYPE_CHECKING:
     from lbproxy.proxy.context import ListenerContext
-    from lbproxy.proxy.types import ConnectionSide, SplicerLike
+    from lbproxy.proxy.types import ConnectionSide
 
 CONNECTING, FORWARD = ClientState.CONNECTING, ClientState.FORWARD
+BODY, RESPONSE = Wait.BODY, Wait.RESPONSE  # (Enum members as globals: see tunnel_rules.py)
 REPLAY_LIMIT = 65536  # request body bytes held for a resend while on a reused connection
 
 
@@ -68,6 +68,14 @@ class Exchange:
     ) -> None:
         self.conn = conn
         self.ctx = ctx
+        # what the upstream calls on every response, bound once (no extra call per chunk)
+        self.transport = conn.transport
+        self.write = conn.write
+        self.response_started = conn.response_started
+        self.renew(head, quick, key)
+
+    def renew(self, head: RequestHead, quick: bytes | None, key: bytes | None) -> None:
+        """Be a new request (also the connection's next one, reusing a finished exchange)."""
         self.head = head
         self.quick = quick  # (the fast lane: the request's bytes, parsed only if resent)
         self.key = key
@@ -83,10 +91,6 @@ class Exchange:
         self.task: asyncio.Task[None] | None = None
         self.mark_in = self.mark_out = 0
         self.status = 0
-        # what the upstream calls on every response, bound once (no extra call per chunk)
-        self.transport = conn.transport
-        self.write = conn.write
-        self.response_started = conn.response_started
 
     # -- route and connect -----------------------------------------------------
     def route(self, picked: Backend | None) -> None:
@@ -108,8 +112,11 @@ class Exchange:
                 self.send(first, upstream)
                 return
         splicer = ctx.splicer
-        if head.websocket and splicer is not None and self.start_native(splicer, first):
-            return
+        if head.websocket and splicer is not None and head.body.kind == "none":
+            # the native upgrade path (False from attempt: a host name, the Python path)
+            native = self.native = NativeUpgrade(self, self.conn, ctx, splicer)
+            if native.attempt(first):
+                return
         self.task = ctx.loop.create_task(self._connect(first))
 
     def send_quick(self, backend: Backend, upstream: Upstream, data: bytes, now: float) -> None:
@@ -117,7 +124,7 @@ class Exchange:
         self.reused = True
         self._attach(backend, upstream, len(data))
         upstream.transport.write(data[:-2] + self.conn.suffix())
-        self.conn.arm(Wait.RESPONSE, now + self.ctx.pool.config.response_timeout)
+        self.conn.arm(RESPONSE, now + self.ctx.pool.config.response_timeout)
 
     async def _connect(self, first: Backend | None, avoid: frozenset[str] = frozenset()) -> None:
         ctx = self.ctx
@@ -156,7 +163,7 @@ class Exchange:
             self.request_body(pending)
         else:
             upstream.transport.write(out)
-        forwarding = conn.state is ClientState.FORWARD
+        forwarding = conn.state is FORWARD
         if forwarding and conn.wait is None:
             conn.wait_for(self.tracker is not None)
         if not head.websocket and forwarding:
@@ -216,7 +223,7 @@ class Exchange:
         self.tracker = None
         if end < len(data):
             self.conn.buf += data[end:]
-        if self.conn.wait is Wait.BODY and upstream.awaiting_head():
+        if self.conn.wait is BODY and upstream.awaiting_head():
             self.conn.wait_for(False)  # the body is complete: now the response deadline
 
     # -- the response (types.ClientSide: the Upstream calls these) --------------
@@ -310,7 +317,7 @@ class Exchange:
         """The response deadline passed (the connection's sweep entry)."""
         native = self.native
         if native is not None and native.pending:
-            native.response_timeout()
+            native.deadline_passed()
         elif self.conn.state is FORWARD and self.backend is not None and self.upstream is not None:
             answered = self.conn.nbytes_out > self.mark_out
             self._failure(self.backend, Failure.RESPONSE_TIMEOUT, answered)
@@ -353,21 +360,15 @@ class Exchange:
         self.conn.connecting(disarm=True)
         splicer = self.ctx.splicer
         websocket = self.head.websocket and self.head.body.kind == "none"
-        if websocket and splicer is not None and self._native(splicer).attempt(first):
-            return
+        if websocket and splicer is not None:
+            native = self.native
+            if native is None:
+                native = self.native = NativeUpgrade(self, self.conn, self.ctx, splicer)
+            if native.attempt(first):
+                return
         self.task = self.ctx.loop.create_task(self._connect(first, avoid))
 
     # -- the native upgrade path (types.UpgradeClient) ----------------------------
-    def _native(self, splicer: SplicerLike) -> NativeUpgrade:
-        native = self.native
-        if native is None:
-            native = self.native = NativeUpgrade(self, self.conn, self.ctx, splicer)
-        return native
-
-    def start_native(self, splicer: SplicerLike, first: Backend | None) -> bool:
-        """Route and connect the websocket upgrade natively; False: use the Python path."""
-        return self.head.body.kind == "none" and self._native(splicer).attempt(first)
-
     def begin_python_connect(self, backend: Backend) -> None:
         """Continue the attempts on the Python path, starting with ``backend``."""
         self.task = self.ctx.loop.create_task(self._connect(backend, self.tried))

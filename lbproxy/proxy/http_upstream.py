@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from lbproxy.proxy.types import ClientSide
 
 IDLE, HEAD, BODY = UpstreamState
+UP = BackendState.UP  # (Enum members as globals: see tunnel_rules)
 
 
 class Upstream(asyncio.Protocol):
@@ -85,7 +86,9 @@ class Upstream(asyncio.Protocol):
         self.method = method
         self.websocket = websocket
         self.set_cookie = set_cookie
-        self._to(HEAD)
+        if HEAD not in UPSTREAM_TRANSITIONS[self.state]:  # (the table, checked with no call)
+            check(UPSTREAM_TRANSITIONS, self.state, HEAD)
+        self.state = HEAD
         self.got_response = False
         head = client.head
         self.http10 = head is not None and head.version == b"1.0"
@@ -100,7 +103,8 @@ class Upstream(asyncio.Protocol):
         elif state is HEAD:
             if not self.got_response:
                 self.got_response = True
-                self.ctx.pool.connect_succeeded(self.backend)
+                if self.backend.failures:  # (no call per request when there is none)
+                    self.ctx.pool.connect_succeeded(self.backend)
             if self.websocket and not self.buf and self._quick_switch(data):
                 return
             if (
@@ -275,11 +279,13 @@ class Upstream(asyncio.Protocol):
     def _done(self, reusable: bool, close_client: bool) -> None:
         client = self.client
         self.client = None
-        self._to(IDLE)
+        if IDLE not in UPSTREAM_TRANSITIONS[self.state]:  # (the table, checked with no call)
+            check(UPSTREAM_TRANSITIONS, self.state, IDLE)
+        self.state = IDLE
         self.tracker = None
         if (
             reusable
-            and self.backend.state is BackendState.UP
+            and self.backend.state is UP
             and client is not None
             and client.tracker is None  # the request body went out whole
             and self.ctx.idle.put(self.backend, self.transport, time.monotonic())

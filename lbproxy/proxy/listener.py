@@ -236,9 +236,11 @@ class Listener:
             config, pool = self.config, self.ctx.pool.config
             await asyncio.sleep(
                 sweep_tick(
+                    config.handshake_timeout,
                     config.idle_timeout,
                     config.keepalive_timeout,
                     config.body_timeout,
+                    pool.connect_timeout,  # (the native upgrade's connect deadline)
                     pool.response_timeout,
                     pool.upstream_keepalive_timeout,
                     *ping_timeouts(self.ctx.ws_policy),

@@ -17,28 +17,31 @@ connection through ``types.ConnectionSide`` (public members), and is the engine'
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from lbproxy.http1 import MAX_HEAD, add_response_headers
 from lbproxy.http1.lanes import switching_protocols
 from lbproxy.pool import BackendState
 from lbproxy.proxy.context import ListenerContext
+from lbproxy.proxy.deadlines import Wait
 from lbproxy.proxy.http_upstream import Upstream
+from lbproxy.proxy.native_tunnel import Cursor, NativeTunnel
 from lbproxy.proxy.retry import Answer, Facts, Failure, Retry, decide, from_errno
-from lbproxy.proxy.wstunnel import WsLink
 
 if TYPE_CHECKING:
     from lbproxy.pool import Backend
     from lbproxy.proxy.types import ConnectionSide, SplicerLike, UpgradeClient
 
+RESPONSE = Wait.RESPONSE  # (an Enum member as a global: see tunnel_rules.py)
+
 
 class NativeUpgrade:
     """One websocket upgrade request on the native engine (attempts until an outcome)."""
 
-    __slots__ = ("backend", "client", "conn", "ctx", "resp", "slot", "splicer", "timer")
+    __slots__ = ("answer_by", "backend", "client", "conn", "ctx", "resp", "slot", "splicer")
 
     def __init__(
         self,
@@ -54,7 +57,7 @@ class NativeUpgrade:
         self.slot = -1
         self.backend: Backend | None = None
         self.resp = bytearray()  # the backend's answer so far
-        self.timer: asyncio.TimerHandle | None = None  # connect_timeout of the attempt
+        self.answer_by = 0.0  # the attempt's response deadline (its connect one: the sweep's)
 
     @property
     def pending(self) -> bool:
@@ -89,8 +92,12 @@ class NativeUpgrade:
                 continue
             self.slot = slot
             self.backend = backend
-            self.timer = ctx.loop.call_later(pool.config.connect_timeout, self._timeout, slot)
-            self.conn.wait_for(False)  # the request is out: the response deadline starts
+            # the request is out: the sweep checks the connect deadline first (no timer per
+            # connection), then the response's (``deadline_passed``)
+            now = time.monotonic()
+            config = pool.config
+            self.answer_by = now + config.response_timeout
+            self.conn.arm(RESPONSE, min(now + config.connect_timeout, self.answer_by))
             return True
 
     def _failed(self, backend: Backend, failure: Failure, answered: bool = False) -> bool:
@@ -118,37 +125,28 @@ class NativeUpgrade:
             self.conn.close_now()
         return False
 
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
     def close(self) -> None:
         """Close a backend connection still being set up (client gone or rejected)."""
-        self._cancel_timer()
         if self.slot >= 0:
             self.splicer.engine.close(self.slot, self)
             self.slot = -1
 
-    def _timeout(self, slot: int) -> None:
-        """connect_timeout passed: give up on a connection that is not established yet."""
-        if self.slot != slot:
+    def deadline_passed(self) -> None:
+        """The attempt's deadline passed (the listener's sweep, through the exchange): before
+        ``answer_by`` it is connect_timeout's, after it response_timeout's. Either way a
+        passive failure; another backend while attempts remain, else 504."""
+        backend = self.backend
+        slot = self.slot
+        if slot < 0 or backend is None:
             return
-        self.timer = None
-        backend = self.backend
-        assert backend is not None
-        if self.splicer.engine.connected(slot, self):
-            return  # connected: the answer may take its time (as on the Python path)
-        self.splicer.engine.close(slot, self)
-        self.slot = -1
-        if self._failed(backend, Failure.CONNECT_TIMEOUT):
-            self.attempt(None)
-
-    def response_timeout(self) -> None:
-        """response_timeout passed with no (complete) answer from the backend the engine
-        holds: a passive failure; another backend while attempts remain, else 504."""
-        backend = self.backend
-        if self.slot < 0 or backend is None:
+        if time.monotonic() < self.answer_by:  # connect_timeout
+            if self.resp or self.splicer.engine.connected(slot, self):
+                # connected: the answer may take its time (as on the Python path)
+                self.conn.arm(RESPONSE, self.answer_by)
+                return
+            self.close()
+            if self._failed(backend, Failure.CONNECT_TIMEOUT):
+                self.attempt(None)
             return
         self.close()
         self.resp = bytearray()  # (part of a head at most: nothing reached the client)
@@ -165,7 +163,6 @@ class NativeUpgrade:
             self._got(backend, data)
             return
         self.slot = -1  # the engine has closed and released it
-        self._cancel_timer()
         if self.resp:  # the answer had begun: nothing can be retried
             self._failed(backend, Failure.CLOSED, answered=True)
             return
@@ -174,8 +171,6 @@ class NativeUpgrade:
 
     def _got(self, backend: Backend, data: bytes) -> None:
         buf = self.resp
-        if not buf:
-            self._cancel_timer()
         buf += data
         end = buf.find(b"\r\n\r\n") + 4
         if end < 4:
@@ -193,7 +188,8 @@ class NativeUpgrade:
         if sock is None:
             self._hand_over(backend)
             return
-        self.ctx.pool.connect_succeeded(backend)
+        if backend.failures:
+            self.ctx.pool.connect_succeeded(backend)
         self._splice(backend, sock, whole, end)
 
     def _splice(self, backend: Backend, sock: socket.socket, whole: bytes, end: int) -> None:
@@ -206,15 +202,15 @@ class NativeUpgrade:
         if client.set_cookie is not None:
             head = add_response_headers(whole[:end], [client.set_cookie])
             to_client, head_len = head + whole[end:], len(head)
-        link = WsLink(ctx, backend, self.splicer.gone, transport, conn.ip, conn.started)
-        link.skip = 0
-        link.partial = b""
-        link.saw_close = False
-        if len(to_client) > head_len:
-            link.feed(to_client[head_len:])
+        tunnel = NativeTunnel(ctx, backend, conn.ip, conn.started)
+        partial, skip, saw_close = b"", 0, False  # the frame cursor, at a boundary
+        if len(to_client) > head_len:  # (frames sent with the 101: where they leave it)
+            cursor = Cursor()
+            cursor.feed(to_client[head_len:])
+            partial, skip, saw_close = cursor.partial, cursor.skip, cursor.saw_close
         to_backend = bytes(conn.buf)
-        link.client.nbytes = conn.nbytes_in  # (the buffered client bytes are part of it)
-        link.nbytes = len(to_client)
+        tunnel.nbytes_in = conn.nbytes_in  # (the buffered client bytes are part of it)
+        tunnel.nbytes = len(to_client)
         slot = self.slot
         try:
             cfd = os.dup(sock.fileno())
@@ -223,28 +219,19 @@ class NativeUpgrade:
             return
         self.slot = -1
         client.tunnel_started(backend)
-        link.native_started(slot)  # (before splice(): the engine may report its end at once)
-        ctx.connections.add(link)
-        ctx.pool.attach(backend, link, client.key)
+        tunnel.native_started(slot)  # (before splice(): the engine may report its end at once)
+        ctx.connections.add(tunnel)
+        ctx.pool.attach(backend, tunnel, client.key)
         engine = self.splicer.engine
         try:
             engine.splice(
-                slot,
-                self,
-                link,
-                cfd,
-                to_client,
-                to_backend,
-                True,
-                link.partial,
-                link.skip,
-                link.saw_close,
+                slot, self, tunnel, cfd, to_client, to_backend, True, partial, skip, saw_close
             )
         except (KeyError, ValueError, MemoryError):  # (cannot happen while the engine holds it)
             os.close(cfd)
-            link.slot = -1
-            ctx.connections.discard(link)
-            ctx.pool.detach(backend, link)
+            tunnel.slot = -1
+            ctx.connections.discard(tunnel)
+            ctx.pool.detach(backend, tunnel)
             conn.close_now()
             return
         # the client's transport closes its own fd; the engine has the duplicate
@@ -255,6 +242,7 @@ class NativeUpgrade:
         """Give the backend socket and the bytes read so far to a Python Upstream."""
         fd = self.splicer.engine.release(self.slot, self)
         self.slot = -1
+        self.conn.arm(RESPONSE, self.answer_by)  # (past the connect deadline: the response's)
         sock = socket.socket(fileno=fd)
         data = bytes(self.resp)
         self.resp = bytearray()

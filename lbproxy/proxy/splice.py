@@ -4,13 +4,15 @@ A tunnel starts as two asyncio transports (tunnel.Link / wstunnel.WsLink). Once 
 handshake is over and nothing is buffered, ``Splicer.offload`` duplicates both
 sockets into the engine's epoll set and closes the transports; from then on the
 engine forwards bytes in C (see _splice.c) and the Link object stays what the
-pool, the listener sweep and the drainer talk to: with ``where`` NATIVE it turns
-their calls (byte counts, go_away, abort) into engine calls, and the engine
-reports the end of the tunnel once. The engine is given the tunnel rules and the
-1001 frame once, when it is made (tunnel_rules.engine_setup), and the websocket policy
-of the listener's pool (ws_rules.engine_ws_setup: limits, pings, their frames) with
-``set_policy``; the listener's sweep calls ``sweep`` for the pings. TLS listeners keep
-the Python tunnel (the bytes must pass through the SSL object).
+pool, the listener sweep and the drainer talk to: with ``where`` NATIVE it is a
+native_tunnel.NativeTunnel (its transports let go), which turns their calls (byte
+counts, go_away, abort) into engine calls, and the engine reports the end of the
+tunnel once (``NativeTunnel.native_finished``, called by the engine directly). The
+engine is given the tunnel rules and the 1001 frame once, when it is made
+(tunnel_rules.engine_setup), and the websocket policy of the listener's pool
+(ws_rules.engine_ws_setup: limits, pings, their frames) with ``set_policy``; the
+listener's sweep calls ``sweep`` for the pings. TLS listeners keep the Python tunnel
+(the bytes must pass through the SSL object).
 ``LBPROXY_SPLICE=0`` turns the engine off.
 """
 
@@ -21,8 +23,9 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from lbproxy.proxy import native_upgrade
+from lbproxy.proxy.native_tunnel import NativeTunnel
 from lbproxy.proxy.tunnel import Link
-from lbproxy.proxy.tunnel_rules import Mode, Where, engine_setup
+from lbproxy.proxy.tunnel_rules import FORWARD, PYTHON, engine_setup
 from lbproxy.proxy.ws_rules import WsPolicy, engine_ws_setup
 from lbproxy.proxy.wstunnel import WsLink
 
@@ -30,8 +33,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from lbproxy._splice import Engine
-    from lbproxy.pool import Backend
-    from lbproxy.proxy.context import ListenerContext
 
 
 class Gone(asyncio.Transport):
@@ -97,7 +98,10 @@ class Splicer:
 
     def __init__(self, engine_type: type[Engine], loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.engine = make_engine(engine_type, self._finished, native_upgrade.NativeUpgrade.on_data)
+        # (the engine calls the two report methods itself: no Python hop in between)
+        self.engine = make_engine(
+            engine_type, NativeTunnel.native_finished, native_upgrade.NativeUpgrade.on_data
+        )
         self.fd = self.engine.fileno()
         self.detached = Detached()
         self.gone = Gone()
@@ -115,10 +119,6 @@ class Splicer:
         """Stop watching the engine (its remaining sockets close with it)."""
         self.loop.remove_reader(self.fd)
 
-    @staticmethod
-    def _finished(link: Any, reason: str, nin: int, nout: int, *ws: int) -> None:
-        link.native_finished(reason, nin, nout, *ws)
-
     def set_policy(self, policy: WsPolicy) -> None:
         """The websocket rules of the tunnels started from now on (ws_rules)."""
         params, opcodes, frames, ping = engine_ws_setup(policy, os.urandom(4))
@@ -134,9 +134,9 @@ class Splicer:
         """Move ``link``'s two sockets into the engine; False when it has to stay in Python."""
         backend, client = link.transport, link.out
         if (
-            link.where is not Where.PYTHON
-            or link.mode is not Mode.FORWARD
-            or link.client.mode is not Mode.FORWARD
+            link.where is not PYTHON
+            or link.mode is not FORWARD
+            or link.client.mode is not FORWARD
             or link.eof
             or link.client.eof
             or link.lost
@@ -179,19 +179,3 @@ class Splicer:
         client.abort()
         link.native_started(slot)
         return True
-
-    def native_ws_link(
-        self,
-        ctx: ListenerContext,
-        backend: Backend,
-        client_transport: asyncio.Transport,
-        client_addr: str,
-        started: float,
-        slot: int,
-    ) -> WsLink:
-        """The Link for a websocket whose backend socket the engine already holds (``slot``,
-        from ``engine.connect``): call before ``engine.splice``, which may report its end
-        at once. Its frame cursor starts at a boundary (``feed`` it the first frames)."""
-        link = WsLink(ctx, backend, self.gone, client_transport, client_addr, started)
-        link.native_started(slot)
-        return link

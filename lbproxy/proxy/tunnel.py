@@ -5,8 +5,7 @@ straight to the other transport. When a transport's write buffer passes its high
 mark, asyncio calls pause_writing() on *its* protocol, which pauses reading on the peer
 (resume_writing() resumes it), so a slow reader never makes lbproxy buffer without
 bound. Half-close (EOF) is passed on with write_eof(). Per chunk: one write and one
-integer add; the websocket variant also follows frame boundaries (wsframe) so a 1001
-close can be injected cleanly when the backend drains.
+integer add; the websocket variant (wstunnel.WsLink) also follows frames both ways.
 
 The rules (side modes, the go-away rule, the 1001 frame) are tunnel_rules'; the same
 Link stays in charge when the engine forwards the sockets (``where`` is NATIVE).
@@ -15,21 +14,19 @@ Link stays in charge when the engine forwards the sockets (``where`` is NATIVE).
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import TYPE_CHECKING
 
-from lbproxy.proxy.accesslog import log_connection
 from lbproxy.proxy.connect import HIGH_WATER
+from lbproxy.proxy.native_tunnel import GRACE, NativeTunnel
 from lbproxy.proxy.parting import Linger, Parting
 from lbproxy.proxy.tunnel_rules import (
     AFTER,
+    CLOSED,
+    FORWARD,
     GOING_AWAY_FRAME,
-    WHERE_TRANSITIONS,
+    PYTHON,
     GoAway,
-    Mode,
     Side,
-    Where,
-    check,
     go_away,
 )
 
@@ -37,7 +34,6 @@ if TYPE_CHECKING:
     from lbproxy.pool import Backend
     from lbproxy.proxy.context import ListenerContext
 
-GRACE = 5.0  # seconds a going-away peer gets to close its side before we close it
 __all__ = ["GOING_AWAY_FRAME", "GRACE", "ClientHalf", "Linger", "Link", "Parting"]
 
 
@@ -52,7 +48,7 @@ class ClientHalf(Side, asyncio.Protocol):
         self.out: asyncio.Transport = link.transport
         self.nbytes = 0
         self.eof = False
-        self.mode = Mode.FORWARD  # (this side's Side state)
+        self.mode = FORWARD  # (this side's Side state)
 
     def data_received(self, data: bytes) -> None:
         self.nbytes += len(data)
@@ -68,7 +64,7 @@ class ClientHalf(Side, asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.move(Mode.CLOSED)
+        self.move(CLOSED)
         self.link.side_lost(self, "client closed" if exc is None else f"client error: {exc}")
 
     def pause_writing(self) -> None:
@@ -78,29 +74,14 @@ class ClientHalf(Side, asyncio.Protocol):
         self.out.resume_reading()
 
 
-class Link(Side, asyncio.Protocol):
+class Link(NativeTunnel, asyncio.Protocol):
     """Backend side of a tunnel and owner of the proxied connection (what the pool tracks
-    for draining and the listener for idle sweeps)."""
+    for draining and the listener for idle sweeps); a NativeTunnel once the engine has its
+    sockets (``where`` NATIVE: the byte counts, go-away, abort and end are NativeTunnel's)."""
 
-    __slots__ = (
-        "backend",
-        "client",
-        "client_addr",
-        "ctx",
-        "eof",
-        "flushed_in",
-        "flushed_out",
-        "lost",
-        "nbytes",
-        "out",
-        "reason",
-        "slot",
-        "started",
-        "transport",
-        "where",
-    )
+    __slots__ = ("client", "eof", "lost", "out", "transport")
 
-    ws = False  # (WsLink: True) what the go-away rule is told
+    WS = False  # (WsLink: True) a websocket: what the go-away rule is told (``ws``)
 
     def __init__(
         self,
@@ -111,22 +92,12 @@ class Link(Side, asyncio.Protocol):
         client_addr: str,
         started: float,
     ) -> None:
-        self.ctx = ctx
-        self.backend = backend
+        NativeTunnel.__init__(self, ctx, backend, client_addr, started, self.WS)
         self.transport = transport
         self.out: asyncio.Transport = client_transport
-        self.client_addr = client_addr
-        self.started = started
-        self.nbytes = 0
         self.eof = False
         self.lost = 0
-        self.flushed_in = 0
-        self.flushed_out = 0
-        self.reason = ""
-        self.slot = -1  # the native engine's slot once offloaded
-        self.where = Where.PYTHON
-        self.mode = Mode.FORWARD  # the backend side's Side state (the client's: self.client)
-        self.client = ClientHalf(self, client_transport)
+        self.client = ClientHalf(self, client_transport)  # (self.mode: the backend side's)
 
     # -- wiring ------------------------------------------------------------
     def start(
@@ -170,7 +141,7 @@ class Link(Side, asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.move(Mode.CLOSED)
+        self.move(CLOSED)
         self.side_lost(self, "backend closed" if exc is None else f"backend error: {exc}")
 
     def pause_writing(self) -> None:
@@ -189,67 +160,21 @@ class Link(Side, asyncio.Protocol):
         else:
             self.finish()
 
-    def finish(self) -> None:
-        ctx = self.ctx
-        ctx.tunnel_ended(self, self.backend, self.client_addr)
-        self.flush_bytes()
-        if ctx.access_log:
-            log_connection(
-                ctx,
-                self.client_addr,
-                self.backend,
-                time.monotonic() - self.started,
-                self.client.nbytes,
-                self.nbytes,
-                self.reason,
-                messages=self.message_counts(),
-            )
-
     def totals(self) -> tuple[int, int]:
-        """Bytes (client -> backend, backend -> client) so far."""
-        splicer = self.ctx.splicer
-        if self.where is not Where.NATIVE or splicer is None:
-            return self.client.nbytes, self.nbytes
-        nin, nout = splicer.engine.counts(self.slot, self)
-        return self.client.nbytes + nin, self.nbytes + nout
-
-    def flush_bytes(self) -> None:
-        """Move byte counts into the shared counters (at close and from the periodic sweep)."""
-        stats = self.ctx.stats
-        pool, backend = self.ctx.pool.name, self.backend.id
-        total_in, total_out = self.totals()
-        delta_in = total_in - self.flushed_in
-        delta_out = total_out - self.flushed_out
-        if delta_in:
-            stats.bytes[(pool, backend, "in")] += delta_in
-            self.flushed_in = total_in
-        if delta_out:
-            stats.bytes[(pool, backend, "out")] += delta_out
-            self.flushed_out = total_out
+        nin, nout = NativeTunnel.totals(self)
+        return nin + self.client.nbytes, nout
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         return self.ctx.loop
 
-    def activity(self) -> int:
-        total_in, total_out = self.totals()
-        return total_in + total_out
-
     def abort(self, reason: str) -> None:
-        if self.where is Where.PYTHON:
-            self.reason = reason
-            self.transport.close()
-            self.out.close()
-            return
-        splicer = self.ctx.splicer
-        if self.where is Where.NATIVE_DONE or splicer is None:
+        if self.where is not PYTHON:
+            NativeTunnel.abort(self, reason)
             return
         self.reason = reason
-        nin, nout = splicer.engine.close(self.slot, self)
-        self.native_finished(reason, nin, nout)
-
-    def finish_request(self) -> None:
-        pass  # (a tunnel: the drain decides)
+        self.transport.close()
+        self.out.close()
 
     def go_away(self) -> None:
         """Drain: plain TCP half-closes both sides (FIN) and lets the peers finish."""
@@ -257,9 +182,9 @@ class Link(Side, asyncio.Protocol):
         self._go_away()
 
     def _go_away(self) -> None:
-        if self.where is not Where.PYTHON:
+        if self.where is not PYTHON:
             self._native_go_away()
-        elif self.mode is Mode.FORWARD and self.client.mode is Mode.FORWARD:
+        elif self.mode is FORWARD and self.client.mode is FORWARD:
             self._go_away_now()
 
     def _go_away_action(self) -> GoAway:
@@ -284,39 +209,16 @@ class Link(Side, asyncio.Protocol):
         """The close frames of a go-away (wstunnel.WsLink: per ws_rules.CloseKind)."""
         self.out.write(GOING_AWAY_FRAME)
 
-    def message_counts(self) -> tuple[int, int] | None:
-        """Websocket data messages (client -> backend, backend -> client); None: plain TCP."""
-        return None
-
     # -- the native engine holds the sockets (splice.py) ----------------------
     def native_started(self, slot: int) -> None:
-        """The engine now forwards this tunnel's sockets under ``slot``."""
-        check(WHERE_TRANSITIONS, self.where, Where.NATIVE)
-        self.where = Where.NATIVE
-        self.slot = slot
-
-    def native_finished(self, reason: str, nin: int, nout: int, *ws: int) -> None:
-        """Called by the engine once both sockets are closed (and by abort); ``ws``: the
-        websocket messages each way and ws_rules.CloseKind (wstunnel.WsLink takes them)."""
-        check(WHERE_TRANSITIONS, self.where, Where.NATIVE_DONE)
-        self.where = Where.NATIVE_DONE
-        self.slot = -1
-        self.client.nbytes += nin
-        self.nbytes += nout
-        if not self.reason:
-            self.reason = reason
-        self.lost = 2
-        self.finish()
-
-    def _native_go_away(self) -> None:
+        """The engine now forwards this tunnel's sockets: the transports (closed, or about
+        to be) are let go, so a native tunnel holds no uvloop transport in Python."""
+        NativeTunnel.native_started(self, slot)
         splicer = self.ctx.splicer
-        if self.where is not Where.NATIVE or splicer is None:
-            return
-        slot = self.slot
-        splicer.engine.go_away(slot, self)
-        # the peers get GRACE seconds to close their sides, as with Parting
-        self.ctx.loop.call_later(GRACE, self._grace_over, slot)
+        if splicer is not None:
+            client = self.client
+            self.transport = self.out = client.transport = client.out = splicer.gone
 
-    def _grace_over(self, slot: int) -> None:
-        if self.where is Where.NATIVE and self.slot == slot:
-            self.abort(self.reason)
+    def finish(self) -> None:
+        self.lost = 2  # (both sides are gone, whichever way it ended)
+        NativeTunnel.finish(self)

@@ -14,9 +14,9 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from lbproxy.proxy import tunnel
+from lbproxy.proxy.native_tunnel import NativeTunnel
 from lbproxy.proxy.tunnel import ClientHalf, Link
-from lbproxy.proxy.tunnel_rules import GoAway, Where, go_away
+from lbproxy.proxy.tunnel_rules import PYTHON, GoAway, go_away
 from lbproxy.proxy.ws_rules import (
     DATA,
     OPCODES,
@@ -25,7 +25,6 @@ from lbproxy.proxy.ws_rules import (
     CloseKind,
     Tick,
     Verdict,
-    close_reason,
     closes,
     sweep_action,
 )
@@ -76,20 +75,16 @@ class WsLink(Link, FrameScan):
 
     __slots__ = (
         "draining",
-        "first_close",
-        "flushed_msgs",
         "heard",
         "heard_at",
-        "messages",
         "partial",
         "pinged",
         "saw_close",
         "skip",
         "want_ping",
-        "ws_close",
     )
 
-    ws = True
+    WS = True
     client: WsClientHalf
 
     def __init__(
@@ -105,16 +100,12 @@ class WsLink(Link, FrameScan):
         self.client = WsClientHalf(self, client_transport)
         self.skip = 0
         self.partial = b""
-        self.saw_close = False
-        self.messages = 0  # backend -> client data messages (the client's: client.scan)
+        self.saw_close = False  # (messages: backend -> client; the client's: client.scan)
         self.draining = False  # go-away waits for the frame in flight to end
         self.want_ping = False  # a ping waits for the frame in flight to end
-        self.ws_close = CloseKind.NONE
-        self.first_close = 0  # who sent the first close frame (ws_rules.CLOSERS)
         self.heard = -1  # the client's byte count at the last ping sweep
         self.heard_at = 0.0
         self.pinged = False
-        self.flushed_msgs = (0, 0)
 
     def start(
         self, to_client: bytes, to_backend: bytes, head_len: int = 0, key: bytes | None = None
@@ -238,63 +229,17 @@ class WsLink(Link, FrameScan):
             self.transport.write(closes(os.urandom(4))[CloseKind.DEAD_PEER][1])
         self.out.abort()  # (side_lost closes the backend side after its flush)
 
-    def native_closed(self, kind: int) -> None:
-        """The engine closed it itself (its sweep: a dead client, a refused frame): the
-        peers get GRACE to close their sides, as after a drain."""
-        if self.where is not Where.NATIVE:
-            return
-        self.ws_close = CloseKind(kind)
-        self.reason = REASON_TEXT[self.ws_close]
-        self.ctx.loop.call_later(tunnel.GRACE, self._grace_over, self.slot)
-
     # -- counts ------------------------------------------------------------------
     def message_counts(self) -> tuple[int, int]:
-        msgs_in, msgs_out = self.client.scan.messages, self.messages
-        splicer = self.ctx.splicer
-        if self.where is Where.NATIVE and splicer is not None:
-            nin, nout, _, _ = splicer.engine.messages(self.slot, self)
-            return msgs_in + nin, msgs_out + nout
-        return msgs_in, msgs_out
-
-    def abort(self, reason: str) -> None:
-        splicer = self.ctx.splicer
-        if self.where is Where.NATIVE and splicer is not None:  # (counts before the close)
-            msgs_in, msgs_out, kind, first = splicer.engine.messages(self.slot, self)
-            self.client.scan.messages += msgs_in
-            self.messages += msgs_out
-            self.ws_close = self.ws_close or CloseKind(kind)
-            self.first_close = self.first_close or first
-        super().abort(reason)
-
-    def native_finished(self, reason: str, nin: int, nout: int, *ws: int) -> None:
-        if ws:
-            msgs_in, msgs_out, kind, first = ws
-            self.client.scan.messages += msgs_in
-            self.messages += msgs_out
-            self.first_close = self.first_close or first
-            if kind and self.ws_close is not CloseKind(kind):  # (the engine's close wins)
-                self.ws_close = CloseKind(kind)
-                self.reason = REASON_TEXT.get(self.ws_close, self.reason)
-        super().native_finished(reason, nin, nout)
-
-    def flush_bytes(self) -> None:
-        """Bytes and messages so far into the shared counters (sampler, sweep, finish)."""
-        super().flush_bytes()
-        msgs_in, msgs_out = self.message_counts()
-        was_in, was_out = self.flushed_msgs
-        if msgs_in == was_in and msgs_out == was_out:
-            return
-        stats, key = self.ctx.stats.ws_messages, (self.ctx.pool.name, self.backend.id)
-        stats[(*key, "in")] += msgs_in - was_in
-        stats[(*key, "out")] += msgs_out - was_out
-        self.flushed_msgs = (msgs_in, msgs_out)
+        """Data messages each way: the engine's and the hand-over's (NativeTunnel) plus what
+        the Python scanner counted."""
+        msgs_in, msgs_out = NativeTunnel.message_counts(self) or (0, 0)
+        return msgs_in + self.client.scan.messages, msgs_out
 
     def finish(self) -> None:
-        first = self.first_close or (2 if self.saw_close else 0)
-        label = close_reason(self.ws_close, first, self.reason)
-        if label is not None:
-            self.ctx.stats.ws_closes[(self.ctx.pool.name, label)] += 1
-        super().finish()  # (flushes the counts)
+        if not self.first_close and self.saw_close:
+            self.first_close = 2  # (the backend's close frame went by in Python)
+        super().finish()  # (the close metric, the counts)
 
 
 def ws_sweep(ctx: ListenerContext, now: float) -> None:
@@ -306,5 +251,5 @@ def ws_sweep(ctx: ListenerContext, now: float) -> None:
     if not ctx.ws_policy.pings:
         return
     for conn in list(ctx.connections):
-        if isinstance(conn, WsLink) and conn.where is Where.PYTHON and conn.lost == 0:
+        if isinstance(conn, WsLink) and conn.where is PYTHON and conn.lost == 0:
             conn.ping_tick(now)

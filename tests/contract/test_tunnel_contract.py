@@ -16,7 +16,7 @@ import struct
 
 import pytest
 
-from lbproxy.proxy import tunnel
+from lbproxy.proxy import native_tunnel, tunnel
 from lbproxy.proxy.splice import engine_class
 from lbproxy.proxy.tunnel_rules import GOING_AWAY_FRAME, Mode, close_frame
 from tests.contract.rig import HEAD, KINDS, Rig, contract
@@ -230,7 +230,8 @@ def test_plain_tcp_go_away_parts_both_sides_and_drops_their_input(kind: str) -> 
 def test_peers_that_never_close_are_closed_after_the_grace(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tunnel, "GRACE", 0.3)
+    monkeypatch.setattr(tunnel, "GRACE", 0.3)  # (the Python tunnel's)
+    monkeypatch.setattr(native_tunnel, "GRACE", 0.3)  # (the engine's tunnels')
 
     async def body(r: Rig) -> None:
         r.link.go_away()

@@ -15,7 +15,7 @@ import struct
 import pytest
 
 from lbproxy.config_types import WebsocketConfig
-from lbproxy.proxy import tunnel
+from lbproxy.proxy import native_tunnel, tunnel
 from lbproxy.proxy.splice import engine_class
 from lbproxy.proxy.ws_rules import PING_FRAME
 from tests.contract.rig import KINDS, Rig, contract
@@ -127,7 +127,8 @@ def test_a_message_over_max_message_is_refused_before_its_payload(kind: str) -> 
 def test_peers_that_do_not_close_after_a_refusal_are_closed_after_the_grace(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tunnel, "GRACE", 0.3)
+    monkeypatch.setattr(tunnel, "GRACE", 0.3)  # (the Python tunnel's)
+    monkeypatch.setattr(native_tunnel, "GRACE", 0.3)  # (the engine's tunnels')
 
     async def body(r: Rig) -> None:
         sweeper = asyncio.create_task(r.sweeping())  # (it hands the engine's refusals over)

@@ -54,6 +54,22 @@ async def test_keepalive_reuses_the_upstream_connection() -> None:
     assert bytes(out.out) == OK + OK
 
 
+async def test_a_keepalive_request_reuses_the_finished_exchange_afresh() -> None:
+    rig = Rig({9001: "accept"})
+    client, out = rig.client()
+    client.data_received(GET)
+    await until(lambda: rig.loop.upstreams and rig.loop.upstreams[0].out)
+    first = client.exchange
+    assert first is not None and not first.reused  # (a new connection to the backend)
+    rig.loop.upstreams[0].protocol.data_received(OK)
+    assert client.exchange is None and first.status == 200
+    client.data_received(GET)  # the fast lane, on the kept-alive upstream connection
+    assert client.exchange is first  # no new object per keep-alive request ...
+    assert first.status == 0 and first.reused and first.tried == frozenset()  # ... afresh
+    rig.loop.upstreams[0].protocol.data_received(OK)
+    assert bytes(out.out) == OK + OK
+
+
 @pytest.mark.parametrize(
     ("data", "status"),
     [(b"BAD\r\n\r\n", b"400"), (b"GET / HTTP/1.1\r\nX: " + b"a" * (MAX_HEAD + 10), b"431")],
@@ -70,9 +86,22 @@ async def test_bad_heads_get_their_status(data: bytes, status: bytes) -> None:
 async def test_slow_head_gets_408() -> None:
     rig = Rig({9001: "accept"}, listener={"handshake_timeout": 0.05})
     client, out = rig.client()
+    due = rig.ctx.deadlines[client]  # (armed at the accept: no timer per connection)
     client.data_received(b"GET / HTTP/1.1\r\n")
-    await until(lambda: out.out)
+    assert rig.ctx.deadlines[client] == due  # (more bytes of the head do not extend it)
+    assert not out.out
+    client.deadline_passed(due)  # (what the listener's sweep does once it is due)
     assert out.out.startswith(b"HTTP/1.1 408")
+    assert client not in rig.ctx.deadlines
+
+
+async def test_head_deadline_is_gone_once_the_head_is_in() -> None:
+    rig = Rig({9001: "accept"}, listener={"handshake_timeout": 0.05})
+    client, out = rig.client()
+    due = rig.ctx.deadlines[client]
+    client.data_received(GET)
+    client.deadline_passed(due + 1.0)  # (the entry left behind, or the response's)
+    assert not out.out.startswith(b"HTTP/1.1 408")
 
 
 async def test_no_backend_up_gets_503() -> None:
