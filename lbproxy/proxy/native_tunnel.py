@@ -30,7 +30,6 @@ from lbproxy.proxy.tunnel_rules import (
     check,
 )
 from lbproxy.proxy.ws_rules import REASON_TEXT, CloseKind, close_reason
-from lbproxy.proxy.wsframe import FrameScan
 
 if TYPE_CHECKING:
     from lbproxy.pool import Backend
@@ -39,18 +38,6 @@ if TYPE_CHECKING:
 GRACE = 5.0  # seconds a going-away peer gets to close its side before we close it
 NO_CLOSE = CloseKind.NONE  # (an Enum member as a global: see tunnel_rules.py)
 DRAIN = CloseKind.DRAIN
-
-
-class Cursor(FrameScan):
-    """A frame cursor on its own: where the first frames sent with a 101 leave the stream,
-    for the engine to carry on from (``engine.splice``)."""
-
-    __slots__ = ("partial", "saw_close", "skip")
-
-    def __init__(self) -> None:
-        self.skip = 0
-        self.partial = b""
-        self.saw_close = False
 
 
 class NativeTunnel(Side):

@@ -28,8 +28,9 @@ from lbproxy.pool import BackendState
 from lbproxy.proxy.context import ListenerContext
 from lbproxy.proxy.deadlines import Wait
 from lbproxy.proxy.http_upstream import Upstream
-from lbproxy.proxy.native_tunnel import Cursor, NativeTunnel
+from lbproxy.proxy.native_tunnel import NativeTunnel
 from lbproxy.proxy.retry import Answer, Facts, Failure, Retry, decide, from_errno
+from lbproxy.proxy.wsframe import FrameCursor
 
 if TYPE_CHECKING:
     from lbproxy.pool import Backend
@@ -205,9 +206,11 @@ class NativeUpgrade:
         tunnel = NativeTunnel(ctx, backend, conn.ip, conn.started)
         partial, skip, saw_close = b"", 0, False  # the frame cursor, at a boundary
         if len(to_client) > head_len:  # (frames sent with the 101: where they leave it)
-            cursor = Cursor()
+            cursor = FrameCursor()
             cursor.feed(to_client[head_len:])
             partial, skip, saw_close = cursor.partial, cursor.skip, cursor.saw_close
+            tunnel.messages = cursor.messages  # (their data messages are counted here)
+            tunnel.first_close = 2 if saw_close else 0  # (the backend's close came first)
         to_backend = bytes(conn.buf)
         tunnel.nbytes_in = conn.nbytes_in  # (the buffered client bytes are part of it)
         tunnel.nbytes = len(to_client)
