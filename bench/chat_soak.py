@@ -11,7 +11,8 @@ for ``--duration`` seconds, while the faults happen in order, evenly spread over
 - ``kill``: SIGKILL of a backend (started again 2 s later);
 - ``drain``: an admin drain of a backend (enabled again 3 s later);
 - ``stop``: SIGSTOP of a backend for ``--stop-seconds`` (then SIGCONT);
-- ``redis``: a Redis restart (SIGTERM, then the same port and AOF directory again).
+- ``redis``: a Redis restart (SIGTERM, down for 0.5 s, then the same port and AOF directory
+  again).
 
 Then every client gets until ``--settle`` seconds to receive what was acknowledged, and the
 tally is printed as JSON: lost, duplicated (by client_msg_id) and reordered must all be 0
@@ -40,6 +41,7 @@ from bench.procs import BOTH_CPUS, Child, ChildSet, free_port, http_get_ok, port
 from bench.soak_client import ClientConfig, SoakClient, Tally, missing, tally
 
 FAULTS = ("kill", "drain", "stop", "redis")
+REDIS_DOWN = 0.5  # seconds Redis stays down in the "redis" fault
 PREFIX = "soak"
 
 LBPROXY_CONFIG = """\
@@ -190,6 +192,7 @@ async def fault(cluster: Cluster, kind: str, target: str, stop_seconds: float) -
     elif kind == "redis":
         cluster.signal("redis", signal.SIGTERM)  # AOF written and fsynced on shutdown
         await asyncio.to_thread(cluster.procs["redis"].popen.wait, 15)
+        await asyncio.sleep(REDIS_DOWN)  # (an outage every client sees, not a blink)
         await asyncio.to_thread(cluster.start_redis)
     else:
         raise ValueError(f"unknown fault {kind!r}")
