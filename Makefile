@@ -41,7 +41,7 @@ test: deps lint
 # builds the image (Dockerfile) with podman on a Debian base made by mmdebstrap; minutes
 container-test: deps
 	LBPROXY_CONTAINER_TESTS=1 ./scripts/system-deps.sh
-	LBPROXY_CONTAINER_TESTS=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_deploy_container.py
+	LBPROXY_CONTAINER_TESTS=1 $(BIN)/pytest -q -p no:cacheprovider tests/e2e/test_deploy_container.py
 
 bench: deps
 	$(BIN)/python -m bench --out bench/out

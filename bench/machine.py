@@ -63,7 +63,7 @@ def machine_info(gcc: str, command: str, quick: bool, repeat: int) -> dict[str, 
         "gcc": tool_version([gcc, "--version"]),
         "uvloop": package_version("uvloop"),
         "lbproxy": lbproxy_version if ok else f"unavailable: {lbproxy_version}",
-        "lbproxy_parser": "fast lanes + the regex head parser (lbproxy/http1/_fast.py); "
+        "lbproxy_parser": "fast lanes + the regex head parser (lbproxy/core/http1/_fast.py); "
         "h11 is the reference the tests hold it to",
         "lbproxy_tunnels": lbproxy_tunnels(),
         "taskset": shutil.which("taskset") or "missing",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from lbproxy.config_types import Address
+from lbproxy.config.types import Address
 
 __all__ = ["parse_address"]
 

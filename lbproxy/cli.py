@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 import click
 
 from lbproxy import __version__
-from lbproxy.config import load_config, parse_address
-from lbproxy.config_types import MAX_WEIGHT, Address, Config
+from lbproxy.config.load import load_config, parse_address
+from lbproxy.config.types import MAX_WEIGHT, Address, Config
 from lbproxy.errors import ConfigError
 
 T = TypeVar("T")
@@ -122,19 +122,19 @@ def serve(
     config = _load_or_exit(config_path)
     setup_logging(log_level, log_format)
     if workers > 1 and worker_index < 0:
-        from lbproxy.supervisor import Supervisor
-        from lbproxy.upgrade_state import read_resume
+        from lbproxy.ops.supervisor import Supervisor
+        from lbproxy.ops.upgrade_state import read_resume
 
         resume = read_resume(resume_fd) if resume_fd >= 0 else None
         supervisor = Supervisor(config, config_path, workers, log_level, log_format, resume)
         sys.exit(run_async(supervisor.run()))
-    from lbproxy.app import App
+    from lbproxy.ops.app import App
 
     if worker_index < 0 or control_fd < 0 or ":" not in counts_spec:
         app = App(config, log_json=log_format == "json")  # --workers 1: one process as ever
         sys.exit(run_async(app.run(config_path)))
-    from lbproxy.shared_counts import SharedCounts
-    from lbproxy.workers import WorkerLink
+    from lbproxy.core.shared_counts import SharedCounts
+    from lbproxy.ops.workers import WorkerLink
 
     counts_fd, row = (int(part) for part in counts_spec.split(":", 1))
     link = WorkerLink(control_fd)
@@ -264,7 +264,7 @@ def register(
 ) -> None:
     """Keep an external backend registered in Redis until SIGTERM/SIGINT."""
     from lbproxy.logsetup import setup_logging
-    from lbproxy.registry import run_register
+    from lbproxy.registry.register import run_register
 
     setup_logging("info")
     _address(address, "--address")
@@ -290,7 +290,7 @@ token_option = click.option(
 @token_option
 def status(admin_url: str, as_json: bool, token: str | None) -> None:
     """Show pools and backends (client of the admin API)."""
-    from lbproxy import admin_client
+    from lbproxy.ops import admin_client
 
     sys.exit(admin_client.status(admin_url, as_json, _token(token)))
 
@@ -302,7 +302,7 @@ def status(admin_url: str, as_json: bool, token: str | None) -> None:
 @token_option
 def drain(pool: str, backend_id: str, admin_url: str, token: str | None) -> None:
     """Drain a backend: no new connections; open ones get drain_timeout, then 1001."""
-    from lbproxy import admin_client
+    from lbproxy.ops import admin_client
 
     sys.exit(admin_client.drain(admin_url, pool, backend_id, _token(token)))
 
@@ -314,7 +314,7 @@ def drain(pool: str, backend_id: str, admin_url: str, token: str | None) -> None
 @token_option
 def enable(pool: str, backend_id: str, admin_url: str, token: str | None) -> None:
     """Return a drained backend to service."""
-    from lbproxy import admin_client
+    from lbproxy.ops import admin_client
 
     sys.exit(admin_client.enable(admin_url, pool, backend_id, _token(token)))
 
@@ -327,7 +327,7 @@ def upgrade(admin_url: str, token: str | None) -> None:
 
     Exit 0 once the new generation serves, 1 if it failed to start (the old one serves on),
     2 if the configuration is invalid (nothing changed)."""
-    from lbproxy import admin_client
+    from lbproxy.ops import admin_client
 
     sys.exit(admin_client.upgrade(admin_url, _token(token)))
 

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from tests.deploy_support import Prometheus  # noqa: E402
-from tests.proxyconf import proxy_config  # noqa: E402
+from tests.support.proxyconf import proxy_config  # noqa: E402
 from tests.support import Backend, Lbproxy, RedisServer, wait_until  # noqa: E402
 
 DASHBOARD = REPO / "deploy" / "grafana" / "lbproxy.json"

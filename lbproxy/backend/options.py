@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lbproxy.config_types import Address
+from lbproxy.config.types import Address
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,12 +14,12 @@ from lbproxy.backend.interfaces import ChatService, ServedConnection
 from lbproxy.backend.options import BackendOptions
 from lbproxy.backend.protocol import CLOSE_GRACE, Connection
 from lbproxy.backend.routes import ServerView
-from lbproxy.config_types import Address
+from lbproxy.config.types import Address
 from lbproxy.errors import RegistryError
 
 if TYPE_CHECKING:
     from lbproxy.backend.chat import ChatHub
-    from lbproxy.registry import Registration
+    from lbproxy.registry.register import Registration
 
 __all__ = ["BackendOptions", "run_backend", "serve_backend"]
 
@@ -117,7 +117,7 @@ class _Signals:
 
 
 async def _register(options: BackendOptions, backend_id: str, bound: Address) -> Registration:
-    from lbproxy.registry import Registration  # written in parallel; imported when needed
+    from lbproxy.registry.register import Registration  # written in parallel; imported when needed
 
     assert options.redis_url is not None
     address = options.advertise or bound

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from lbproxy.proxy.context import access_log
 
 if TYPE_CHECKING:
-    from lbproxy.pool import Backend
+    from lbproxy.core.pool import Backend
     from lbproxy.proxy.context import ListenerContext
 
 

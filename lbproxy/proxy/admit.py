@@ -12,9 +12,9 @@ import ipaddress
 from collections.abc import Sequence
 from typing import Protocol
 
-from lbproxy.admission import Admission
-from lbproxy.http1 import RequestHead
-from lbproxy.limits import CONNECTIONS, Decision
+from lbproxy.core.http1 import RequestHead
+from lbproxy.core.limits import CONNECTIONS, Decision
+from lbproxy.proxy.admission import Admission
 from lbproxy.proxy.context import ListenerContext
 
 

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
-from lbproxy.proxy.retry import LOCAL_ERRORS as LOCAL_ERRORS
-from lbproxy.proxy.retry import UNCOUNTED, Answer, Facts, Failure, blame, decide, from_exception
+from lbproxy.core.retry import LOCAL_ERRORS as LOCAL_ERRORS
+from lbproxy.core.retry import UNCOUNTED, Answer, Facts, Failure, blame, decide, from_exception
 
 HIGH_WATER = 256 * 1024  # per-transport write buffer before the peer is paused
 
 if TYPE_CHECKING:
-    from lbproxy.pool import Backend
+    from lbproxy.core.pool import Backend
     from lbproxy.proxy.context import ListenerContext
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)

@@ -8,10 +8,11 @@ import asyncio
 import time
 from collections.abc import Sequence
 
+from lbproxy.core.http1 import MAX_HEAD, RequestHead, error_response, parse_request_head
+from lbproxy.core.http1.lanes import quick_request, quick_websocket
+from lbproxy.core.pool import Backend
+from lbproxy.core.states import CLIENT_TRANSITIONS, ClientState, check
 from lbproxy.errors import HttpError
-from lbproxy.http1 import MAX_HEAD, RequestHead, error_response, parse_request_head
-from lbproxy.http1.lanes import quick_request, quick_websocket
-from lbproxy.pool import Backend
 from lbproxy.proxy.accesslog import log_connection
 from lbproxy.proxy.admit import admit_head, admit_peer, release
 from lbproxy.proxy.context import ListenerContext
@@ -26,7 +27,6 @@ from lbproxy.proxy.routing import (
     forwarded_suffix,
     lane_key,
 )
-from lbproxy.proxy.states import CLIENT_TRANSITIONS, ClientState, check
 from lbproxy.proxy.tunnel import Linger
 
 HEAD, CONNECTING, FORWARD, DONE = ClientState

@@ -8,12 +8,12 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from lbproxy.admission import Admission
-from lbproxy.balance import HashKeySpec, parse_hash_key
-from lbproxy.config_types import ListenerConfig
-from lbproxy.pool import Backend, Closable, Pool
-from lbproxy.proxy.ws_rules import WsPolicy, ws_policy
-from lbproxy.stats import Stats
+from lbproxy.config.types import ListenerConfig
+from lbproxy.core.balance import HashKeySpec, parse_hash_key
+from lbproxy.core.pool import Backend, Closable, Pool
+from lbproxy.core.ws_rules import WsPolicy, ws_policy
+from lbproxy.ops.stats import Stats
+from lbproxy.proxy.admission import Admission
 
 if TYPE_CHECKING:
     from lbproxy.proxy.types import SplicerLike

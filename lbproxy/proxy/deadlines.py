@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Collection, Iterable
 
-from lbproxy.proxy.retry import Answer, Facts, Failure, Retry, decide
+from lbproxy.core.retry import Answer, Facts, Failure, Retry, decide
 
 MIN_TICK = 0.05  # the sweep never runs more often than this
 MAX_TICK = 1.0  # nor less often (the idle sweep keeps its own, slower, cadence)

@@ -10,16 +10,16 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from lbproxy.core.http1 import ChunkedTracker, LengthTracker, RequestHead, parse_request_head
+from lbproxy.core.pool import Backend, BackendState
+from lbproxy.core.retry import Answer, Facts, Failure, Retry, decide
+from lbproxy.core.states import ClientState
 from lbproxy.errors import HttpError
-from lbproxy.http1 import ChunkedTracker, LengthTracker, RequestHead, parse_request_head
-from lbproxy.pool import Backend, BackendState
 from lbproxy.proxy.connect import Connected, account, connect_with_retries
 from lbproxy.proxy.deadlines import Wait, untried
 from lbproxy.proxy.http_upstream import Upstream
 from lbproxy.proxy.native_upgrade import NativeUpgrade
-from lbproxy.proxy.retry import Answer, Facts, Failure, Retry, decide
 from lbproxy.proxy.routing import upstream_request
-from lbproxy.proxy.states import ClientState
 from lbproxy.proxy.wstunnel import WsLink
 
 if TYPE_CHECKING:

@@ -6,8 +6,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, cast
 
-from lbproxy.errors import HttpError
-from lbproxy.http1 import (
+from lbproxy.core.http1 import (
     MAX_HEAD,
     ChunkedTracker,
     LengthTracker,
@@ -15,12 +14,13 @@ from lbproxy.http1 import (
     parse_response_head,
     rewrite_response,
 )
-from lbproxy.http1.lanes import quick_response, switching_protocols
-from lbproxy.pool import Backend, BackendState
+from lbproxy.core.http1.lanes import quick_response, switching_protocols
+from lbproxy.core.pool import Backend, BackendState
+from lbproxy.core.retry import Failure
+from lbproxy.core.states import UPSTREAM_TRANSITIONS, UpstreamState, check
+from lbproxy.errors import HttpError
 from lbproxy.proxy.connect import HIGH_WATER
 from lbproxy.proxy.context import ListenerContext
-from lbproxy.proxy.retry import Failure
-from lbproxy.proxy.states import UPSTREAM_TRANSITIONS, UpstreamState, check
 
 if TYPE_CHECKING:
     from lbproxy.proxy.types import ClientSide

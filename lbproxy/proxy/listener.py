@@ -11,19 +11,19 @@ import time
 from collections.abc import Callable
 from typing import cast
 
-from lbproxy.admission import Admission, Sharing
-from lbproxy.config_types import Address, ListenerConfig
-from lbproxy.fdreserve import MAX_LINGERING, FdReserve
-from lbproxy.http1 import error_response
-from lbproxy.pool import Pool
+from lbproxy.config.types import Address, ListenerConfig
+from lbproxy.core.http1 import error_response
+from lbproxy.core.pool import Pool
+from lbproxy.core.ws_rules import ping_timeouts, ws_policy
+from lbproxy.ops.fdreserve import MAX_LINGERING, FdReserve
+from lbproxy.ops.stats import Stats
+from lbproxy.proxy.admission import Admission, Sharing
 from lbproxy.proxy.connection import HttpClient
 from lbproxy.proxy.context import ListenerContext, Tracked
 from lbproxy.proxy.deadlines import idle_tick, sweep_tick
 from lbproxy.proxy.splice import Splicer
 from lbproxy.proxy.tcp_conn import TcpClient
-from lbproxy.proxy.ws_rules import ping_timeouts, ws_policy
 from lbproxy.proxy.wstunnel import ws_sweep
-from lbproxy.stats import Stats
 
 log = logging.getLogger("lbproxy.listener")
 

@@ -19,8 +19,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from lbproxy.proxy.accesslog import log_connection
-from lbproxy.proxy.tunnel_rules import (
+from lbproxy.core.tunnel_rules import (
     FORWARD,
     NATIVE,
     NATIVE_DONE,
@@ -29,10 +28,11 @@ from lbproxy.proxy.tunnel_rules import (
     Side,
     check,
 )
-from lbproxy.proxy.ws_rules import REASON_TEXT, CloseKind, close_reason
+from lbproxy.core.ws_rules import REASON_TEXT, CloseKind, close_reason
+from lbproxy.proxy.accesslog import log_connection
 
 if TYPE_CHECKING:
-    from lbproxy.pool import Backend
+    from lbproxy.core.pool import Backend
     from lbproxy.proxy.context import ListenerContext
 
 GRACE = 5.0  # seconds a going-away peer gets to close its side before we close it

@@ -22,18 +22,18 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from lbproxy.http1 import MAX_HEAD, add_response_headers
-from lbproxy.http1.lanes import switching_protocols
-from lbproxy.pool import BackendState
+from lbproxy.core.http1 import MAX_HEAD, add_response_headers
+from lbproxy.core.http1.lanes import switching_protocols
+from lbproxy.core.pool import BackendState
+from lbproxy.core.retry import Answer, Facts, Failure, Retry, decide, from_errno
+from lbproxy.core.wsframe import FrameCursor
 from lbproxy.proxy.context import ListenerContext
 from lbproxy.proxy.deadlines import Wait
 from lbproxy.proxy.http_upstream import Upstream
 from lbproxy.proxy.native_tunnel import NativeTunnel
-from lbproxy.proxy.retry import Answer, Facts, Failure, Retry, decide, from_errno
-from lbproxy.proxy.wsframe import FrameCursor
 
 if TYPE_CHECKING:
-    from lbproxy.pool import Backend
+    from lbproxy.core.pool import Backend
     from lbproxy.proxy.types import ConnectionSide, SplicerLike, UpgradeClient
 
 RESPONSE = Wait.RESPONSE  # (an Enum member as a global: see tunnel_rules.py)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-from lbproxy.proxy.tunnel_rules import Mode, Side
+from lbproxy.core.tunnel_rules import Mode, Side
 
 
 class Tunnel(Protocol):

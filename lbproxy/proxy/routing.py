@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lbproxy.balance import extract_key
-from lbproxy.http1 import BodyFraming, RequestHead, rewrite_request
+from lbproxy.core.balance import extract_key
+from lbproxy.core.http1 import BodyFraming, RequestHead, rewrite_request
 
 if TYPE_CHECKING:
     from lbproxy.proxy.context import ListenerContext

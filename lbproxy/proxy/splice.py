@@ -22,11 +22,11 @@ import asyncio
 import os
 from typing import TYPE_CHECKING, Any
 
+from lbproxy.core.tunnel_rules import FORWARD, PYTHON, engine_setup
+from lbproxy.core.ws_rules import WsPolicy, engine_ws_setup
 from lbproxy.proxy import native_upgrade
 from lbproxy.proxy.native_tunnel import NativeTunnel
 from lbproxy.proxy.tunnel import Link
-from lbproxy.proxy.tunnel_rules import FORWARD, PYTHON, engine_setup
-from lbproxy.proxy.ws_rules import WsPolicy, engine_ws_setup
 from lbproxy.proxy.wstunnel import WsLink
 
 if TYPE_CHECKING:

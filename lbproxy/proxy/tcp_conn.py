@@ -6,11 +6,11 @@ import asyncio
 import time
 from typing import cast
 
+from lbproxy.core.proxy_protocol import proxy_header
+from lbproxy.core.retry import Answer
 from lbproxy.proxy.admit import admit_tcp
 from lbproxy.proxy.connect import Pending, connect_with_retries
 from lbproxy.proxy.context import ListenerContext
-from lbproxy.proxy.proxy_protocol import proxy_header
-from lbproxy.proxy.retry import Answer
 from lbproxy.proxy.tunnel import Link
 
 

@@ -16,10 +16,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from lbproxy.proxy.connect import HIGH_WATER
-from lbproxy.proxy.native_tunnel import GRACE, NativeTunnel
-from lbproxy.proxy.parting import Linger, Parting
-from lbproxy.proxy.tunnel_rules import (
+from lbproxy.core.tunnel_rules import (
     AFTER,
     CLOSED,
     FORWARD,
@@ -29,9 +26,12 @@ from lbproxy.proxy.tunnel_rules import (
     Side,
     go_away,
 )
+from lbproxy.proxy.connect import HIGH_WATER
+from lbproxy.proxy.native_tunnel import GRACE, NativeTunnel
+from lbproxy.proxy.parting import Linger, Parting
 
 if TYPE_CHECKING:
-    from lbproxy.pool import Backend
+    from lbproxy.core.pool import Backend
     from lbproxy.proxy.context import ListenerContext
 
 __all__ = ["GOING_AWAY_FRAME", "GRACE", "ClientHalf", "Linger", "Link", "Parting"]

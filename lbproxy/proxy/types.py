@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from lbproxy._splice import Engine
-    from lbproxy.http1 import RequestHead
-    from lbproxy.pool import Backend
+    from lbproxy.core.http1 import RequestHead
+    from lbproxy.core.pool import Backend
+    from lbproxy.core.retry import Failure
+    from lbproxy.core.states import ClientState
     from lbproxy.proxy.deadlines import Wait
-    from lbproxy.proxy.retry import Failure
-    from lbproxy.proxy.states import ClientState
 
 
 class SplicerLike(Protocol):

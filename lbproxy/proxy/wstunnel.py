@@ -14,10 +14,8 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from lbproxy.proxy.native_tunnel import NativeTunnel
-from lbproxy.proxy.tunnel import ClientHalf, Link
-from lbproxy.proxy.tunnel_rules import PYTHON, GoAway, go_away
-from lbproxy.proxy.ws_rules import (
+from lbproxy.core.tunnel_rules import PYTHON, GoAway, go_away
+from lbproxy.core.ws_rules import (
     DATA,
     OPCODES,
     PING_FRAME,
@@ -28,11 +26,13 @@ from lbproxy.proxy.ws_rules import (
     closes,
     sweep_action,
 )
-from lbproxy.proxy.wsframe import FrameScan
-from lbproxy.proxy.wsscan import ClientFrames
+from lbproxy.core.wsframe import FrameScan
+from lbproxy.core.wsscan import ClientFrames
+from lbproxy.proxy.native_tunnel import NativeTunnel
+from lbproxy.proxy.tunnel import ClientHalf, Link
 
 if TYPE_CHECKING:
-    from lbproxy.pool import Backend
+    from lbproxy.core.pool import Backend
     from lbproxy.proxy.context import ListenerContext
 
 

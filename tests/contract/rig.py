@@ -17,20 +17,20 @@ from dataclasses import dataclass
 
 import uvloop
 
-from lbproxy.config_types import (
+from lbproxy.config.types import (
     Address,
     BackendConfig,
     ListenerConfig,
     PoolConfig,
     WebsocketConfig,
 )
-from lbproxy.pool import Pool
+from lbproxy.core.pool import Pool
+from lbproxy.core.tunnel_rules import Where
+from lbproxy.ops.stats import Stats
 from lbproxy.proxy.context import ListenerContext
 from lbproxy.proxy.splice import Splicer, engine_class
 from lbproxy.proxy.tunnel import Link
-from lbproxy.proxy.tunnel_rules import Where
 from lbproxy.proxy.wstunnel import WsLink, ws_sweep
-from lbproxy.stats import Stats
 
 KINDS = ["native-asyncio", "native-uvloop", "python-asyncio", "python-uvloop"]
 HEAD = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"

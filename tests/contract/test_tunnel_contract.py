@@ -16,11 +16,11 @@ import struct
 
 import pytest
 
+from lbproxy.core.tunnel_rules import GOING_AWAY_FRAME, Mode, close_frame
 from lbproxy.proxy import native_tunnel, tunnel
 from lbproxy.proxy.splice import engine_class
-from lbproxy.proxy.tunnel_rules import GOING_AWAY_FRAME, Mode, close_frame
 from tests.contract.rig import HEAD, KINDS, Rig, contract
-from tests.test_wsframe import frame
+from tests.unit.test_wsframe import frame
 
 pytestmark = pytest.mark.timeout(30)
 

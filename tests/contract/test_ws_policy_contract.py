@@ -14,10 +14,10 @@ import struct
 
 import pytest
 
-from lbproxy.config_types import WebsocketConfig
+from lbproxy.config.types import WebsocketConfig
+from lbproxy.core.ws_rules import PING_FRAME
 from lbproxy.proxy import native_tunnel, tunnel
 from lbproxy.proxy.splice import engine_class
-from lbproxy.proxy.ws_rules import PING_FRAME
 from tests.contract.rig import KINDS, Rig, contract
 
 pytestmark = pytest.mark.timeout(60)

@@ -15,7 +15,7 @@ import h11
 import websockets
 
 from lbproxy.backend.server import BackendOptions, serve_backend
-from lbproxy.config_types import Address
+from lbproxy.config.types import Address
 from tests.support.ports import free_port, wait_until
 from tests.support.processes import Proc
 
@@ -106,7 +106,7 @@ def backend_process(port: int | None = None, **options: Any) -> tuple[Proc, Addr
     code = (
         "import logging; logging.basicConfig(level=logging.INFO)\n"
         "from lbproxy.backend.server import BackendOptions, run_backend\n"
-        "from lbproxy.config_types import Address\n"
+        "from lbproxy.config.types import Address\n"
         f"run_backend(BackendOptions(Address('127.0.0.1', {port}), {fields}))\n"
     )
     proc = Proc([sys.executable, "-c", code])

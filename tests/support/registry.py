@@ -20,10 +20,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from lbproxy.config_types import BackendConfig, HealthConfig, PoolConfig, RedisConfig
-from lbproxy.pool import BackendState, Pool
-from lbproxy.registry import RegistryWatcher
-from lbproxy.registry_schema import backend_key, events_channel, members_key
+from lbproxy.config.types import BackendConfig, HealthConfig, PoolConfig, RedisConfig
+from lbproxy.core.pool import BackendState, Pool
+from lbproxy.registry.register import RegistryWatcher
+from lbproxy.registry.schema import backend_key, events_channel, members_key
 from tests.support.ports import REPO, free_port, port_open, wait_until
 from tests.support.processes import Proc
 
@@ -133,7 +133,7 @@ def register_proc(
         f"{ttl!r}, {drain_first!r})"
     )
     code = (
-        "import asyncio,sys; from lbproxy.registry import run_register; "
+        "import asyncio,sys; from lbproxy.registry.register import run_register; "
         f"sys.exit(asyncio.run({call}))"
     )
     return Proc([sys.executable, "-c", code], cwd=str(REPO))

@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from lbproxy.config_types import Address, BackendConfig, ListenerConfig, PoolConfig
-from lbproxy.pool import Pool
+from lbproxy.config.types import Address, BackendConfig, ListenerConfig, PoolConfig
+from lbproxy.core.pool import Pool
+from lbproxy.ops.stats import Stats
 from lbproxy.proxy.connection import HttpClient
 from lbproxy.proxy.context import ListenerContext
-from lbproxy.stats import Stats
 
 
 class FakeTransport(asyncio.Transport):

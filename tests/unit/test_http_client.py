@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from lbproxy.http1 import MAX_HEAD
-from lbproxy.proxy.states import (
+from lbproxy.core.http1 import MAX_HEAD
+from lbproxy.core.states import (
     CLIENT_TRANSITIONS,
     UPSTREAM_TRANSITIONS,
     ClientState,

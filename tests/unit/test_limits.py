@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 
-from lbproxy.cluster_counts import remote_counts
-from lbproxy.config import parse_config
-from lbproxy.config_types import LimitsConfig
+from lbproxy.cluster.counts import remote_counts
+from lbproxy.cluster.limits_redis import decision_of
+from lbproxy.config.load import parse_config
+from lbproxy.config.types import LimitsConfig
+from lbproxy.core.limits import CONNECTIONS, RATE, LocalLimits, gcra
+from lbproxy.core.rebalance import Pacer, PeakTotal, excess, holder_rate, moved, newest, own_share
 from lbproxy.errors import ConfigError
-from lbproxy.limits import CONNECTIONS, RATE, LocalLimits, gcra
-from lbproxy.limits_redis import decision_of
-from lbproxy.rebalance import Pacer, PeakTotal, excess, holder_rate, moved, newest, own_share
 
 
 def test_gcra_allows_a_burst_then_one_per_interval() -> None:

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from lbproxy.proxy.retry import (
+from lbproxy.core.retry import (
     CLOSE_CLIENT,
     RETRY,
     Answer,

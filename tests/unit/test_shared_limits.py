@@ -3,10 +3,10 @@ workers of `serve --workers 2` see it."""
 
 from __future__ import annotations
 
-from lbproxy.config_types import LimitsConfig
-from lbproxy.limits import CONNECTIONS, RATE
-from lbproxy.shared_counts import ITEM, SharedCounts
-from lbproxy.shared_limits import SharedLimits
+from lbproxy.config.types import LimitsConfig
+from lbproxy.core.limits import CONNECTIONS, RATE
+from lbproxy.core.shared_counts import ITEM, SharedCounts
+from lbproxy.ops.shared_limits import SharedLimits
 
 
 def _two_workers() -> tuple[SharedCounts, SharedLimits, SharedLimits]:

@@ -1,0 +1,1 @@
+"""What lbproxy instances share through Redis: admission limits, cluster-wide counts."""

@@ -1,0 +1,1 @@
+"""Configuration: the TOML reader, its typed values and the validation."""

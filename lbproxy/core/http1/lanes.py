@@ -1,0 +1,124 @@
+"""Fast lanes: recognise the most common heads with one regular-expression match.
+
+The proxy parses every request, but most keep-alive traffic is the same shape: a
+bodiless HTTP/1.1 GET with no hop-by-hop or forwarding headers, answered with a
+Content-Length response. For those, building a RequestHead/ResponseHead and
+re-serialising the head costs more than the proxying itself. These functions say
+"this head is exactly that simple shape" (the full parser would accept it, find no
+body, keep-alive, not a websocket) or "ask the full parser" — they never reject
+anything themselves. The tests check them against the full parser.
+"""
+
+from __future__ import annotations
+
+import re
+
+from lbproxy.core.http1._common import LANE_HOST
+
+# A request line for GET, then header lines whose names are tokens other than the
+# ones that change framing, connection handling or forwarding (those go to the full
+# parser), then the blank line. Values: any byte but controls (HTAB allowed).
+# (possessive: a name never holds ":", a value never CR or LF, so giving back characters
+# can never make a match; sre then does not keep the positions to backtrack to)
+_NAME = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]++"
+_TEXT = rb"[^\x00-\x08\x0a-\x1f\x7f]*+"  # a field value: no controls but HTAB
+# (alternatives factored by prefix: sre tries them one by one on every header line)
+_FORBIDDEN_REST = (
+    rb"t(?:e|railer|ransfer-encoding)|keep-alive|proxy-connection"
+    rb"|x-(?:forwarded-(?:for|proto|port)|real-ip)|expect|forwarded"
+)
+_FORBIDDEN = rb"content-length|" + _FORBIDDEN_REST
+_HEADER = (
+    rb"(?!(?i:c(?:ontent-length|onnection)|"
+    + _FORBIDDEN_REST
+    + rb"|upgrade|host)[ \t]*:)"
+    + _NAME
+    + rb":"
+    + _TEXT
+    + rb"\r\n"
+)
+# Websocket upgrades: the same, but Host/Upgrade/Connection may appear (counted afterwards).
+_WS_HEADER = rb"(?!(?i:" + _FORBIDDEN + rb")[ \t]*:)" + _NAME + rb":" + _TEXT + rb"\r\n"
+_QUICK_WEBSOCKET = re.compile(rb"GET /[\x21-\x7e]* HTTP/1\.1\r\n(?:" + _WS_HEADER + rb")+\r\n")
+_SWITCHING = re.compile(
+    rb"HTTP/1\.1 101(?: " + _TEXT + rb")?\r\n(?:" + _NAME + rb":" + _TEXT + rb"\r\n)*\r\n"
+)
+_VALUE = rb"[ \t]*+" + LANE_HOST + rb"[ \t]*+"  # a valid, non-empty Host
+_HOST_VALUE = re.compile(_VALUE)
+_QUICK_REQUEST = re.compile(
+    rb"GET /[\x21-\x7e]* HTTP/1\.1\r\n"
+    rb"(?:" + _HEADER + rb")*"
+    rb"[Hh][Oo][Ss][Tt]:" + _VALUE + rb"\r\n"
+    rb"(?:" + _HEADER + rb")*"
+    rb"\r\n"
+)
+_QUICK_RESPONSE = re.compile(
+    rb"HTTP/1\.1 ([2-5][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?\r\n"
+    rb"(?:(?!(?i:content-length|transfer-encoding|connection)[ \t]*:)"
+    rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[ \t]*(?:[^\x00-\x08\x0a-\x1f\x7f]*)\r\n)*"
+    rb"(?i:content-length):[ \t]*([0-9]{1,15})[ \t]*\r\n"
+    rb"(?:(?!(?i:content-length|transfer-encoding|connection)[ \t]*:)"
+    rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[ \t]*(?:[^\x00-\x08\x0a-\x1f\x7f]*)\r\n)*"
+    rb"\r\n"
+)
+
+
+def quick_request(head: bytes) -> bool:
+    """True when ``head`` (a whole request head, CRLFCRLF included) is a plain GET.
+
+    That is: HTTP/1.1, origin-form target, exactly one Host, no body, keep-alive, not
+    a websocket, and no header the proxy would drop or rewrite — so it can be sent on
+    as ``head[:-2]`` followed by the X-Forwarded-* lines and CRLF.
+    """
+    return _QUICK_REQUEST.fullmatch(head) is not None
+
+
+def quick_websocket(head: bytes) -> bool:
+    """True when ``head`` is a plain websocket upgrade the proxy can forward as it is.
+
+    GET, HTTP/1.1, origin-form, exactly one Host, exactly one ``Upgrade: websocket``
+    and one ``Connection: Upgrade`` (as browsers and most clients send them), no body
+    and no header the proxy would drop or rewrite: forwarded as ``head[:-2]`` plus
+    the X-Forwarded-* lines and CRLF.
+    """
+    if _QUICK_WEBSOCKET.fullmatch(head) is None:
+        return False
+    low = head.lower()
+    return (
+        low.count(b"\r\nhost:") == 1
+        and low.count(b"\r\nupgrade:") == 1
+        and low.count(b"\r\nconnection:") == 1
+        # (find, not "in": bytes.__contains__ first tries the needle as an int, which
+        # raises and clears a TypeError each time)
+        and low.find(b"\r\nupgrade: websocket\r\n") >= 0
+        and low.find(b"\r\nconnection: upgrade\r\n") >= 0
+        and low.find(b"\r\nhost: ") >= 0
+        and _host_ok(head, low)
+    )
+
+
+def _host_ok(head: bytes, low: bytes) -> bool:
+    """The Host value is one the lanes take (as quick_request's: a reg-name and a port;
+    IP literals and the rest go to the parser, which checks them with valid_host)."""
+    start = low.index(b"\r\nhost:") + 7
+    return _HOST_VALUE.fullmatch(head, start, head.index(b"\r\n", start)) is not None
+
+
+def switching_protocols(head: bytes) -> bool:
+    """True when ``head`` is a well-formed ``101 Switching Protocols`` response head."""
+    return _SWITCHING.fullmatch(head) is not None
+
+
+def quick_response(head: bytes) -> tuple[int, int] | None:
+    """(status, content length) when ``head`` is a plain keep-alive Content-Length response.
+
+    None means: use the full parser (chunked, close-delimited, 1xx/204/304, Connection
+    headers, anything unusual). The caller must not use this for responses to HEAD.
+    """
+    match = _QUICK_RESPONSE.fullmatch(head)
+    if match is None:
+        return None
+    status = int(match.group(1))
+    if status == 204 or status == 304:
+        return None
+    return status, int(match.group(2))

@@ -1,0 +1,1 @@
+"""Operating it: app lifecycle, supervisor and workers, health, drain, admin API, metrics."""

@@ -1,0 +1,1 @@
+"""Redis discovery: registrations, the watcher and the rules that apply snapshots."""
