@@ -1,8 +1,10 @@
 """``failover``: websockets echoing through the proxy to two backends; one is SIGKILLed mid-run.
 
 The C load generator (``loadgen -m failover``, see its header for the exact definitions) keeps
-``failover_conns`` websockets in a closed echo loop; each backend names itself in its 101
-(``backend -i 1`` / ``-i 2``), so the generator knows which clients sat on the killed one.
+``failover_conns`` websockets echoing, each sending its next message ``failover_pace_ms``
+after its previous one (a paced load, not a saturating closed loop); each backend names
+itself in its 101 (``backend -i 1`` / ``-i 2``), so the generator knows which clients sat on
+the killed one.
 Once every client echoes it prints ``READY``; the bench writes ``KILL 2 PID`` and the
 generator takes the kill time, counts the clients on each backend, then SIGKILLs backend 2 (a
 separate process, PID) itself, so that no close can be seen before the kill time. Clients
@@ -91,7 +93,7 @@ def failover(stage: Stage) -> ScenarioResult:
         *("-c", str(s.failover_conns), "-s", str(s.small_size), "-u", WS_PATH),
         *("-k", str(s.open_concurrency), "-W", str(s.failover_warmup)),
         *("-d", str(s.failover_after), "-R", str(s.failover_timeout)),
-        *("-b", str(s.failover_backoff_ms)),
+        *("-b", str(s.failover_backoff_ms), "-r", str(s.failover_pace_ms)),
         alarm=s.failover_timeout + 120,
     )
     echoing, on1, on2 = parse_ready(gen.expect("READY ", timeout=90))

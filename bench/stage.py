@@ -41,6 +41,10 @@ class Settings:
     failover_after: float = 5.0  # the run goes on this long after the kill (once recovered)
     failover_timeout: float = 30.0  # not every client echoing again by then: the pair fails
     failover_backoff_ms: float = 50.0  # reconnect backoff base (jittered, doubling, 1 s cap)
+    # each failover client sends its next message this long after its previous one (a paced
+    # load: a saturating closed loop made recover_s measure which proxy's echo traffic left
+    # the reconnects more CPU, and it spread 0.2-0.9 s run to run for the same proxy)
+    failover_pace_ms: float = 100.0
     upgrade_idle: int = 9000  # upgrade: idle websockets handed over
     upgrade_echo: int = 100  # upgrade: websockets echoing through the hand-over
 

@@ -3,6 +3,7 @@
  *
  *   loadgen -m MODE -p PORT [-c CONNS] [-s SIZE] [-d SECS] [-n DEPTH] [-u PATH]
  *           [-W WARMUP] [-P PHASES] [-k CONCURRENCY] [-T ALARM] [-b BACKOFF_MS] [-R SECS]
+ *           [-r PACE_MS]
  *
  * Modes (all websocket modes use binary frames, masked with a random key per connection):
  *   echo     closed loop on CONNS websockets: DEPTH messages of SIZE bytes in flight each;
@@ -25,6 +26,11 @@
  *            Once every client has echoed and WARMUP has passed: print "READY echoing on1 on2".
  *            The driver writes "KILL ID PID" on stdin: the generator takes t_kill, counts the
  *            clients on each backend, then sends SIGKILL to PID (the backend with that ID).
+ *            With -r PACE_MS each client sends its next message PACE_MS after it sent the
+ *            previous one (or at once, if the echo came back later): a paced load that
+ *            leaves every proxy CPU to spare, so that recover_s measures the failover rather
+ *            than which proxy's echo traffic leaves more CPU to the reconnects; without -r,
+ *            a closed loop (the next message as soon as the echo is back).
  *            A client whose connection closes reconnects after a
  *            jittered exponential backoff (attempt n waits U(0.5, 1) x min(1 s, BACKOFF_MS x
  *            2^(n-1))).  The run ends SECS after the kill once every client echoes again, or at
@@ -110,7 +116,7 @@ typedef struct conn {
     const unsigned char *out; size_t outlen, outoff; /* pending small write */
     char rb[1024]; size_t rblen;                   /* handshake / response head */
     size_t body_left;                              /* http body bytes still expected */
-    double t_start, retry_at;
+    double t_start, retry_at, next_send; /* failover -r: when the next message is due */
     int backend_id, recovered; /* failover: backend named in the 101; echoing again after kill */
     int hs_status;             /* failover: this attempt's non-101 status was counted */
     int was_killed;            /* failover: its connection to the killed backend closed */
@@ -132,7 +138,7 @@ static unsigned char small_frame[2 + 4 + 125], close_frame[2 + 4 + 2];
 static size_t small_len;
 /* failover counters (see the header for their exact meaning) */
 #define DRAIN_S 2.0
-static double t_kill = 0, t_recovered = 0, backoff_s = 0.05;
+static double t_kill = 0, t_recovered = 0, backoff_s = 0.05, pace_s = 0;
 static int killed_id = 0, stopping = 0, stdin_eof = 0, recovered = 0;
 static uint64_t failed_handshakes = 0, hs_5xx = 0, hs_other = 0, hs_resets = 0, lost_echoes = 0;
 static uint64_t in_flight_at_kill = 0, survivor_closed = 0, killed_closed = 0, reconnected = 0;
@@ -222,7 +228,9 @@ static void echo_data(conn *c, size_t n) {
             c->recovered = 1; recovered++; t_recovered = t;
             if (c->was_killed && killed_recovered < all_n) killed_recovery[killed_recovered++] = t - t_kill;
         }
-        if (!stopping) c->to_send++;
+        if (stopping) continue;
+        if (pace_s > 0) c->next_send = sent + pace_s; /* paced: paced_sends() sends it */
+        else c->to_send++;
     }
     if (c->to_send) pump_send(c);
 }
@@ -323,6 +331,7 @@ static void failover_closed(conn *c) {
     else errors++; /* before the kill: the proxy failed a client with both backends up */
     drop_fd(c);
     c->head = c->tail = 0; c->to_send = 0; c->sendoff = 0; c->rx_bytes = 0; c->rblen = 0; c->hs_status = 0;
+    c->next_send = 0;
     int n = c->attempts < 5 ? c->attempts : 5; /* attempts since the last 101; 1 s cap below */
     double delay = backoff_s * (double)(1 << n);
     if (delay > 1.0) delay = 1.0;
@@ -531,6 +540,16 @@ static int cmp_double(const void *a, const void *b) {
 }
 
 /* failover: see the header.  post = seconds after the kill, recover_timeout = the hard limit */
+/* failover -r: send the next message of every echoing client whose time has come */
+static void paced_sends(conn *cs, int nconn) {
+    double t = now();
+    for (int i = 0; i < nconn; i++) {
+        conn *c = &cs[i];
+        if (c->state != S_RUN || c->next_send <= 0 || c->next_send > t || c->head != c->tail) continue;
+        c->next_send = 0; c->to_send++; pump_send(c);
+    }
+}
+
 static void run_failover(conn *cs, int nconn, int conc, double warmup, double post, double recover_timeout) {
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
     epoll_ctl(epfd, EPOLL_CTL_ADD, 0, &ev);
@@ -552,7 +571,8 @@ static void run_failover(conn *cs, int nconn, int conc, double warmup, double po
         int busy = 0;
         for (int i = 0; i < nconn; i++) busy += cs[i].state == S_CONNECTING || cs[i].state == S_HS;
         launch(cs, 0, nconn, conc, &busy);
-        poll_once(5);
+        if (pace_s > 0 && !stopping) paced_sends(cs, nconn);
+        poll_once(pace_s > 0 ? 1 : 5);
     }
     double t_stop = now();
     stopping = 1; measuring = 0;
@@ -583,7 +603,7 @@ int main(int argc, char **argv) {
     int nconn = 100, opt, phases = 2, conc = 256, alarm_s = 300;
     double dur = 10, warmup = 0.3, recover_timeout = 30;
     const char *m = "echo";
-    while ((opt = getopt(argc, argv, "m:p:c:s:d:n:u:W:P:k:T:b:R:")) != -1) {
+    while ((opt = getopt(argc, argv, "m:p:c:s:d:n:u:W:P:k:T:b:R:r:")) != -1) {
         switch (opt) {
         case 'm': m = optarg; break;
         case 'p': port = atoi(optarg); break;
@@ -598,6 +618,7 @@ int main(int argc, char **argv) {
         case 'T': alarm_s = atoi(optarg); break;
         case 'b': backoff_s = atof(optarg) / 1000.0; break;
         case 'R': recover_timeout = atof(optarg); break;
+        case 'r': pace_s = atof(optarg) / 1000.0; break;
         default: fprintf(stderr, "see the header of loadgen.c for usage\n"); return 2;
         }
     }

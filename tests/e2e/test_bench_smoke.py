@@ -21,6 +21,7 @@ from bench.procs import free_port_run
 from bench.report import scenario_table, summary_table
 from bench.runner import MAIN_METRIC, RunOutcome, scenario_spec
 from bench.scenarios import LIMITS_MISSING, SCENARIOS, targets_for
+from bench.stage import QUICK
 from bench.targets import TARGETS, Ports, lbproxy_accepts, lbproxy_workers_spec, proxy_spec
 from tests.support import REPO
 
@@ -93,6 +94,8 @@ def check_failover_metrics(m: dict[str, object]) -> None:
     assert m["reconnected"] >= m["on_killed"] == m["killed_closed"], m  # type: ignore[operator]
     assert m["in_flight_at_kill"] <= m["killed_closed"], m  # type: ignore[operator]  # depth 1
     assert m["failed_handshakes"] == m["hs_5xx"] + m["hs_other_status"] + m["hs_resets"], m  # type: ignore[operator]
+    # paced (QUICK.failover_pace_ms): each client at most one message per pace, not a closed loop
+    assert 0 < m["msgs_per_s"] <= 100 * 1000 / QUICK.failover_pace_ms * 1.05, m  # type: ignore[operator]
 
 
 def check_scaling_metrics(m: dict[str, object]) -> None:
