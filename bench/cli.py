@@ -11,6 +11,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
@@ -44,6 +45,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         + ")",
     )
     p.add_argument("--keep-run-dir", action="store_true", help="keep the temp dir (configs, logs)")
+    p.add_argument(
+        "--profile",
+        choices=("perf", "strace"),
+        default=None,
+        help="profile the proxy over each timed window (perf: CPU samples per binary and "
+        "symbol; strace: system calls per operation, and CPU figures that mean nothing); "
+        "reports in OUT/profiles/",
+    )
     args = p.parse_args(argv)
     args.targets = split_choice(p, args.targets, TARGETS, "target")
     args.scenarios = split_choice(
@@ -106,6 +115,8 @@ def run_and_report(args: argparse.Namespace, command: str, out: Path, run_dir: P
     """Build the tools, run every pair, write the outputs; returns the pairs without numbers."""
     started = time.monotonic()
     settings = QUICK if args.quick else FULL
+    if args.profile:
+        settings = replace(settings, profile=args.profile, profile_dir=str(out / "profiles"))
     gcc = shutil.which("gcc") or "gcc"
     machine = machine_info(gcc, command, args.quick, args.repeat)
     machine["settings"] = dict(vars(settings))

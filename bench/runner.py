@@ -163,6 +163,7 @@ def run_pair(
         ]
         backend = start_backend(children, "backend", backend_cmd, ports.backend, side_cpu)
         stage = Stage(target, ports.backend, children, tools.loadgen, backend, None, settings)
+        stage.scenario = scenario
         if failover:  # the one killed: a separate process
             cmd2 = [str(tools.backend), "-p", str(ports.backend2), "-i", "2"]
             stage.backend2 = start_backend(children, "backend2", cmd2, ports.backend2, side_cpu)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import profile
 from bench.procs import (
     CLK_TCK,
     Child,
@@ -47,6 +48,8 @@ class Settings:
     failover_pace_ms: float = 100.0
     upgrade_idle: int = 9000  # upgrade: idle websockets handed over
     upgrade_echo: int = 100  # upgrade: websockets echoing through the hand-over
+    profile: str = ""  # --profile perf|strace: profile the proxy over timed windows
+    profile_dir: str = ""  # where bench/profile.py writes its reports (OUT/profiles)
 
 
 QUICK = Settings(
@@ -98,6 +101,7 @@ class Stage:
     launch: Callable[[int], Launched] | None = None
     backend2: Child | None = None  # failover: the second backend (the one killed)
     limits: bool = False  # ws_echo_small_limits: lbproxy runs with the websocket keys
+    scenario: str = ""  # names the --profile report
 
     def proxy_pids(self) -> list[int]:
         return tree_pids(self.proxy.pid) if self.proxy is not None else []
@@ -166,10 +170,18 @@ def timed(stage: Stage, mode: str, *args: str) -> tuple[dict[str, object], Metri
     gen.expect("MEASURE_START", timeout=40)
     groups = stage.groups(gen)
     s0 = take_sample(groups)
+    capture = None
+    if stage.settings.profile and stage.proxy is not None:
+        out = Path(stage.settings.profile_dir)
+        name = f"{stage.scenario or mode}-{stage.target}-{stage.settings.profile}"
+        capture = profile.start(stage.settings.profile, stage.proxy_pids(), out, name)
     gen.expect("MEASURE_END", timeout=dur + 40)
     s1 = take_sample(groups)
     res = parse_result(gen.expect("RESULT ", timeout=20))
-    return res, cpu_metrics(s0, s1, num(res, "ops"))
+    cpu = cpu_metrics(s0, s1, num(res, "ops"))
+    if capture is not None:
+        capture.stop(num(res, "ops"), cpu.get("proxy_cpu_us", 0.0))
+    return res, cpu
 
 
 def latency(res: dict[str, object]) -> Metrics:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import profile
 from bench.cli import default_scenarios, incomplete, parse_args
 from bench.failover import failover_metrics, parse_ready
 from bench.procs import free_port_run
@@ -495,3 +497,59 @@ def test_report_has_caddy_ratios_and_the_limits_note_table() -> None:
     assert rows["proxy_cpu_us ↓"].endswith("| 22 | 20 | 1.10 |"), rows
     assert rows["limits_on"].endswith("| 0 | — |  |"), rows
     assert "limits off: same as ws_echo_small" in LIMITS_MISSING
+
+
+PERF_DSO_REPORT = """\
+# Overhead  Shared Object
+    61.50%  [kernel.kallsyms]
+    20.25%  libpython3.11.so.1.0
+     8.00%  loop.cpython-311-x86_64-linux-gnu.so
+     5.00%  _splice.cpython-311-x86_64-linux-gnu.so
+     3.00%  libc.so.6
+     2.25%  nginx
+"""
+
+
+def test_profile_splits_perf_samples_into_binaries() -> None:
+    shares = profile.dso_shares(PERF_DSO_REPORT)
+    assert shares == {
+        "kernel": 61.5,
+        "Python interpreter": 20.25,
+        "uvloop": 8.0,
+        "native engine (_splice)": 5.0,
+        "libc": 3.0,
+        "nginx": 2.25,
+    }
+
+
+def test_profile_counts_system_calls_per_accepted_connection(tmp_path: Path) -> None:
+    raw = tmp_path / "x.strace"
+    raw.write_text(
+        "% time     seconds  usecs/call     calls    errors syscall\n"
+        "------ ----------- ----------- --------- --------- ----------------\n"
+        " 50.00    0.000500          10       600           sendto\n"
+        " 30.00    0.000300          10       200       200 connect\n"
+        " 20.00    0.000200          10       200           accept4\n"
+        "------ ----------- ----------- --------- --------- ----------------\n"
+        "100.00    0.001000          10      1000       200 total\n"
+    )
+    text = profile.strace_summary(raw, ops=250)  # ops counted over a longer window
+    assert "system calls per accepted connection: 5.00" in text
+    assert "3.000  sendto" in text and "1.000  connect" in text
+
+
+@needs_tools
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
+@pytest.mark.timeout(120)
+def test_profile_strace_reports_the_proxys_system_calls(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ("--quick", "--targets", "lbproxy", "--scenarios", "ws_connect_rate")
+    proc = run_bench(*args, "--profile", "strace", "--out", str(out), timeout=100)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    text = (out / "profiles" / "ws_connect_rate-lbproxy-strace.txt").read_text()
+    head = re.search(r"system calls per accepted connection: ([\d.]+)", text)
+    assert head is not None, text
+    # a websocket connection through the proxy: at least accept, connect, the head and the
+    # 101 both ways, the message both ways, and closing both sockets
+    assert 10 < float(head.group(1)) < 80, text
+    assert re.search(r"^\s+1\.000  accept4$", text, re.M), text
