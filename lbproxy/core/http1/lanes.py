@@ -54,8 +54,10 @@ _QUICK_WEBSOCKET = re.compile(
     rb"|connection: (?(3)(?!))()upgrade"
     rb"|" + _WS_OTHER + rb")\r\n)++(?(1)(?(2)(?(3)\r\n|(?!))|(?!))|(?!))"
 )
+# (possessive lines: a name holds no CR, so a header line never swallows the final CRLF;
+# sre then keeps no marks to backtrack to, ~10 % fewer instructions per 101)
 _SWITCHING = re.compile(
-    rb"HTTP/1\.1 101(?: " + _TEXT + rb")?\r\n(?:" + _NAME + rb":" + _TEXT + rb"\r\n)*\r\n"
+    rb"HTTP/1\.1 101(?: " + _TEXT + rb")?\r\n(?:" + _NAME + rb":" + _TEXT + rb"\r\n)*+\r\n"
 )
 _VALUE = rb"[ \t]*+" + LANE_HOST + rb"[ \t]*+"  # a valid, non-empty Host
 _QUICK_REQUEST = re.compile(
