@@ -681,8 +681,14 @@ static void deliver_reports(Engine *e) {
     e->delivering = 1;
     for (Py_ssize_t k = 0; k < e->nreports; k++) { /* in order: data before an EOF */
         Report r = e->reports[k];
-        PyObject *res = PyObject_CallFunction(e->on_data, "OOi", r.owner, r.data ? r.data : Py_None,
-                                              r.err);
+        /* (vectorcall: no format string to parse, no argument tuple, once per report) */
+        PyObject *err = PyLong_FromLong(r.err);
+        PyObject *res = NULL;
+        if (err) {
+            PyObject *argv[3] = {r.owner, r.data ? r.data : Py_None, err};
+            res = PyObject_Vectorcall(e->on_data, argv, 3, NULL);
+            Py_DECREF(err);
+        }
         if (!res) PyErr_WriteUnraisable(e->on_data);
         Py_XDECREF(res);
         Py_XDECREF(r.data);
@@ -728,11 +734,19 @@ static void deliver_done(Engine *e) {
     while (e->ndone) {
         Finished f = e->done[--e->ndone];
         PyObject *r = NULL;
-        if (f.reason) {
-            r = PyObject_CallFunction(e->on_finish, "OOKKKKii", f.owner, f.reason,
-                                      (unsigned long long)f.nin, (unsigned long long)f.nout,
-                                      (unsigned long long)f.msgs_in,
-                                      (unsigned long long)f.msgs_out, f.ws_close, f.first_close);
+        if (f.reason) { /* (vectorcall, as in deliver_reports) */
+            PyObject *argv[8] = {f.owner,
+                                 f.reason,
+                                 PyLong_FromUnsignedLongLong((unsigned long long)f.nin),
+                                 PyLong_FromUnsignedLongLong((unsigned long long)f.nout),
+                                 PyLong_FromUnsignedLongLong((unsigned long long)f.msgs_in),
+                                 PyLong_FromUnsignedLongLong((unsigned long long)f.msgs_out),
+                                 PyLong_FromLong(f.ws_close),
+                                 PyLong_FromLong(f.first_close)};
+            int ok = 1;
+            for (int k = 2; k < 8; k++) ok = ok && argv[k] != NULL;
+            if (ok) r = PyObject_Vectorcall(e->on_finish, argv, 8, NULL);
+            for (int k = 2; k < 8; k++) Py_XDECREF(argv[k]);
         }
         if (!r) PyErr_WriteUnraisable(e->on_finish);
         Py_XDECREF(r);

@@ -128,8 +128,20 @@ def test_websocket_lane() -> None:
         WS.replace(b"Origin", b"X-Forwarded-For"),
         WS + b"x",
         WS.replace(b"\r\n\r\n", b"\r\nHost: other\r\n\r\n"),
+        WS.replace(b"\r\n\r\n", b"\r\nupgrade: websocket\r\n\r\n"),
+        WS.replace(b"\r\n\r\n", b"\r\nCONNECTION: upgrade\r\n\r\n"),
+        WS.replace(b"GET", b"get"),  # (matched in lower case: the method and version are not)
+        WS.replace(b"HTTP/1.1", b"http/1.1"),
+        WS.replace(b"Host: ", b"Host:"),
+        WS.replace(b"Host: example:8080", b"Host: [::1]:8080"),
+        WS.replace(b"Origin", b"Te"),
     ):
         assert not quick_websocket(bad), bad
+    for good in (
+        WS.replace(b"Upgrade: websocket", b"UPGRADE: WebSocket"),
+        WS.replace(b"Host: example:8080", b"host:   example:8080 "),
+    ):
+        assert quick_websocket(good), good
     ok = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
     assert switching_protocols(ok)
     assert not switching_protocols(ok.replace(b"101", b"200"))

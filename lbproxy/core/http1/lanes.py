@@ -37,14 +37,29 @@ _HEADER = (
     + _TEXT
     + rb"\r\n"
 )
-# Websocket upgrades: the same, but Host/Upgrade/Connection may appear (counted afterwards).
-_WS_HEADER = rb"(?!(?i:" + _FORBIDDEN + rb")[ \t]*:)" + _NAME + rb":" + _TEXT + rb"\r\n"
-_QUICK_WEBSOCKET = re.compile(rb"GET /[\x21-\x7e]* HTTP/1\.1\r\n(?:" + _WS_HEADER + rb")+\r\n")
+# Websocket upgrades, in one match over the head in lower case (GET and HTTP/1.1 are then
+# checked on the head itself): header lines other than the forbidden ones, and exactly one
+# each of "host: HOST" (a value quick_request's Host takes), "upgrade: websocket" and
+# "connection: upgrade" (a second one fails at "(?(N)(?!))": its group is set already; the
+# final CRLF needs all three). One match instead of a match, three counts, three finds and
+# a Host match (each call costs more than the bytes it looks at); in lower case the names
+# are plain literals, which sre's alternation tests by their first byte alone.
+_WS_OTHER = (
+    rb"(?!(?:" + _FORBIDDEN + rb"|host|upgrade|connection)[ \t]*:)" + _NAME.lower() + rb":" + _TEXT
+)
+_QUICK_WEBSOCKET = re.compile(
+    rb"get /[\x21-\x7e]*+ http/1\.1\r\n(?:(?:"
+    rb"host: (?(1)(?!))()[ \t]*+" + LANE_HOST + rb"[ \t]*+"
+    rb"|upgrade: (?(2)(?!))()websocket"
+    rb"|connection: (?(3)(?!))()upgrade"
+    rb"|" + _WS_OTHER + rb")\r\n)++(?(1)(?(2)(?(3)\r\n|(?!))|(?!))|(?!))"
+)
+# (possessive lines: a name holds no CR, so a header line never swallows the final CRLF;
+# sre then keeps no marks to backtrack to, ~10 % fewer instructions per 101)
 _SWITCHING = re.compile(
-    rb"HTTP/1\.1 101(?: " + _TEXT + rb")?\r\n(?:" + _NAME + rb":" + _TEXT + rb"\r\n)*\r\n"
+    rb"HTTP/1\.1 101(?: " + _TEXT + rb")?\r\n(?:" + _NAME + rb":" + _TEXT + rb"\r\n)*+\r\n"
 )
 _VALUE = rb"[ \t]*+" + LANE_HOST + rb"[ \t]*+"  # a valid, non-empty Host
-_HOST_VALUE = re.compile(_VALUE)
 _QUICK_REQUEST = re.compile(
     rb"GET /[\x21-\x7e]* HTTP/1\.1\r\n"
     rb"(?:" + _HEADER + rb")*"
@@ -81,27 +96,12 @@ def quick_websocket(head: bytes) -> bool:
     and no header the proxy would drop or rewrite: forwarded as ``head[:-2]`` plus
     the X-Forwarded-* lines and CRLF.
     """
-    if _QUICK_WEBSOCKET.fullmatch(head) is None:
-        return False
     low = head.lower()
     return (
-        low.count(b"\r\nhost:") == 1
-        and low.count(b"\r\nupgrade:") == 1
-        and low.count(b"\r\nconnection:") == 1
-        # (find, not "in": bytes.__contains__ first tries the needle as an int, which
-        # raises and clears a TypeError each time)
-        and low.find(b"\r\nupgrade: websocket\r\n") >= 0
-        and low.find(b"\r\nconnection: upgrade\r\n") >= 0
-        and low.find(b"\r\nhost: ") >= 0
-        and _host_ok(head, low)
+        _QUICK_WEBSOCKET.fullmatch(low) is not None
+        and head.startswith(b"GET /")  # (the lower-case match took any case of these two)
+        and head.startswith(b"HTTP/1.1", low.find(b"\r\n") - 8)
     )
-
-
-def _host_ok(head: bytes, low: bytes) -> bool:
-    """The Host value is one the lanes take (as quick_request's: a reg-name and a port;
-    IP literals and the rest go to the parser, which checks them with valid_host)."""
-    start = low.index(b"\r\nhost:") + 7
-    return _HOST_VALUE.fullmatch(head, start, head.index(b"\r\n", start)) is not None
 
 
 def switching_protocols(head: bytes) -> bool:
