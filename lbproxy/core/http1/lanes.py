@@ -63,6 +63,12 @@ _QUICK_RESPONSE = re.compile(
 )
 
 
+# The two per-request matches as bound methods, for the proxy's keep-alive path (no Python
+# call around them): a match object or None; quick_response's 204/304 rule is the caller's.
+match_quick_request = _QUICK_REQUEST.fullmatch
+match_quick_response = _QUICK_RESPONSE.fullmatch
+
+
 def quick_request(head: bytes) -> bool:
     """True when ``head`` (a whole request head, CRLFCRLF included) is a plain GET.
 
