@@ -135,7 +135,8 @@ class Exchange(ExchangeFailures):
         self.mark_out = conn.nbytes_out
         upstream.expect(self, b"GET", False, None)
         upstream.transport.write(data[:-2] + conn.suffix)
-        conn.arm(RESPONSE, now + pool.config.response_timeout)
+        conn.wait = RESPONSE  # (conn.arm() inlined)
+        ctx.deadlines[conn] = now + pool.config.response_timeout
 
     async def _connect(self, first: Backend | None, avoid: frozenset[str] = frozenset()) -> None:
         ctx = self.ctx
