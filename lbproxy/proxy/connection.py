@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 
 from lbproxy.core.http1 import MAX_HEAD, RequestHead, error_response, parse_request_head
-from lbproxy.core.http1.lanes import quick_request, quick_websocket
+from lbproxy.core.http1.lanes import match_quick_request, quick_websocket
 from lbproxy.core.pool import Backend
 from lbproxy.core.states import CLIENT_TRANSITIONS, ClientState, check
 from lbproxy.errors import HttpError
@@ -55,7 +55,7 @@ class HttpClient(asyncio.Protocol):
         "started",
         "state",
         "status",
-        "suffix_bytes",
+        "suffix",
         "transport",
         "wait",
         "wait_mark",
@@ -74,7 +74,7 @@ class HttpClient(asyncio.Protocol):
         self.logged = self.closing = False
         self.started = 0.0
         self.requests = self.status = 0
-        self.suffix_bytes = b""
+        self.suffix = b""  # the X-Forwarded-* lines (and the final CRLF) lane requests get
         self.nbytes_in = self.nbytes_out = 0
         self.wait: Wait | None = None  # its deadline's kind (in ctx.deadlines: the sweep's)
         self.wait_mark = 0  # (a streaming body: nbytes_in when last looked at, and since when)
@@ -86,10 +86,9 @@ class HttpClient(asyncio.Protocol):
             check(CLIENT_TRANSITIONS, self.state, new)  # (raises IllegalTransition)
         self.state = new
 
-    def connecting(self, disarm: bool = False) -> None:
-        """A backend is being picked / connected for the request: stop reading meanwhile."""
-        if disarm:
-            self.disarm()
+    def connecting(self) -> None:
+        """The request is retried: no deadline, stop reading while a backend is connected."""
+        self.disarm()
         self.advance(CONNECTING)
         self.transport.pause_reading()
 
@@ -104,6 +103,7 @@ class HttpClient(asyncio.Protocol):
             self.reject(503, "too many connections")
             return
         ctx.connections.add(self)
+        self.suffix = forwarded_suffix(ctx, self.ip)  # (once, not per request)
         self.arm(WAIT_HEAD, self.started + ctx.config.handshake_timeout)
         if ctx.limits is not None and not self.held:  # (held: moved here, admitted before)
             admit_peer(self, ctx.limits)
@@ -114,7 +114,7 @@ class HttpClient(asyncio.Protocol):
         if state is HEAD:
             if not self.buf and len(data) <= QUICK_LIMIT and not self.defer:
                 # (quick_request never takes an Upgrade line; find: "in" on bytes raises inside)
-                if data.find(b"\r\nUpgrade: websocket\r\n") >= 0 or not quick_request(data):
+                if data.find(b"\r\nUpgrade: websocket\r\n") >= 0 or not match_quick_request(data):
                     if quick_websocket(data) and self._quick_websocket(data):
                         return
                 elif self._quick(data):
@@ -181,9 +181,11 @@ class HttpClient(asyncio.Protocol):
         """Fast lane: a plain GET on a warm keep-alive upstream connection (False: full path)."""
         ctx = self.ctx
         pool = ctx.pool
-        lane, key = lane_key(self.ctx, self.ip)
-        if not lane:
-            return False
+        key = None
+        if pool.config.balance == "hash":  # (lane_key's answer for the others, no call)
+            lane, key = lane_key(ctx, self.ip)
+            if not lane:
+                return False
         backend = pool.pick(key)
         if backend is None:
             return False
@@ -199,11 +201,16 @@ class HttpClient(asyncio.Protocol):
             self.dispatch(parsed[0], backend)
             return True
         upstream: Upstream = transport.get_protocol()  # type: ignore[assignment]
-        self._begin(QUICK_GET, data, key).send_quick(backend, upstream, data, now)
+        self._begin(QUICK_GET, data, key, FORWARD).send_quick(backend, upstream, data, now)
         return True
 
-    def _begin(self, head: RequestHead, quick: bytes | None, key: bytes | None) -> Exchange:
-        """A new request: its exchange."""
+    def _begin(
+        self, head: RequestHead, quick: bytes | None, key: bytes | None, state: ClientState
+    ) -> Exchange:
+        """A new request: its exchange; the connection moves to ``state``."""
+        if state not in CLIENT_TRANSITIONS[self.state]:  # (advance() inlined: once a request)
+            check(CLIENT_TRANSITIONS, self.state, state)
+        self.state = state
         self.wait = None  # (its entry stays in ctx.deadlines until overwritten: no pop)
         self.requests += 1
         exchange = self.spare
@@ -215,26 +222,18 @@ class HttpClient(asyncio.Protocol):
         self.exchange = exchange
         return exchange
 
-    def suffix(self) -> bytes:
-        """The X-Forwarded-* lines (and the final CRLF) fast-lane requests get."""
-        suffix = self.suffix_bytes
-        if not suffix:
-            suffix = self.suffix_bytes = forwarded_suffix(self.ctx, self.ip)
-        return suffix
-
     def _quick_websocket(self, data: bytes) -> bool:
         """Fast lane for a plain websocket upgrade: route and forward it without re-parsing."""
         lane, key = lane_key(self.ctx, self.ip)
         if not lane:
             return False
-        exchange = self._begin(QUICK_WEBSOCKET, data, key)
-        self.connecting()
+        exchange = self._begin(QUICK_WEBSOCKET, data, key, CONNECTING)
+        self.transport.pause_reading()  # (connecting(), the state already moved)
         exchange.route(None)  # (a websocket: the native engine if any, else Python)
         return True
 
     def dispatch(self, head: RequestHead, picked: Backend | None = None) -> None:
-        exchange = self._begin(head, None, None)
-        self.advance(CONNECTING)
+        exchange = self._begin(head, None, None, CONNECTING)
         exchange.key, exchange.set_cookie = affinity_key(self.ctx, self.ip, head)
         self.transport.pause_reading()
         exchange.route(picked)
@@ -308,8 +307,9 @@ class HttpClient(asyncio.Protocol):
         self.state = HEAD
         if self.buf:
             self.try_head()
-        else:
-            self.arm(KEEPALIVE, time.monotonic() + self.ctx.config.keepalive_timeout)
+        else:  # (arm() inlined)
+            self.wait = KEEPALIVE
+            self.ctx.deadlines[self] = time.monotonic() + self.ctx.config.keepalive_timeout
             self.transport.resume_reading()
 
     def handed_over(self) -> None:

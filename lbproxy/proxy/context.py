@@ -62,8 +62,10 @@ class IdleUpstreams:
         self.limit = limit
 
     def put(self, backend: Backend, transport: asyncio.Transport, now: float) -> bool:
-        idle = self.by_backend.setdefault(backend, {})
-        if len(idle) >= self.limit:
+        idle = self.by_backend.get(backend)
+        if idle is None:  # (not setdefault: that builds a new empty dict on every call)
+            idle = self.by_backend[backend] = {}
+        elif len(idle) >= self.limit:
             return False
         idle[transport] = now
         return True

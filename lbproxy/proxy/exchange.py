@@ -11,12 +11,13 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from lbproxy.core.http1 import ChunkedTracker, LengthTracker, RequestHead, parse_request_head
-from lbproxy.core.pool import Backend, BackendState
-from lbproxy.core.retry import Answer, Facts, Failure, Retry, decide
+from lbproxy.core.pool import Backend
+from lbproxy.core.retry import Answer, Failure
 from lbproxy.core.states import ClientState
 from lbproxy.errors import HttpError
 from lbproxy.proxy.connect import Connected, account, connect_with_retries
-from lbproxy.proxy.deadlines import Wait, untried
+from lbproxy.proxy.deadlines import Wait
+from lbproxy.proxy.exchange_failures import ExchangeFailures
 from lbproxy.proxy.http_upstream import Upstream
 from lbproxy.proxy.native_upgrade import NativeUpgrade
 from lbproxy.proxy.routing import upstream_request
@@ -31,7 +32,7 @@ BODY, RESPONSE = Wait.BODY, Wait.RESPONSE  # (Enum members as globals: see tunne
 REPLAY_LIMIT = 65536  # request body bytes held for a resend while on a reused connection
 
 
-class Exchange:
+class Exchange(ExchangeFailures):
     """One request of a client connection, until its response is done (or it fails)."""
 
     __slots__ = (
@@ -120,11 +121,22 @@ class Exchange:
         self.task = ctx.loop.create_task(self._connect(first))
 
     def send_quick(self, backend: Backend, upstream: Upstream, data: bytes, now: float) -> None:
-        """The fast lane: a plain GET on a warm keep-alive connection."""
+        """The fast lane: a plain GET on a warm keep-alive connection (``_attach`` inlined,
+        the connection already in FORWARD: no call per request for them)."""
+        ctx = self.ctx
+        conn = self.conn
+        pool = ctx.pool
         self.reused = True
-        self._attach(backend, upstream, len(data))
-        upstream.transport.write(data[:-2] + self.conn.suffix())
-        self.conn.arm(RESPONSE, now + self.ctx.pool.config.response_timeout)
+        self.backend = conn.last_backend = backend
+        self.upstream = upstream
+        pool.attach(backend, conn, self.key)
+        ctx.stats.requests[(pool.name, backend.id)] += 1
+        self.mark_in = conn.nbytes_in - len(data)
+        self.mark_out = conn.nbytes_out
+        upstream.expect(self, b"GET", False, None)
+        upstream.transport.write(data[:-2] + conn.suffix)
+        conn.wait = RESPONSE  # (conn.arm() inlined)
+        ctx.deadlines[conn] = now + pool.config.response_timeout
 
     async def _connect(self, first: Backend | None, avoid: frozenset[str] = frozenset()) -> None:
         ctx = self.ctx
@@ -198,7 +210,7 @@ class Exchange:
         """The request's head as the backend gets it (X-Forwarded-* added)."""
         quick = self.quick
         if quick is not None:
-            return quick[:-2] + self.conn.suffix()
+            return quick[:-2] + self.conn.suffix
         return upstream_request(self.ctx, self.conn.ip, self.head)
 
     def request_body(self, data: bytes) -> None:
@@ -257,8 +269,11 @@ class Exchange:
         backend = self.backend
         conn = self.conn
         if backend is not None:
-            ctx.pool.detach(backend, conn)
-            self._count_bytes(backend)
+            pool = ctx.pool
+            pool.detach(backend, conn)
+            bytes_ = ctx.stats.bytes  # (_count_bytes inlined: once per request)
+            bytes_[(pool.name, backend.id, "in")] += conn.nbytes_in - self.mark_in
+            bytes_[(pool.name, backend.id, "out")] += conn.nbytes_out - self.mark_out
         if self.status:
             conn.status = self.status
         self.backend = None
@@ -296,58 +311,6 @@ class Exchange:
         if drop_upstream and self.upstream is not None:
             self.drop_upstream()
 
-    # -- failures: retry.decide --------------------------------------------------
-    def upstream_failed(self, got_response: bool, failure: Failure) -> None:
-        """The backend connection died before the response completed."""
-        backend = self.backend
-        if backend is None:
-            self.end()
-            if got_response:
-                self.conn.close_now()
-            else:
-                self.conn.reject(502, "backend closed the connection")
-            return
-        if not got_response and self.reused:
-            # A kept-alive connection closed under us before any answer: not the backend's
-            # failure. Resend once on a fresh connection when the whole request is at hand.
-            failure = Failure.REUSED_CONNECTION_CLOSED
-        self._failure(backend, failure, got_response)
-
-    def response_timeout(self) -> None:
-        """The response deadline passed (the connection's sweep entry)."""
-        native = self.native
-        if native is not None and native.pending:
-            native.deadline_passed()
-        elif self.conn.state is FORWARD and self.backend is not None and self.upstream is not None:
-            answered = self.conn.nbytes_out > self.mark_out
-            self._failure(self.backend, Failure.RESPONSE_TIMEOUT, answered)
-
-    def _failure(self, backend: Backend, failure: Failure, answered: bool) -> None:
-        """Account for ``failure`` of the request's backend, then act (retry.decide)."""
-        pool = self.ctx.pool
-        self.count_failure(backend, failure, answered)
-        has_body = self.head.body.kind != "none"
-        others = failure is not Failure.RESPONSE_TIMEOUT or untried(
-            ((b.id, b.state is BackendState.UP) for b in pool.backends.values()), self.tried
-        )
-        replayable = has_body and self.tracker is None and self.held is not None
-        tried, retries = len(self.tried), pool.config.retries
-        facts = Facts(answered, self.reused, has_body, replayable, tried, retries, others)
-        action = decide(failure, facts)
-        if failure is Failure.RESPONSE_TIMEOUT:
-            self.drop_upstream()
-        else:
-            self.end()
-        if isinstance(action, Retry):
-            if action.same:
-                self._retry(backend, frozenset(), action.replay)
-            else:
-                self._retry(None, self.tried)
-        elif isinstance(action, Answer):
-            self.conn.reject(action.status, action.detail)
-        else:
-            self.conn.close_now()
-
     def _retry(self, first: Backend | None, avoid: frozenset[str], replay: bool = False) -> None:
         """Send the request again on a new connection (``replay``: the body held too)."""
         self.replaying = replay
@@ -357,7 +320,7 @@ class Exchange:
             self.head = parsed[0]
             self.quick = None
         self.reused = False
-        self.conn.connecting(disarm=True)
+        self.conn.connecting()
         splicer = self.ctx.splicer
         websocket = self.head.websocket and self.head.body.kind == "none"
         if websocket and splicer is not None:
@@ -368,6 +331,7 @@ class Exchange:
                 return
         self.task = self.ctx.loop.create_task(self._connect(first, avoid))
 
+    # -- failures: exchange_failures.py (upstream_failed, response_timeout, count_failure)
     # -- the native upgrade path (types.UpgradeClient) ----------------------------
     def begin_python_connect(self, backend: Backend) -> None:
         """Continue the attempts on the Python path, starting with ``backend``."""

@@ -14,7 +14,7 @@ from lbproxy.core.http1 import (
     parse_response_head,
     rewrite_response,
 )
-from lbproxy.core.http1.lanes import quick_response, switching_protocols
+from lbproxy.core.http1.lanes import match_quick_response, switching_protocols
 from lbproxy.core.pool import Backend, BackendState
 from lbproxy.core.retry import Failure
 from lbproxy.core.states import UPSTREAM_TRANSITIONS, UpstreamState, check
@@ -168,19 +168,24 @@ class Upstream(asyncio.Protocol):
 
     def _quick(self, data: bytes) -> bool:
         """Fast lane: a plain Content-Length response (False: use the full parser)."""
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
+        end = data.find(b"\r\n\r\n") + 4
+        if end < 4:
             return False
-        quick = quick_response(data[: end + 4])
-        if quick is None:
+        # (quick_response inlined: the match on the head in place, no slice, no call)
+        match = match_quick_response(data, 0, end)
+        if match is None:
             return False
-        total = end + 4 + quick[1]
+        status, length = match.group(1, 2)
+        status = int(status)
+        if status == 204 or status == 304:
+            return False
+        total = end + int(length)
         have = len(data)
         if have > total:  # bytes beyond the response: let the full path refuse them
             return False
         client = self.client
         assert client is not None
-        client.status = quick[0]
+        client.status = status
         client.response_started()
         client.write(data)
         if have == total:

@@ -104,6 +104,7 @@ class ConnectionSide(Protocol):
     buf: bytearray
     status: int
     last_backend: Backend | None
+    wait: Wait | None  # its deadline's kind (the deadline: ListenerContext.deadlines[conn])
 
     @property
     def transport(self) -> asyncio.Transport: ...
@@ -114,9 +115,6 @@ class ConnectionSide(Protocol):
     @property
     def exchange(self) -> object:
         """The exchange in flight (an exchange checks it is still the current one)."""
-
-    @property
-    def wait(self) -> Wait | None: ...
 
     @property
     def closing(self) -> bool: ...
@@ -137,15 +135,19 @@ class ConnectionSide(Protocol):
 
     def response_started(self) -> None: ...
 
-    def suffix(self) -> bytes: ...
+    @property
+    def suffix(self) -> bytes:
+        """The X-Forwarded-* lines (and the final CRLF) fast-lane requests get."""
 
     def arm(self, wait: Wait, when: float) -> None: ...
+
+    def deadline_passed(self, now: float) -> None: ...
 
     def wait_for(self, body: bool) -> None: ...
 
     def advance(self, new: ClientState) -> None: ...
 
-    def connecting(self, disarm: bool = False) -> None: ...
+    def connecting(self) -> None: ...
 
     def request_done(self, close: bool) -> None: ...
 

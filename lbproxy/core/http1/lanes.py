@@ -60,22 +60,37 @@ _SWITCHING = re.compile(
     rb"HTTP/1\.1 101(?: " + _TEXT + rb")?\r\n(?:" + _NAME + rb":" + _TEXT + rb"\r\n)*+\r\n"
 )
 _VALUE = rb"[ \t]*+" + LANE_HOST + rb"[ \t]*+"  # a valid, non-empty Host
+# (possessive repeats of whole lines too: every line ends at its CRLF, and the line a
+# group stops at, Host or Content-Length or the blank one, is one the group refuses, so
+# giving lines back can never make a match)
 _QUICK_REQUEST = re.compile(
-    rb"GET /[\x21-\x7e]* HTTP/1\.1\r\n"
-    rb"(?:" + _HEADER + rb")*"
+    rb"GET /[\x21-\x7e]*+ HTTP/1\.1\r\n"
+    rb"(?:" + _HEADER + rb")*+"
     rb"[Hh][Oo][Ss][Tt]:" + _VALUE + rb"\r\n"
-    rb"(?:" + _HEADER + rb")*"
+    rb"(?:" + _HEADER + rb")*+"
     rb"\r\n"
+)
+# A response header line other than Content-Length, Transfer-Encoding and Connection (the
+# value class takes blanks too: no separate leading [ \t]*).
+_RESPONSE_LINE = (
+    rb"(?:(?!(?i:c(?:ontent-length|onnection)|transfer-encoding)[ \t]*:)"
+    rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]++:" + _TEXT + rb"\r\n)*+"
 )
 _QUICK_RESPONSE = re.compile(
-    rb"HTTP/1\.1 ([2-5][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?\r\n"
-    rb"(?:(?!(?i:content-length|transfer-encoding|connection)[ \t]*:)"
-    rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[ \t]*(?:[^\x00-\x08\x0a-\x1f\x7f]*)\r\n)*"
-    rb"(?i:content-length):[ \t]*([0-9]{1,15})[ \t]*\r\n"
-    rb"(?:(?!(?i:content-length|transfer-encoding|connection)[ \t]*:)"
-    rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[ \t]*(?:[^\x00-\x08\x0a-\x1f\x7f]*)\r\n)*"
-    rb"\r\n"
+    rb"HTTP/1\.1 ([2-5][0-9][0-9])(?: "
+    + _TEXT
+    + rb")?+\r\n"
+    + _RESPONSE_LINE
+    + rb"(?i:content-length):[ \t]*+([0-9]{1,15})[ \t]*+\r\n"
+    + _RESPONSE_LINE
+    + rb"\r\n"
 )
+
+
+# The two per-request matches as bound methods, for the proxy's keep-alive path (no Python
+# call around them): a match object or None; quick_response's 204/304 rule is the caller's.
+match_quick_request = _QUICK_REQUEST.fullmatch
+match_quick_response = _QUICK_RESPONSE.fullmatch
 
 
 def quick_request(head: bytes) -> bool:
