@@ -134,6 +134,8 @@ def run_and_report(args: argparse.Namespace, command: str, out: Path, run_dir: P
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     missing = missing_prerequisites(args.targets)
+    if args.profile and shutil.which(args.profile) is None:  # (--profile perf|strace)
+        missing.append(f"{args.profile} (for --profile {args.profile})")
     if missing:
         print("python -m bench: missing: " + "; ".join(missing), file=sys.stderr)
         return 2

@@ -35,6 +35,15 @@ needs_tools = pytest.mark.skipif(
 )
 
 
+def assert_accepted(cmd: list[str], timeout: float = 30, env: dict[str, str] | None = None) -> None:
+    """A config checker (``nginx -t``, ``haproxy -c``, ``caddy validate``, ``lbproxy
+    check-config``) accepts the generated file."""
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def run_bench(
     *args: str, timeout: float, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -191,8 +200,7 @@ def test_generated_nginx_config_is_valid(tmp_path: Path, bulk: bool) -> None:
     assert "127.0.0.1:1 " in text and "127.0.0.1:2;" in text and "@" not in text
     assert ("proxy_buffer_size 64k" in text) is bulk
     cmd = [c for c in spec.command if c not in ("-g", "daemon off;")]
-    proc = subprocess.run([*cmd, "-t"], capture_output=True, text=True, timeout=30, check=False)
-    assert proc.returncode == 0, proc.stderr
+    assert_accepted([*cmd, "-t"])
 
 
 @pytest.mark.parametrize("bulk", [False, True])
@@ -203,27 +211,15 @@ def test_generated_haproxy_config_is_valid(tmp_path: Path, bulk: bool) -> None:
     text = spec.config_path.read_text()
     assert "bind 127.0.0.1:1 " in text and "server b1 127.0.0.1:2" in text
     assert ("tune.bufsize 65536" in text) is bulk
-    proc = subprocess.run(
-        ["haproxy", "-c", "-f", str(spec.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_accepted(["haproxy", "-c", "-f", str(spec.config_path)])
 
 
 def test_generated_lbproxy_config_is_valid(tmp_path: Path) -> None:
     spec = proxy_spec("lbproxy", tmp_path, Ports(listen=1, backend=2, admin=3), bulk=True)
     assert spec.config_path is not None and spec.command[1:4] == ("-m", "lbproxy", "serve")
-    proc = subprocess.run(
-        [sys.executable, "-m", "lbproxy", "check-config", str(spec.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    assert_accepted(
+        [sys.executable, "-m", "lbproxy", "check-config", str(spec.config_path)], timeout=60
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_generated_lbproxy_workers_config_is_valid(tmp_path: Path) -> None:
@@ -232,14 +228,9 @@ def test_generated_lbproxy_workers_config_is_valid(tmp_path: Path) -> None:
     assert spec.config_path is not None and spec.command[-2:] == ("--workers", "2")
     text = spec.config_path.read_text()
     assert '"127.0.0.1:1"' in text and '"127.0.0.1:3"' in text and "@" not in text
-    proc = subprocess.run(
-        [sys.executable, "-m", "lbproxy", "check-config", str(spec.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    assert_accepted(
+        [sys.executable, "-m", "lbproxy", "check-config", str(spec.config_path)], timeout=60
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_free_port_run_gives_consecutive_free_ports() -> None:
@@ -313,15 +304,9 @@ def test_generated_caddy_config_is_valid(tmp_path: Path, variant: str) -> None:
     assert ("127.0.0.1:4" in text) is bool(variant)  # the second backend only for failover
     assert ("health_uri /" in text and "fail_duration" in text) is bool(variant)
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
-    proc = subprocess.run(
-        ["caddy", "validate", "--adapter", "caddyfile", "--config", str(spec.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env=env,
+    assert_accepted(
+        ["caddy", "validate", "--adapter", "caddyfile", "--config", str(spec.config_path)], env=env
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed")
@@ -332,8 +317,7 @@ def test_generated_nginx_failover_config_is_valid(tmp_path: Path) -> None:
     for line in ("127.0.0.1:2 max_fails=1", "127.0.0.1:4 max_fails=1", "proxy_next_upstream"):
         assert line in text, line
     cmd = [c for c in spec.command if c not in ("-g", "daemon off;")]
-    proc = subprocess.run([*cmd, "-t"], capture_output=True, text=True, timeout=30, check=False)
-    assert proc.returncode == 0, proc.stderr
+    assert_accepted([*cmd, "-t"])
 
 
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed")
@@ -343,14 +327,7 @@ def test_generated_haproxy_failover_config_is_valid(tmp_path: Path) -> None:
     text = spec.config_path.read_text()
     assert "server b1 127.0.0.1:2 check" in text and "server b2 127.0.0.1:4 check" in text
     assert "option redispatch" in text and "inter 1s" in text
-    proc = subprocess.run(
-        ["haproxy", "-c", "-f", str(spec.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_accepted(["haproxy", "-c", "-f", str(spec.config_path)])
 
 
 def test_generated_lbproxy_failover_config_is_valid(tmp_path: Path) -> None:
@@ -358,14 +335,9 @@ def test_generated_lbproxy_failover_config_is_valid(tmp_path: Path) -> None:
     assert spec.config_path is not None
     text = spec.config_path.read_text()
     assert '"127.0.0.1:2"' in text and '"127.0.0.1:4"' in text and 'check = "http"' in text
-    proc = subprocess.run(
-        [sys.executable, "-m", "lbproxy", "check-config", str(spec.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    assert_accepted(
+        [sys.executable, "-m", "lbproxy", "check-config", str(spec.config_path)], timeout=60
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_failover_config_needs_a_second_backend(tmp_path: Path) -> None:
